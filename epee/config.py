@@ -1,0 +1,133 @@
+"""Frozen, validated configuration records for early-exit models and the engine.
+
+Every config validates itself in ``__post_init__`` and names the offending value in its error, so a
+bad option fails when a job starts, not after the first batch of a nightly run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+POLICY_KINDS = ("entropy", "patience", "epee", "none")
+TASKS = ("sequence", "relation", "token")
+BACKBONES = ("bert", "albert", "gpt2", "vit")
+
+
+@dataclass(frozen=True)
+class ExitPolicyConfig:
+    """When a sample may leave the model (EPEE, arXiv 2503.02053, section 3).
+
+    ``entropy``: exit once the normalised entropy of the exit head is below ``entropy_threshold``.
+    ``patience``: exit once the predicted label has stayed the same for ``patience`` consecutive
+    layers (PABEE's counter: it grows by one each layer whose argmax equals the previous layer's).
+    ``epee``: entropy OR patience, whichever holds first. ``none``: always run to the last layer.
+    """
+
+    kind: str = "epee"
+    entropy_threshold: float = 0.2  # τ in [0, 1]; higher exits earlier at some cost in accuracy
+    patience: int = 2  # P >= 1; lower exits earlier, PABEE found 2-6 safe for BERT-base
+    min_exit_layer: int = 1  # no exit before this 1-based layer (except at the last layer)
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"exit policy kind ({self.kind!r}) must be one of {POLICY_KINDS}")
+        if not (0.0 <= self.entropy_threshold <= 1.0) or math.isnan(self.entropy_threshold):
+            raise ValueError(
+                f"entropy_threshold ({self.entropy_threshold}) must lie in [0, 1]: it is compared "
+                "with the entropy normalised by log(num_labels)"
+            )
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience ({self.patience!r}) must be an integer >= 1")
+        if (
+            isinstance(self.min_exit_layer, bool)
+            or not isinstance(self.min_exit_layer, int)
+            or self.min_exit_layer < 1
+        ):
+            raise ValueError(f"min_exit_layer ({self.min_exit_layer!r}) must be an integer >= 1")
+
+    @property
+    def uses_entropy(self) -> bool:
+        return self.kind in ("entropy", "epee")
+
+    @property
+    def uses_patience(self) -> bool:
+        return self.kind in ("patience", "epee")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """What the exit heads predict; stored beside the backbone's own transformers config."""
+
+    task: str  # "sequence" (notes, images), "relation" (marked entity pair) or "token" (event tags)
+    label_names: tuple[str, ...]  # one name per class; its length is the number of labels
+    policy: ExitPolicyConfig = field(default_factory=ExitPolicyConfig)
+    head_dropout: float = 0.1  # dropout before each exit head, active in training only
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task ({self.task!r}) must be one of {TASKS}")
+        object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
+        if len(self.label_names) < 2:
+            raise ValueError(
+                f"an exit head needs at least 2 labels, got {len(self.label_names)}: {self.label_names}"
+            )
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"label names must be unique, got {self.label_names}")
+        if not (0.0 <= self.head_dropout < 1.0):
+            raise ValueError(f"head_dropout ({self.head_dropout}) must lie in [0, 1)")
+        if isinstance(self.policy, dict):
+            object.__setattr__(self, "policy", ExitPolicyConfig(**self.policy))
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "label_names": list(self.label_names),
+            "policy": self.policy.to_dict(),
+            "head_dropout": self.head_dropout,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
+        known = {"task", "label_names", "policy", "head_dropout"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown early-exit config keys: {sorted(unknown)}")
+        return cls(
+            task=data["task"],
+            label_names=tuple(data["label_names"]),
+            policy=ExitPolicyConfig(**data.get("policy", {})),
+            head_dropout=float(data.get("head_dropout", 0.1)),
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the batched engine schedules work."""
+
+    batch_size: int = 32  # rows per layer call; regrouping keeps calls this full at every depth
+    window_size: int = 0  # samples in flight at once (bounds memory); 0 means 16 x batch_size
+    sort_by_length: bool = True  # group similar lengths so long notes do not pad short ones
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size ({self.batch_size!r}) must be an integer >= 1")
+        if not isinstance(self.window_size, int) or self.window_size < 0:
+            raise ValueError(f"window_size ({self.window_size!r}) must be an integer >= 0")
+        if self.window_size and self.window_size < self.batch_size:
+            raise ValueError(
+                f"window_size ({self.window_size}) must be 0 or at least batch_size ({self.batch_size})"
+            )
+
+    @property
+    def effective_window(self) -> int:
+        return self.window_size or 16 * self.batch_size

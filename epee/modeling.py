@@ -1,0 +1,131 @@
+"""EarlyExitModel: a stock transformers backbone plus one exit head after every layer."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .backbones import BackboneAdapter, build_backbone, load_backbone, make_adapter
+from .config import EarlyExitConfig
+from .inputs import Batch
+
+EPEE_CONFIG_NAME = "epee_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class AllLayerOutput:
+    """Exit-head logits of every layer, for training and calibration (no early exit)."""
+
+    logits: list[torch.Tensor]  # L tensors of (N, C), or (N, T, C) for token tasks
+
+
+class EarlyExitModel(nn.Module):
+    """Backbone + exit heads.
+
+    Exit heads as EPEE attaches them: sequence classification reads the adapter's pooled vector
+    (BERT/ALBERT: [CLS] through the backbone's pooler; GPT-2: last real token; ViT: CLS token);
+    relation classification concatenates the states of the two entity start markers (N, 2H);
+    token classification (event triggers and arguments) reads every token's state.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, config: EarlyExitConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.adapter: BackboneAdapter = make_adapter(backbone)
+        if self.adapter.is_image and config.task != "sequence":
+            raise ValueError(f"the {self.adapter.family} backbone supports task 'sequence' only, not {config.task!r}")
+        h = self.adapter.hidden_size
+        in_dim = 2 * h if config.task == "relation" else h
+        self.head_dropout = nn.Dropout(config.head_dropout)
+        self.exit_heads = nn.ModuleList(
+            [nn.Linear(in_dim, config.num_labels) for _ in range(self.adapter.num_layers)]
+        )
+        std = float(getattr(backbone.config, "initializer_range", 0.02))
+        for head in self.exit_heads:
+            nn.init.normal_(head.weight, std=std)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    # -- the exit head --------------------------------------------------------------------------
+    def head_features(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, entity_positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        task = self.config.task
+        if task == "sequence":
+            return self.adapter.pooled(hidden, attention_mask)  # (N, H)
+        if task == "token":
+            return self.adapter.token_states(hidden)  # (N, T, H)
+        if entity_positions is None:
+            raise ValueError("relation task needs entity_positions (indices of the two entity start markers)")
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows.unsqueeze(1), entity_positions]  # (N, 2, H)
+        states = self.adapter.token_states(picked)  # per-token final norm, where the family has one
+        return states.reshape(hidden.shape[0], -1)  # (N, 2H)
+
+    def head_logits(
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        entity_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the exit head after 0-based layer ``layer_index``."""
+        features = self.head_features(hidden, attention_mask, entity_positions)
+        return self.exit_heads[layer_index](self.head_dropout(features))
+
+    # -- full-depth forward for training and calibration ---------------------------------------
+    def forward(self, batch: Batch) -> AllLayerOutput:
+        hidden = self.adapter.embed(batch)
+        bias = self.adapter.attention_bias(hidden, batch.attention_mask)
+        logits = []
+        for i in range(self.num_layers):
+            hidden = self.adapter.layer(i, hidden, bias)
+            logits.append(self.head_logits(i, hidden, batch.attention_mask, batch.entity_positions))
+        return AllLayerOutput(logits=logits)
+
+    # -- construction and persistence -----------------------------------------------------------
+    @classmethod
+    def from_config(cls, backbone_config: PretrainedConfig, config: EarlyExitConfig) -> "EarlyExitModel":
+        """Random weights from a transformers config alone (tests, training from scratch)."""
+        return cls(build_backbone(backbone_config), config)
+
+    @classmethod
+    def from_backbone(cls, path: str | os.PathLike, config: EarlyExitConfig) -> "EarlyExitModel":
+        """Pretrained backbone from a local transformers directory, new exit heads."""
+        return cls(load_backbone(path), config)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.config.save_pretrained(out)
+        (out / EPEE_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str = "cpu") -> "EarlyExitModel":
+        """Load a model directory written by :meth:`save_pretrained` (safetensors only)."""
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        for name in ("config.json", EPEE_CONFIG_NAME, WEIGHTS_NAME):
+            if not (src / name).is_file():
+                raise FileNotFoundError(f"model directory {src} has no {name}")
+        backbone_config = AutoConfig.from_pretrained(src, local_files_only=True)
+        config = EarlyExitConfig.from_dict(json.loads((src / EPEE_CONFIG_NAME).read_text()))
+        model = cls.from_config(backbone_config, config)
+        model.load_state_dict(load_file(str(src / WEIGHTS_NAME), device=device), strict=True)
+        return model.to(device).eval()

@@ -1,0 +1,193 @@
+"""The batched engine: same answers as one-at-a-time, whatever the batch; exited rows leave."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from epee import EarlyExitEngine, EngineConfig, ExitPolicyConfig, ScheduledExit, run_reference
+from tests.conftest import FAMILY_TASKS, make_samples, safe_threshold, tiny_model
+
+
+def epee_model(family, task, samples=None, quantile=0.5, patience=2, seed=0):
+    """A tiny model with an EPEE policy whose threshold sits in a wide gap of its entropies."""
+    model = tiny_model(family, task, seed=seed)
+    samples = samples or make_samples(family, task)
+    tau = safe_threshold(model, samples, quantile)
+    model.config = type(model.config)(
+        task=task, label_names=model.config.label_names,
+        policy=ExitPolicyConfig(kind="epee", entropy_threshold=tau, patience=patience),
+    )
+    return model
+
+
+def assert_same_predictions(got, expected):
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert (a.exit_layer, a.exit_reason, a.label) == (b.exit_layer, b.exit_reason, b.label), f"sample {i}"
+        assert a.token_labels == b.token_labels, f"sample {i}"
+        torch.testing.assert_close(torch.from_numpy(a.probs), torch.from_numpy(b.probs), atol=1e-5, rtol=0)
+        assert a.entropy == pytest.approx(b.entropy, abs=1e-5)
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_engine_matches_batch_size_one_reference(family, task):
+    samples = make_samples(family, task, n=24)
+    model = epee_model(family, task, samples)
+    reference = run_reference(model, samples)
+    assert len({p.exit_layer for p in reference}) > 1, "test needs samples exiting at different layers"
+    for bsz in (1, 3, 8, 32):
+        result = EarlyExitEngine(model, EngineConfig(batch_size=bsz)).run(samples)
+        assert_same_predictions(result.predictions, reference)
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_prediction_independent_of_batch_composition(family, task):
+    """A sample's result must not depend on its companions, their lengths or the order."""
+    probe = make_samples(family, task, n=6, seed=7, min_len=4, max_len=8)
+    model = epee_model(family, task, probe + make_samples(family, task, n=18, seed=8))
+    alone = [EarlyExitEngine(model, EngineConfig(batch_size=1)).run([s]).predictions[0] for s in probe]
+    rng = random.Random(0)
+    for trial, bsz in enumerate((2, 5, 16)):
+        # long companions force padding around the probes in every batch
+        others = make_samples(family, task, n=20, seed=100 + trial, min_len=15, max_len=40)
+        mixed = probe + others
+        order = list(range(len(mixed)))
+        rng.shuffle(order)
+        shuffled = [mixed[i] for i in order]
+        for sort in (True, False):
+            result = EarlyExitEngine(model, EngineConfig(batch_size=bsz, sort_by_length=sort)).run(shuffled)
+            got = [result.predictions[order.index(i)] for i in range(len(probe))]
+            assert_same_predictions(got, alone)
+
+
+@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("gpt2", "token"), ("vit", "sequence")])
+def test_exited_rows_are_never_computed(family, task, monkeypatch):
+    """Count the rows that really enter each layer module, not the engine's own counters."""
+    samples = make_samples(family, task, n=30)
+    model = epee_model(family, task, samples)
+    seen = [0] * model.num_layers
+    real_layer = model.adapter.layer
+
+    def spy(i, hidden, bias):
+        seen[i] += hidden.shape[0]
+        return real_layer(i, hidden, bias)
+
+    monkeypatch.setattr(model.adapter, "layer", spy)
+    result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
+    exits = [p.exit_layer for p in result.predictions]
+    expected = [sum(1 for e in exits if e > i) for i in range(model.num_layers)]
+    assert seen == expected
+    assert result.stats.rows_per_layer == expected
+    assert sum(seen) == sum(exits) < len(samples) * model.num_layers
+
+
+def test_regrouping_keeps_deep_batches_full():
+    """Survivors from different incoming batches are merged, so every layer call but the last
+    at each depth is full, even when each incoming batch loses rows at different layers."""
+    layers, bsz, n = 4, 8, 64
+    model = tiny_model("bert", "sequence", layers=layers)
+    samples = make_samples("bert", "sequence", n=n)
+    schedule = torch.tensor([1 + (i * 7) % layers for i in range(n)])  # exits spread evenly
+    result = EarlyExitEngine(model, EngineConfig(batch_size=bsz)).run(samples, ScheduledExit(schedule, layers))
+    assert [p.exit_layer for p in result.predictions] == schedule.tolist()
+    assert all(p.exit_reason == "scheduled" for p in result.predictions)
+    stats = result.stats
+    for i in range(layers):
+        survivors = int((schedule > i).sum())
+        assert stats.rows_per_layer[i] == survivors
+        assert stats.calls_per_layer[i] == math.ceil(survivors / bsz)
+    assert stats.exits_per_layer == [int((schedule == i + 1).sum()) for i in range(layers)]
+    assert stats.mean_batch_fill == pytest.approx(1.0)
+    assert stats.mean_exit_layer == pytest.approx(float(schedule.float().mean()))
+    assert stats.layer_speedup == pytest.approx(layers / float(schedule.float().mean()))
+
+
+def test_without_regrouping_batches_would_shrink():
+    """The same schedule one micro-batch at a time (window = batch) leaves partial batches."""
+    layers, bsz, n = 4, 8, 64
+    model = tiny_model("bert", "sequence", layers=layers)
+    samples = make_samples("bert", "sequence", n=n)
+    schedule = torch.tensor([1 + (i * 7) % layers for i in range(n)])
+    narrow = EarlyExitEngine(model, EngineConfig(batch_size=bsz, window_size=bsz, sort_by_length=False))
+    wide = EarlyExitEngine(model, EngineConfig(batch_size=bsz, sort_by_length=False))
+    fill_narrow = narrow.run(samples, ScheduledExit(schedule, layers)).stats.mean_batch_fill
+    fill_wide = wide.run(samples, ScheduledExit(schedule, layers)).stats.mean_batch_fill
+    assert fill_wide == pytest.approx(1.0) and fill_narrow < 0.8
+
+
+def test_length_grouping_reduces_padding():
+    model = tiny_model("bert", "sequence", layers=2)
+    samples = make_samples("bert", "sequence", n=64, min_len=2, max_len=60)
+    sorted_stats = EarlyExitEngine(model, EngineConfig(batch_size=8)).run(samples).stats
+    unsorted_stats = EarlyExitEngine(model, EngineConfig(batch_size=8, sort_by_length=False)).run(samples).stats
+    assert sorted_stats.real_tokens == unsorted_stats.real_tokens
+    assert sorted_stats.padding_fraction < 0.5 * unsorted_stats.padding_fraction
+
+
+def test_windows_do_not_change_results():
+    samples = make_samples("albert", "relation", n=40)
+    model = epee_model("albert", "relation", samples)
+    whole = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
+    windowed = EarlyExitEngine(model, EngineConfig(batch_size=4, window_size=8)).run(samples)
+    assert_same_predictions(windowed.predictions, whole.predictions)
+    assert windowed.stats.rows_computed == whole.stats.rows_computed
+
+
+@pytest.mark.parametrize("kind", ["entropy", "patience", "epee"])
+def test_each_policy_exits_as_its_rule_says(kind):
+    samples = make_samples("bert", "sequence", n=30)
+    model = tiny_model("bert", "sequence", layers=4)
+    tau = safe_threshold(model, samples)
+    model.config = type(model.config)(
+        task="sequence", label_names=model.config.label_names,
+        policy=ExitPolicyConfig(kind=kind, entropy_threshold=tau, patience=1),
+    )
+    preds = EarlyExitEngine(model, EngineConfig(batch_size=8)).run(samples).predictions
+    reasons = {p.exit_reason for p in preds}
+    allowed = {"entropy": {"entropy", "last_layer"}, "patience": {"patience", "last_layer"},
+               "epee": {"entropy", "patience", "last_layer"}}[kind]
+    assert reasons <= allowed and reasons - {"last_layer"}
+    for p in preds:
+        if p.exit_reason == "entropy":
+            assert p.entropy < tau
+        if p.exit_reason == "patience":
+            assert p.exit_layer >= 2  # the counter needs a previous layer
+
+
+def test_min_exit_layer_respected():
+    samples = make_samples("gpt2", "sequence", n=20)
+    model = tiny_model("gpt2", "sequence", layers=4)
+    model.config = type(model.config)(
+        task="sequence", label_names=model.config.label_names,
+        policy=ExitPolicyConfig(kind="entropy", entropy_threshold=1.0, min_exit_layer=3),
+    )
+    preds = EarlyExitEngine(model).run(samples).predictions
+    assert {p.exit_layer for p in preds} == {3}
+
+
+def test_token_predictions_cover_each_real_token():
+    samples = make_samples("bert", "token", n=10)
+    model = epee_model("bert", "token", samples)
+    for s, p in zip(samples, EarlyExitEngine(model, EngineConfig(batch_size=3)).run(samples).predictions):
+        assert p.label is None and len(p.token_labels) == s.length and p.probs.shape == (s.length, 3)
+        scored = s.token_mask.tolist()
+        assert all((tag == -1) != ok for tag, ok in zip(p.token_labels, scored))
+
+
+def test_stats_merge_adds_up():
+    samples = make_samples("bert", "sequence", n=20)
+    model = epee_model("bert", "sequence", samples)
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=4))
+    a, b = engine.run(samples[:10]).stats, engine.run(samples[10:]).stats
+    whole = engine.run(samples).stats
+    a.merge(b)
+    assert a.samples == 20 and a.rows_computed == whole.rows_computed
+    assert a.exits_per_layer == whole.exits_per_layer
+
+
+def test_empty_input():
+    model = tiny_model("bert")
+    result = EarlyExitEngine(model).run([])
+    assert result.predictions == [] and result.stats.rows_computed == 0 and result.stats.mean_batch_fill == 0.0
