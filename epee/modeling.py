@@ -85,14 +85,19 @@ class EarlyExitModel(nn.Module):
         return self.exit_heads[layer_index](self.head_dropout(features))
 
     # -- full-depth forward for training and calibration ---------------------------------------
-    def forward(self, batch: Batch) -> AllLayerOutput:
+    def layer_features(self, batch: Batch) -> list[torch.Tensor]:
+        """Exit-head inputs after every layer (no early exit): L tensors of (N, F) or (N, T, F)."""
         hidden = self.adapter.embed(batch)
         bias = self.adapter.attention_bias(hidden, batch.attention_mask)
-        logits = []
+        features = []
         for i in range(self.num_layers):
             hidden = self.adapter.layer(i, hidden, bias)
-            logits.append(self.head_logits(i, hidden, batch.attention_mask, batch.entity_positions))
-        return AllLayerOutput(logits=logits)
+            features.append(self.head_features(hidden, batch.attention_mask, batch.entity_positions))
+        return features
+
+    def forward(self, batch: Batch) -> AllLayerOutput:
+        features = self.layer_features(batch)
+        return AllLayerOutput(logits=[head(self.head_dropout(f)) for head, f in zip(self.exit_heads, features)])
 
     # -- construction and persistence -----------------------------------------------------------
     @classmethod
