@@ -106,3 +106,19 @@ def test_loads_pretrained_backbone_directory(tmp_path):
 def test_missing_model_directory_file_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         EarlyExitModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["bert", "albert", "gpt2"])
+def test_eager_attention_masks_match_stock_forward(family):
+    """The adapters build masks through transformers' own mask functions, so the additive
+    (eager) format works as well as SDPA's boolean one."""
+    torch.manual_seed(0)
+    cfg = tiny_backbone_config(family)
+    cfg._attn_implementation = "eager"
+    model = EarlyExitModel.from_config(cfg, EarlyExitConfig(task="sequence", label_names=("a", "b", "c"),
+                                                            policy=ExitPolicyConfig(kind="none"))).eval()
+    samples = make_samples(family, "sequence", n=8)
+    expected = stock_last_head_probs(model, samples)
+    preds = EarlyExitEngine(model, EngineConfig(batch_size=3)).run(samples).predictions
+    got = torch.stack([torch.from_numpy(p.probs) for p in preds])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
