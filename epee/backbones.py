@@ -104,8 +104,8 @@ class BertAdapter(BackboneAdapter):
         return out.pooler_output, out.last_hidden_state
 
 
-class AlbertAdapter(BackboneAdapter):
-    """ALBERT: layer i runs the shared layer group that ALBERT maps it to."""
+class AlbertAdapter(BertAdapter):
+    """ALBERT: layer i runs the shared layer group that ALBERT maps it to; same stock forward as BERT."""
 
     family = "albert"
 
@@ -120,12 +120,6 @@ class AlbertAdapter(BackboneAdapter):
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler_activation(self.model.pooler(hidden[:, 0]))
-
-    def stock_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
-        )
-        return out.pooler_output, out.last_hidden_state
 
 
 class GPT2Adapter(BackboneAdapter):

@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from torch.nn import functional as F
 from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, EngineConfig, ExitPolicy, ExitPolicyConfig, collate
 from epee.text import encode_texts
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output", default="out/engine_demo.json", help="where the summary JSON is written")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
 
     path = minilm_path()
