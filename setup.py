@@ -8,6 +8,7 @@ setup(
     description="Entropy- and patience-based early exit for clinical NLP and imaging, batched in Beam",
     python_requires=">=3.11",
     packages=find_packages(include=["epee", "epee.*", "transforms", "transforms.*", "pipelines", "pipelines.*"]),
+    entry_points={"console_scripts": ["epee=epee.cli:main"]},
     install_requires=[
         # torch is not pinned to a build: install `torch==2.13.0` first (CPU wheel) and this
         # range is then satisfied without downloading anything.
@@ -23,5 +24,8 @@ setup(
         "pylibjpeg-openjpeg",
         "pylibjpeg-rle",
         "smart-open[s3,gcs]",
+        "pillow",
+        "matplotlib",
+        "tqdm",
     ],
 )

@@ -67,6 +67,7 @@ class EarlyExitConfig:
     label_names: tuple[str, ...]  # one name per class; its length is the number of labels
     policy: ExitPolicyConfig = field(default_factory=ExitPolicyConfig)
     head_dropout: float = 0.1  # dropout before each exit head, active in training only
+    negative_label: str | None = None  # relation task: the "no relation" class, left out of micro-F1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +83,8 @@ class EarlyExitConfig:
             raise ValueError(f"head_dropout ({self.head_dropout}) must lie in [0, 1)")
         if isinstance(self.policy, dict):
             object.__setattr__(self, "policy", ExitPolicyConfig(**self.policy))
+        if self.negative_label is not None and self.negative_label not in self.label_names:
+            raise ValueError(f"negative_label ({self.negative_label!r}) is not one of the labels {self.label_names}")
 
     @property
     def num_labels(self) -> int:
@@ -93,11 +96,12 @@ class EarlyExitConfig:
             "label_names": list(self.label_names),
             "policy": self.policy.to_dict(),
             "head_dropout": self.head_dropout,
+            "negative_label": self.negative_label,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
-        known = {"task", "label_names", "policy", "head_dropout"}
+        known = {"task", "label_names", "policy", "head_dropout", "negative_label"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown early-exit config keys: {sorted(unknown)}")
@@ -106,6 +110,7 @@ class EarlyExitConfig:
             label_names=tuple(data["label_names"]),
             policy=ExitPolicyConfig(**data.get("policy", {})),
             head_dropout=float(data.get("head_dropout", 0.1)),
+            negative_label=data.get("negative_label"),
         )
 
 

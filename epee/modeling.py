@@ -110,13 +110,19 @@ class EarlyExitModel(nn.Module):
         """Pretrained backbone from a local transformers directory, new exit heads."""
         return cls(load_backbone(path), config)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, sections: dict | None = None) -> None:
+        """Write config.json (backbone), epee_config.json and model.safetensors.
+
+        ``sections`` are extra top-level entries of epee_config.json (preprocessing,
+        calibration, training record); see :mod:`epee.modeldir`.
+        """
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.config.save_pretrained(out)
-        (out / EPEE_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        doc = {"model": self.config.to_dict(), "backbone": self.adapter.family, **(sections or {})}
+        (out / EPEE_CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
 
@@ -130,7 +136,7 @@ class EarlyExitModel(nn.Module):
             if not (src / name).is_file():
                 raise FileNotFoundError(f"model directory {src} has no {name}")
         backbone_config = AutoConfig.from_pretrained(src, local_files_only=True)
-        config = EarlyExitConfig.from_dict(json.loads((src / EPEE_CONFIG_NAME).read_text()))
+        config = EarlyExitConfig.from_dict(json.loads((src / EPEE_CONFIG_NAME).read_text())["model"])
         model = cls.from_config(backbone_config, config)
         model.load_state_dict(load_file(str(src / WEIGHTS_NAME), device=device), strict=True)
         return model.to(device).eval()

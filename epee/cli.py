@@ -1,0 +1,406 @@
+"""The ``epee`` command: train, calibrate and evaluate early-exit model directories.
+
+    epee train      --task sequence --train notes.jsonl --dev dev.jsonl --backbone DIR --output MODEL
+    epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0]
+    epee evaluate   --model MODEL --data test.jsonl
+
+See the README ("Training a model") for every data format with an example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger("epee")
+
+DATA_TASKS = ("sequence", "relation", "token", "image")
+
+
+# -- data ------------------------------------------------------------------------------------------
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data fields (defaults come from the model directory where it has them)")
+    g.add_argument("--text-field", help="column holding the text (default: text)")
+    g.add_argument("--label-field", help="column holding the label (default: label)")
+    g.add_argument("--id-field", help="column holding a record id (default: row number)")
+    g.add_argument("--image-field", help="image tables: column with the file path (default: path)")
+    g.add_argument("--label-names", help="two-column table (id,name) mapping raw label values to names")
+    g.add_argument("--npz-split", help="npz files: array prefix, e.g. 'train' for train_images/train_labels")
+    g.add_argument("--dev-fraction", type=float, help="carve a dev split out of the data, by document")
+    g.add_argument("--split-seed", type=int, help="seed of that split (default 13)")
+
+
+def _fields(args: argparse.Namespace, recorded: dict | None = None) -> dict[str, Any]:
+    recorded = recorded or {}
+    out = {}
+    for key, default in (("text_field", "text"), ("label_field", "label"), ("id_field", None), ("image_field", "path"),
+                         ("label_names", None), ("npz_split", None), ("dev_fraction", None), ("split_seed", 13)):
+        value = getattr(args, key, None)
+        out[key] = value if value is not None else recorded.get(key, default)
+    return out
+
+
+def _load(uri: str, task: str, fields: dict, negative_label: str | None, part: str = "all"):
+    from .data import load_examples, read_label_map, split_examples
+
+    label_map = read_label_map(fields["label_names"]) if fields.get("label_names") else None
+    examples = load_examples(
+        uri, task, text_field=fields["text_field"], label_field=fields["label_field"], id_field=fields["id_field"],
+        image_field=fields["image_field"], split=fields.get("npz_split"), label_map=label_map,
+        negative_label=negative_label or "negative",
+    )
+    if part != "all":
+        if not fields.get("dev_fraction"):
+            raise SystemExit(f"--part {part} needs --dev-fraction")
+        train, dev = split_examples(examples, fields["dev_fraction"], fields["split_seed"])
+        examples = train if part == "train" else dev
+    return examples
+
+
+def _encode_all(preprocessor, examples) -> tuple[list, list, list, int]:
+    """Encode examples; ones that cannot be encoded are counted and skipped (ids logged, not text)."""
+    samples, targets, kept, skipped = [], [], [], 0
+    for ex in examples:
+        try:
+            enc = preprocessor.encode(ex)
+        except ValueError as exc:
+            skipped += 1
+            log.warning("skipping example %s: %s", ex.id, exc)
+            continue
+        samples.append(enc.sample)
+        targets.append(enc.target)
+        kept.append(enc)
+    return samples, targets, kept, skipped
+
+
+def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
+    """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
+    from .metrics import primary_metric, task_scores
+
+    metric_task = "sequence" if data_task == "image" else data_task
+    metric = primary_metric(metric_task, negative_label)
+
+    def fn(gold: list, pred: list) -> float:
+        return all_scores(metric_task, gold, pred, label_names, negative_label)[metric]
+
+    return metric, fn
+
+
+def all_scores(metric_task: str, gold: list, pred: list, label_names, negative_label) -> dict[str, float]:
+    from .encoding import IGNORE
+    from .metrics import task_scores
+
+    if metric_task == "token":  # positions without gold (special tokens) are not scored
+        pred = [[-1 if g == IGNORE else p for g, p in zip(gs, ps)] for gs, ps in zip(gold, pred)]
+        gold = [[-1 if g == IGNORE else g for g in gs] for gs in gold]
+    return task_scores(metric_task, gold, pred, label_names, negative_label)
+
+
+# -- train -----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .config import EarlyExitConfig, ExitPolicyConfig
+    from .data import iter_labels, subsample
+    from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings, bio_label_names
+    from .modeldir import save_model_dir
+    from .modeling import EarlyExitModel
+    from .training import TrainConfig, train
+
+    task = args.task
+    fields = _fields(args)
+    neg = args.negative_label
+    train_ex = _load(args.train, task, fields, neg)
+    if args.dev:
+        dev_ex = _load(args.dev, task, {**fields, "npz_split": args.dev_npz_split or fields["npz_split"]}, neg)
+    elif fields["dev_fraction"]:
+        from .data import split_examples
+
+        train_ex, dev_ex = split_examples(train_ex, fields["dev_fraction"], fields["split_seed"])
+    else:
+        raise SystemExit("give --dev FILE or --dev-fraction F")
+    n_train_all, n_dev_all = len(train_ex), len(dev_ex)
+    train_ex = subsample(train_ex, args.max_train, args.seed, neg if task == "relation" else None,
+                         args.negative_ratio if task == "relation" else None)
+    dev_ex = subsample(dev_ex, args.max_dev, args.seed)
+
+    if task == "token":
+        label_names = bio_label_names([s[0] for ex in train_ex for s in (ex.spans or ())])
+    else:
+        names = sorted(set(iter_labels(train_ex)))
+        if neg and neg in names:
+            names = [neg] + [n for n in names if n != neg]
+        label_names = tuple(names)
+    if task != "relation" or (neg and neg not in label_names):
+        neg = None if task != "relation" else neg
+    model_task = "sequence" if task == "image" else task
+    config = EarlyExitConfig(
+        task=model_task, label_names=label_names, negative_label=neg if task == "relation" else None,
+        policy=ExitPolicyConfig(kind="epee", entropy_threshold=args.tau, patience=args.patience),
+    )
+    torch.manual_seed(args.seed)
+    if args.backbone:
+        model = EarlyExitModel.from_backbone(args.backbone, config)
+    else:
+        model = EarlyExitModel.from_config(_architecture_config(args), config)
+    if task == "image":
+        from .images import ImageSettings
+
+        bc = model.backbone.config
+        n_ch = int(bc.num_channels)
+        preprocessor = ImagePreprocessor(label_names, ImageSettings(
+            image_size=int(bc.image_size), num_channels=n_ch,
+            mean=tuple(args.mean or [0.5] * n_ch), std=tuple(args.std or [0.5] * n_ch)))
+    else:
+        from transformers import AutoTokenizer
+
+        tok_dir = args.tokenizer or args.backbone
+        if not tok_dir:
+            raise SystemExit("text tasks trained from scratch need --tokenizer DIR")
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length))
+    train_s, train_t, _, skipped_train = _encode_all(preprocessor, train_ex)
+    dev_s, dev_t, _, skipped_dev = _encode_all(preprocessor, dev_ex)
+    metric, fn = score_function(task, label_names, neg)
+    log.info("training %s on %d examples (dev %d); labels: %s", model.adapter.family, len(train_s), len(dev_s), ", ".join(label_names))
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                       head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    started = time.time()
+    history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, checkpoint_dir=args.output, metric=metric,
+                    device=args.device, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
+    if args.stop_after_steps is not None and len(history.epochs) < args.epochs:
+        log.info("stopped after %d steps as asked; run the same command again to resume", args.stop_after_steps)
+        return {"stopped_after_steps": args.stop_after_steps}
+    model.to("cpu")
+    record = {
+        "data": {"train": args.train, "dev": args.dev, "dev_npz_split": args.dev_npz_split, "task": task, "fields": fields,
+                 "train_examples_available": n_train_all, "dev_examples_available": n_dev_all,
+                 "train_examples_used": len(train_s), "dev_examples_used": len(dev_s),
+                 "skipped_unencodable": {"train": skipped_train, "dev": skipped_dev},
+                 "max_train": args.max_train, "max_dev": args.max_dev, "negative_ratio": args.negative_ratio,
+                 "subsample_seed": args.seed},
+        "config": tcfg.__dict__, "history": history.to_dict(), "seconds": round(time.time() - started, 1),
+        "backbone_source": args.backbone or f"from config ({args.architecture})",
+    }
+    save_model_dir(args.output, model, preprocessor, {"training": record})
+    import shutil
+
+    shutil.rmtree(Path(args.output) / "checkpoint", ignore_errors=True)
+    last = history.epochs[-1].dev_scores_per_layer if history.epochs else []
+    return {"model": str(args.output), "metric": metric, "dev_scores_per_layer": last,
+            "full_depth_dev_score": last[-1] if last else None, "train_seconds": record["seconds"],
+            "train_examples": len(train_s), "dev_examples": len(dev_s)}
+
+
+def _architecture_config(args: argparse.Namespace):
+    from transformers import AlbertConfig, BertConfig, GPT2Config, ViTConfig
+
+    if not args.architecture:
+        raise SystemExit("give --backbone DIR (pretrained) or --architecture NAME (from scratch)")
+    overrides: dict = {}
+    if args.backbone_config:
+        text = Path(args.backbone_config).read_text() if os.path.isfile(args.backbone_config) else args.backbone_config
+        overrides = json.loads(text)
+    classes = {"bert": BertConfig, "albert": AlbertConfig, "gpt2": GPT2Config, "vit": ViTConfig}
+    if args.architecture not in classes:
+        raise SystemExit(f"--architecture must be one of {sorted(classes)}")
+    if args.architecture == "vit":
+        base = dict(image_size=args.image_size, patch_size=max(1, args.image_size // 7), num_channels=args.channels,
+                    hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=256)
+        base.update(overrides)
+        return ViTConfig(**base)
+    return classes[args.architecture](**overrides)
+
+
+# -- calibrate -------------------------------------------------------------------------------------
+def _bundle_and_data(args: argparse.Namespace, part_default: str):
+    from .modeldir import load_model_dir
+
+    bundle = load_model_dir(args.model)
+    training = bundle.sections.get("training", {}).get("data", {})
+    fields = _fields(args, training.get("fields"))
+    neg = bundle.model.config.negative_label
+    if args.data:
+        uri, part = args.data, args.part
+    elif training.get("dev"):
+        uri, part = training["dev"], "all"
+        fields = {**fields, "npz_split": training.get("dev_npz_split") or fields.get("npz_split")}
+    elif training.get("train") and fields.get("dev_fraction"):
+        uri, part = training["train"], part_default
+    else:
+        raise SystemExit("give --data FILE (the model directory records no dev set)")
+    examples = _load(uri, bundle.data_task, fields, neg, part)
+    if args.max_examples:
+        from .data import subsample
+
+        examples = subsample(examples, args.max_examples, 0)
+    return bundle, examples, uri, part
+
+
+def cmd_calibrate(args: argparse.Namespace) -> dict:
+    from .calibration import choose, collect_layer_outputs, plot_frontier, render_table_markdown, sweep, write_sweep_table
+    from .config import ExitPolicyConfig
+    from .modeldir import update_model_dir
+
+    if "://" in args.model:
+        raise SystemExit("calibrate writes into the model directory: give a local path")
+    bundle, examples, uri, part = _bundle_and_data(args, "dev")
+    model = bundle.model
+    samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
+    gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
+    metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
+    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size)
+    points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=args.min_exit_layer)
+    full = next(p for p in points if p.kind == "none")
+    chosen = choose(points, full.score, args.tolerance / 100.0, kind="epee")
+    out = Path(args.model) / "calibration"
+    out.mkdir(exist_ok=True)
+    write_sweep_table(points, out / "sweep.csv")
+    (out / "frontier.md").write_text(render_table_markdown(points, chosen))
+    plot_frontier(points, chosen, out / "frontier.png", title=f"{Path(args.model).name}: {metric} vs mean exit layer")
+    per_layer = []
+    from .training import predict_all_layers
+
+    import torch
+
+    for preds in predict_all_layers(model, samples, args.batch_size, torch.device("cpu")):
+        per_layer.append(fn(gold, preds))
+    policy = ExitPolicyConfig(kind="epee", entropy_threshold=float(chosen.entropy_threshold),
+                              patience=int(chosen.patience), min_exit_layer=args.min_exit_layer)
+    record = {
+        "metric": metric, "tolerance_points": args.tolerance, "data": uri, "part": part, "examples": len(samples),
+        "skipped_unencodable": skipped, "full_depth_score": full.score, "per_layer_scores": per_layer,
+        "chosen": {"kind": "epee", "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
+                   "score": chosen.score, "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup},
+        "files": ["calibration/sweep.csv", "calibration/frontier.md", "calibration/frontier.png"],
+    }
+    update_model_dir(args.model, policy=policy, calibration=record)
+    return record
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .config import EngineConfig, ExitPolicyConfig
+    from .engine import EarlyExitEngine
+    from .policies import ExitPolicy
+
+    bundle, examples, uri, part = _bundle_and_data(args, "dev")
+    model = bundle.model
+    t0 = time.perf_counter()
+    samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
+    t_encode = time.perf_counter() - t0
+    policy_cfg = model.config.policy if args.policy is None else ExitPolicyConfig(
+        kind=args.policy, entropy_threshold=args.tau if args.tau is not None else model.config.policy.entropy_threshold,
+        patience=args.patience if args.patience is not None else model.config.policy.patience)
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size))
+    t0 = time.perf_counter()
+    result = engine.run(samples, ExitPolicy(policy_cfg, model.num_layers))
+    t_run = time.perf_counter() - t0
+    metric_task = "sequence" if bundle.data_task == "image" else bundle.data_task
+    if metric_task == "token":
+        preds = [list(p.token_labels) for p in result.predictions]
+    else:
+        preds = [p.label for p in result.predictions]
+    gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
+    scores = all_scores(metric_task, gold, preds, model.config.label_names, model.config.negative_label) if samples else {}
+    n = len(samples)
+    return {
+        "model": str(args.model), "data": uri, "part": part, "records": n, "skipped_unencodable": skipped,
+        "policy": policy_cfg.to_dict(), **scores,
+        "mean_exit_layer": round(result.stats.mean_exit_layer, 4), "num_layers": model.num_layers,
+        "layer_speedup": round(result.stats.layer_speedup, 4),
+        "samples_per_s": round(n / t_run, 2) if t_run else None,
+        "samples_per_s_with_preprocessing": round(n / (t_run + t_encode), 2) if t_run else None,
+        "exits_per_layer": result.stats.exits_per_layer, "mean_batch_fill": round(result.stats.mean_batch_fill, 4),
+    }
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epee", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune backbone and exit heads (weighted loss)")
+    t.add_argument("--task", required=True, choices=DATA_TASKS)
+    t.add_argument("--train", required=True, help="training data: file, DDI directory or .npz (local, s3://, gs://)")
+    t.add_argument("--dev", help="dev data (else --dev-fraction carves it out of --train)")
+    t.add_argument("--dev-npz-split", help="npz dev file: array prefix, e.g. 'val'")
+    t.add_argument("--output", required=True, help="model directory to write (also holds the resume checkpoint)")
+    src = t.add_argument_group("backbone")
+    src.add_argument("--backbone", help="pretrained transformers directory (BERT, ALBERT, GPT-2, ViT)")
+    src.add_argument("--architecture", choices=["bert", "albert", "gpt2", "vit"], help="train from scratch")
+    src.add_argument("--backbone-config", help="JSON (or a JSON file) of config values for --architecture")
+    src.add_argument("--tokenizer", help="tokenizer directory (text tasks from scratch)")
+    src.add_argument("--image-size", type=int, default=28, help="vit from scratch: input side in pixels")
+    src.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    src.add_argument("--mean", type=float, nargs="+", help="image normalisation mean per channel (default 0.5)")
+    src.add_argument("--std", type=float, nargs="+", help="image normalisation std per channel (default 0.5)")
+    _add_data_args(t)
+    t.add_argument("--negative-label", help="relation task: the no-relation class (DDI: negative)")
+    t.add_argument("--max-length", type=int, default=256, help="tokens per input")
+    h = t.add_argument_group("training")
+    h.add_argument("--epochs", type=int, default=3)
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--lr", type=float, default=5e-5, help="backbone learning rate")
+    h.add_argument("--head-lr", type=float, default=1e-3, help="exit-head learning rate")
+    h.add_argument("--seed", type=int, default=42)
+    h.add_argument("--max-train", type=int, help="subsample training examples (seeded)")
+    h.add_argument("--max-dev", type=int, help="subsample dev examples (seeded)")
+    h.add_argument("--negative-ratio", type=float, help="relation task: keep at most R negatives per positive")
+    h.add_argument("--checkpoint-every", type=int, default=200)
+    h.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # simulates an interruption (tests)
+    h.add_argument("--tau", type=float, default=0.2, help="entropy threshold until calibrated")
+    h.add_argument("--patience", type=int, default=2, help="patience until calibrated")
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="sweep τ and P on a dev set and store the fastest setting within tolerance")
+    c.add_argument("--model", required=True)
+    c.add_argument("--data", help="labelled dev data (default: the dev set recorded at training)")
+    c.add_argument("--part", default="all", choices=["all", "train", "dev"], help="with --dev-fraction: which part")
+    c.add_argument("--tolerance", type=float, default=1.0, help="score points below full depth allowed (1.0 = 1 point)")
+    c.add_argument("--min-exit-layer", type=int, default=1)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--max-examples", type=int)
+    _add_data_args(c)
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("evaluate", help="score a model directory on labelled data with its stored policy")
+    e.add_argument("--model", required=True, help="model directory: local path, s3:// or gs://")
+    e.add_argument("--data", help="labelled data (default: the dev set recorded at training)")
+    e.add_argument("--part", default="all", choices=["all", "train", "dev"])
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-examples", type=int)
+    e.add_argument("--policy", choices=["entropy", "patience", "epee", "none"], help="override the stored policy")
+    e.add_argument("--tau", type=float)
+    e.add_argument("--patience", type=int)
+    _add_data_args(e)
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    result = args.func(args)
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

