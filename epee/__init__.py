@@ -29,3 +29,34 @@ __all__ = [
     "normalised_entropy",
     "run_reference",
 ]
+
+# Offline calibration of τ and P on a dev set, and the task metrics it ranks settings by.
+from .calibration import (  # noqa: E402
+    LayerOutputs,
+    SimulatedRun,
+    SweepPoint,
+    choose,
+    collect_layer_outputs,
+    frontier,
+    simulate,
+    sweep,
+)
+from .metrics import primary_metric, task_scores  # noqa: E402
+
+__all__ += [
+    "LayerOutputs",
+    "SimulatedRun",
+    "SweepPoint",
+    "choose",
+    "collect_layer_outputs",
+    "frontier",
+    "primary_metric",
+    "simulate",
+    "sweep",
+    "task_scores",
+]
+
+# Image loading and preprocessing (PNG, .npy, DICOM) into normalised (C, H, W) pixel_values.
+from .images import ImageSettings, dicom_to_array, load_image_file, read_dicom, read_png  # noqa: E402
+
+__all__ += ["ImageSettings", "dicom_to_array", "load_image_file", "read_dicom", "read_png"]

@@ -87,7 +87,7 @@ class TextPreprocessor:
         return self.label_index[ex.label]
 
     def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def _finish(self, ids: list[int], **extra) -> EncodedSample:

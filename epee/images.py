@@ -1,0 +1,674 @@
+"""Image loading and preprocessing: PNG, NumPy and DICOM pixels to a normalised (C, H, W) tensor.
+
+A flat module of pure functions (inputs are never modified) in the style of pydicom's
+``pixels/processing.py``. The path every image takes is::
+
+    raw pixels -> to_unit_range -> to_channels -> resize -> (x - mean) / std -> tensor (C, H, W)
+
+DICOM pixels first go through :func:`dicom_to_array`, which turns stored values into display values
+(modality LUT, VOI LUT, MONOCHROME1 inversion, colour conversion) as PS3.3 section C.11 describes.
+
+Failures come in three tiers, as in pydicom: ``ValueError`` naming the tag or value for missing or
+invalid input, ``NotImplementedError`` for valid input this module does not support, and a logged
+warning for suspicious but usable input. No message or log line ever contains a tag value that
+could identify a patient (names, IDs, dates): only tag names, numbers, and pixel-module values.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    as_pixel_options,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+logger = logging.getLogger(__name__)
+
+FRAME_POLICIES = ("middle", "all")
+CHANNEL_COUNTS = (1, 3)
+# ITU-R BT.601 luma weights for R, G, B (the weights Pillow's convert("L") uses too).
+BT601_LUMA = (0.299, 0.587, 0.114)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_MAGIC = b"\x93NUMPY"
+DICOM_PREFIX_OFFSET = 128  # PS3.10 section 7.1: 128-byte preamble, then "DICM"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How raw pixels become the model's ``pixel_values``; stored beside the model."""
+
+    image_size: int = 224  # square side the model takes; ViT cost grows with (size / patch)^2 tokens
+    num_channels: int = 1  # 1 grey (X-ray, CT, MR) or 3 RGB (ultrasound, photos, RGB-pretrained ViTs)
+    mean: tuple[float, ...] = (0.5,)  # per channel, subtracted after scaling pixels to [0, 1]
+    std: tuple[float, ...] = (0.5,)  # per channel, > 0; (0.5,) with mean (0.5,) maps [0, 1] to [-1, 1]
+    frame_policy: str = "middle"  # multi-frame DICOM: "middle" frame only, or "all" frames as a stack
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size ({self.image_size!r}) must be an integer >= 1")
+        if isinstance(self.num_channels, bool) or self.num_channels not in CHANNEL_COUNTS:
+            raise ValueError(f"num_channels ({self.num_channels!r}) must be one of {CHANNEL_COUNTS}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} ({values!r}) must be a sequence of numbers, one per channel") from None
+            if len(values) != self.num_channels:
+                raise ValueError(
+                    f"{name} ({values}) has {len(values)} values but num_channels is {self.num_channels}: "
+                    "give one value per channel"
+                )
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} ({values}) must be finite")
+            object.__setattr__(self, name, values)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std ({self.std}) must be > 0 in every channel")
+        if self.frame_policy not in FRAME_POLICIES:
+            raise ValueError(f"frame_policy ({self.frame_policy!r}) must be one of {FRAME_POLICIES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "num_channels": self.num_channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "frame_policy": self.frame_policy,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageSettings":
+        known = {"image_size", "num_channels", "mean", "std", "frame_policy"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown image settings keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic pixel functions
+# --------------------------------------------------------------------------------------------------
+
+
+def to_unit_range(arr: np.ndarray) -> np.ndarray:
+    """Return `arr` as ``float32`` scaled to [0, 1].
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        An image of any shape with a boolean, integer or floating-point dtype.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new ``float32`` array of the same shape:
+
+        * ``uint8``: divided by 255, so the 8-bit scale is kept (a dark photo stays dark).
+        * ``bool``: False -> 0, True -> 1.
+        * every other integer type and every float type: min-max scaled over the whole image
+          (all channels together, so colour balance is kept), because their nominal range
+          (12-bit CT in 16 bits, Hounsfield units, parametric maps) says little about the values
+          actually present. A constant image becomes all zeros.
+
+    Raises
+    ------
+    ValueError
+        If `arr` is empty, not numeric, or holds NaN or infinite values.
+    """
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise ValueError(f"cannot scale an empty image (shape {arr.shape})")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"cannot scale an image of dtype {arr.dtype}: expected integers or floats")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    values = arr.astype(np.float64)  # exact for every integer up to 2**53, and native byte order
+    if not np.isfinite(values).all():
+        raise ValueError("image holds NaN or infinite values")
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def to_channels(arr: np.ndarray, num_channels: int) -> np.ndarray:
+    """Return an (H, W) or (H, W, C) image as a new (num_channels, H, W) array.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        (H, W) grey, or (H, W, C) with C = 1 (grey), 3 (RGB) or 4 (RGBA).
+    num_channels : int
+        1 for grey or 3 for RGB.
+
+    Returns
+    -------
+    numpy.ndarray
+        Channel-first copy. Grey to RGB repeats the grey plane; RGB to grey is the ITU-R BT.601
+        luma ``0.299 R + 0.587 G + 0.114 B`` (a float result); RGBA drops alpha first. Otherwise
+        the dtype is kept.
+
+    Raises
+    ------
+    ValueError
+        If `num_channels` is not 1 or 3, or `arr` is not (H, W) or (H, W, 1|3|4).
+    """
+    if isinstance(num_channels, bool) or num_channels not in CHANNEL_COUNTS:
+        raise ValueError(f"num_channels ({num_channels!r}) must be one of {CHANNEL_COUNTS}")
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        grey = arr[np.newaxis]  # (1, H, W)
+    elif arr.ndim == 3 and arr.shape[-1] == 1:
+        grey = np.moveaxis(arr, -1, 0)  # (1, H, W)
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = np.moveaxis(arr[..., :3], -1, 0)  # (3, H, W); alpha dropped
+        if num_channels == 3:
+            return np.array(rgb, copy=True, order="C")
+        weights = np.asarray(BT601_LUMA, dtype=np.result_type(arr.dtype, np.float32))
+        return np.tensordot(weights, rgb, axes=1)[np.newaxis]  # (1, H, W)
+    else:
+        raise ValueError(
+            f"expected an image of shape (H, W) or (H, W, C) with C in (1, 3, 4), got shape {arr.shape}"
+        )
+    if num_channels == 3:
+        return np.repeat(grey, 3, axis=0)  # (3, H, W), a new array
+    return np.array(grey, copy=True, order="C")
+
+
+def resize(arr_chw: np.ndarray, size: int) -> np.ndarray:
+    """Return a (C, H, W) image bilinearly resized to a new ``float32`` (C, size, size) array.
+
+    Uses :func:`torch.nn.functional.interpolate` with ``align_corners=False`` (pixel centres, as
+    Pillow and OpenCV resample) and ``antialias=True`` whenever either side shrinks, so that
+    downscaling averages over the pixels it drops instead of aliasing. Aspect ratio is not kept:
+    the image is stretched to a square, as ViT image processors do.
+
+    Raises
+    ------
+    ValueError
+        If `arr_chw` is not 3-D or `size` is not an integer >= 1.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size ({size!r}) must be an integer >= 1")
+    arr_chw = np.asarray(arr_chw)
+    if arr_chw.ndim != 3 or 0 in arr_chw.shape:
+        raise ValueError(f"expected a non-empty (C, H, W) image, got shape {arr_chw.shape}")
+    _, h, w = arr_chw.shape
+    x = torch.from_numpy(np.array(arr_chw, dtype=np.float32, order="C"))  # a copy, never a view of the input
+    if (h, w) == (size, size):
+        return x.numpy()
+    out = F.interpolate(
+        x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=size < max(h, w)
+    )  # (1, C, size, size)
+    return out[0].numpy()
+
+
+def preprocess(arr: np.ndarray, settings: ImageSettings) -> torch.Tensor:
+    """Turn one image's raw pixels into the model's ``pixel_values``.
+
+    raw pixels -> :func:`to_unit_range` -> :func:`to_channels` -> :func:`resize` ->
+    ``(x - mean) / std`` per channel.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        One image, (H, W) or (H, W, C) as returned by :func:`load_image_file`. A frame stack from
+        ``frame_policy="all"`` must be preprocessed one frame at a time.
+    settings : ImageSettings
+        Target size, channels and normalisation.
+
+    Returns
+    -------
+    torch.Tensor
+        ``float32`` (num_channels, image_size, image_size), ready for
+        ``EncodedSample(pixel_values=...)``.
+    """
+    unit = to_unit_range(arr)
+    chw = to_channels(unit, settings.num_channels)  # (C, H, W) in [0, 1]
+    sized = resize(chw, settings.image_size)  # (C, S, S) float32
+    mean = np.asarray(settings.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(settings.std, dtype=np.float32)[:, None, None]
+    return torch.from_numpy((sized - mean) / std)
+
+
+# --------------------------------------------------------------------------------------------------
+# PNG
+# --------------------------------------------------------------------------------------------------
+
+
+def read_png(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview) -> np.ndarray:
+    """Read a PNG file (or its bytes) with Pillow into a new array.
+
+    Returns
+    -------
+    numpy.ndarray
+        * mode L (8-bit grey): (H, W) ``uint8``; mode 1 (bilevel) becomes L, 0 or 255.
+        * 16-bit grey (Pillow mode I;16): (H, W) ``uint16``, all 16 bits kept.
+        * mode I (32-bit grey): (H, W) ``int32``.
+        * RGB: (H, W, 3) ``uint8``; RGBA: (H, W, 4) ``uint8``; LA: grey with alpha dropped.
+        * palette (P, PA): converted to RGB through the palette, (H, W, 3) ``uint8``.
+
+        Pillow reads 16-bit-per-channel RGB PNGs as 8-bit RGB; that precision is lost.
+
+    Raises
+    ------
+    ValueError
+        If the data is not a readable PNG image.
+    """
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        src: BinaryIO = io.BytesIO(bytes(path_or_bytes))
+    else:
+        src = open(path_or_bytes, "rb")  # a missing file raises FileNotFoundError, as open() does
+    with src:
+        if src.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            raise ValueError("not a PNG image: no PNG signature")
+        src.seek(0)
+        try:
+            with Image.open(src, formats=["PNG"]) as img:
+                img.load()
+                return np.array(_to_array_mode(img))
+        except (OSError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt streams
+            raise ValueError(f"corrupt PNG image: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_array_mode(img: Image.Image) -> Image.Image:
+    """Convert Pillow modes without a direct NumPy meaning to one that has one."""
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode == "LA":
+        return img.getchannel("L")
+    if img.mode in ("P", "PA"):
+        return img.convert("RGB")
+    if img.mode.startswith("I;16"):  # I;16, I;16B, I;16L all become native uint16
+        return img  # NumPy reads these as uint16 of the right byte order
+    if img.mode in ("L", "I", "F", "RGB", "RGBA"):
+        return img
+    raise ValueError(f"unsupported PNG mode {img.mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Image Pixel module (PS3.3 C.7.6.3) elements every decoder needs; integer pixel data also needs
+# Bits Stored and Pixel Representation.
+_REQUIRED_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated")
+_INTEGER_REQUIRED_KEYWORDS = ("BitsStored", "PixelRepresentation")
+# Elements the modality and VOI LUT steps read (PS3.3 C.11.1, C.11.2), copied into a per-frame view.
+_LUT_KEYWORDS = (
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
+    "ModalityLUTSequence", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+)
+# Enhanced multi-frame functional group macros that carry the same elements per frame:
+# Pixel Value Transformation (PS3.3 C.7.6.16.2.9) and Frame VOI LUT (C.7.6.16.2.10).
+_FUNCTIONAL_GROUP_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_PALETTE_DATA_KEYWORDS = tuple(
+    f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue", "Alpha")
+)
+
+
+def _tag_name(keyword: str) -> str:
+    """``"PixelData"`` -> ``"PixelData (7FE0,0010)"``, for messages."""
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} {Tag(tag)}" if tag is not None else keyword
+
+
+def _check_frame_policy(frame_policy: str) -> None:
+    if frame_policy not in FRAME_POLICIES:
+        raise ValueError(f"frame_policy ({frame_policy!r}) must be one of {FRAME_POLICIES}")
+
+
+def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
+    """Return the display values of a DICOM image: decoded, LUTs applied, higher = brighter.
+
+    1. Decode the pixel data with pydicom 3's decoders (pylibjpeg plugins for JPEG, JPEG-LS,
+       JPEG 2000 and RLE), only the frame(s) needed: for multi-frame images
+       (*Number of Frames* (0028,0008) > 1) ``"middle"`` decodes frame ``n // 2``;
+       ``"all"`` decodes every frame.
+    2. Monochrome (PS3.3 C.7.6.3.1.2): apply the modality LUT or rescale slope/intercept
+       (:func:`pydicom.pixels.apply_modality_lut`, PS3.3 C.11.1), then the VOI LUT or window
+       (:func:`pydicom.pixels.apply_voi_lut`, PS3.3 C.11.2), then invert MONOCHROME1 within its
+       nominal output range so that higher values are brighter (in MONOCHROME1 the minimum is
+       white). Float and Double Float Pixel Data (parametric maps) hold real-world values and get
+       no LUT; a MONOCHROME1 float image is inverted within its own range.
+    3. YBR_FULL and YBR_FULL_422 are converted to RGB with
+       :func:`pydicom.pixels.convert_color_space` (PS3.3 C.7.6.3.1.2). The decoder reports the
+       colour space of what it returns, so JPEG 2000 YBR_ICT/YBR_RCT (already RGB after decoding)
+       and JPEG streams whose markers contradict (0028,0004) are never converted twice.
+    4. PALETTE COLOR is mapped through its palette (:func:`pydicom.pixels.apply_color_lut`,
+       PS3.3 C.7.6.3.1.5, C.7.9) to RGB; a palette alpha channel is dropped.
+
+    Enhanced multi-frame images: pydicom 3.0's ``apply_modality_lut`` and ``apply_voi_lut`` read
+    only top-level elements, so this function resolves, per frame, the Pixel Value Transformation
+    and Frame VOI LUT macros of the Shared and Per-Frame Functional Groups Sequences (per-frame
+    values win) into a small view dataset that it passes to them. Other Enhanced semantics (Real
+    World Value Mapping, dimension organisation, segment frames of a SEG) are not interpreted.
+    A Presentation LUT Shape (2050,0020) is not applied.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The dataset, with file meta information (its Transfer Syntax UID). It is not modified,
+        and ``ds.pixel_array`` is not used because it caches the decoded array on the dataset.
+    frame_policy : str
+        ``"middle"`` or ``"all"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array in native byte order. ``"middle"``: (H, W) monochrome or (H, W, 3) colour.
+        ``"all"``: (F, H, W) or (F, H, W, 3), with F = 1 for a single-frame image. Integer
+        dtypes are kept where no LUT step ran; rescale and windowing give ``float64``.
+
+    Raises
+    ------
+    ValueError
+        No (7FE0,0010) *Pixel Data* (or float variant), a missing or invalid Image Pixel module
+        element or Transfer Syntax UID (0002,0010), or pixel data that cannot be decoded
+        (truncated, corrupt). The message names the tag.
+    NotImplementedError
+        Valid input this path does not support: a transfer syntax without an installed decoder,
+        or a photometric interpretation other than MONOCHROME1/2, RGB, YBR_FULL(_422) and
+        PALETTE COLOR, or YBR colour with more than 8 bits.
+    """
+    _check_frame_policy(frame_policy)
+    keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
+    if keyword is None:
+        raise ValueError(
+            "dataset has no PixelData (7FE0,0010), FloatPixelData (7FE0,0008) "
+            "or DoubleFloatPixelData (7FE0,0009)"
+        )
+    is_float = keyword != "PixelData"
+    required = _REQUIRED_KEYWORDS + (() if is_float else _INTEGER_REQUIRED_KEYWORDS)
+    for kw in required:
+        if ds.get(kw) in (None, ""):
+            raise ValueError(f"dataset has no {_tag_name(kw)}, which decoding {_tag_name(keyword)} needs")
+
+    num_frames = _number_of_frames(ds)
+    frames = [num_frames // 2] if frame_policy == "middle" else list(range(num_frames))
+    arr, photometric = _decode(ds, keyword, index=frames[0] if frame_policy == "middle" else None)
+    if frame_policy == "all" and num_frames == 1:
+        arr = arr[np.newaxis]  # (1, H, W[, C]): "all" always has a frame axis
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # big endian syntaxes decode as >u2
+
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if frame_policy == "middle":
+            return _apply_grey_luts(arr, ds, frames[0], photometric, is_float)
+        return np.stack([_apply_grey_luts(a, ds, f, photometric, is_float) for f, a in zip(frames, arr)])
+    if photometric == "RGB":
+        return np.ascontiguousarray(arr)
+    if photometric in ("YBR_FULL", "YBR_FULL_422"):
+        if arr.dtype != np.uint8:
+            raise NotImplementedError(
+                f"{photometric} to RGB is supported for 8-bit samples only, got BitsAllocated "
+                f"(0028,0100) {ds.BitsAllocated}"
+            )
+        return convert_color_space(arr, photometric, "RGB")
+    if photometric == "PALETTE COLOR":
+        return _apply_palette(arr, ds)
+    raise NotImplementedError(
+        f"PhotometricInterpretation (0028,0004) {photometric!r} is not supported: "
+        "expected MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, YBR_FULL_422 or PALETTE COLOR"
+    )
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    value = ds.get("NumberOfFrames")
+    if value in (None, ""):
+        return 1
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"NumberOfFrames (0028,0008) {value!r} is not an integer") from None
+    if n < 1:
+        raise ValueError(f"NumberOfFrames (0028,0008) must be >= 1, got {n}")
+    return n
+
+
+def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, str]:
+    """Decode one frame (or all, ``index=None``); return it and the colour space it is in.
+
+    Decoded with ``as_rgb=False`` so that colour conversion happens in one visible place
+    (:func:`dicom_to_array`); the decoder's returned Image Pixel properties say which colour space
+    the array is really in (pylibjpeg-openjpeg returns YBR_ICT/YBR_RCT as RGB, and JPEG markers may
+    override (0028,0004)).
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not syntax:
+        raise ValueError("dataset has no TransferSyntaxUID (0002,0010) in its file meta information")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise NotImplementedError(f"no pixel data decoder for {_syntax_name(syntax)}") from None
+    if not decoder.is_available:
+        raise NotImplementedError(
+            f"no installed plugin decodes {_syntax_name(syntax)}: {decoder.missing_dependencies}"
+        )
+    try:
+        arr, properties = decoder.as_array(ds, index=index, as_rgb=False, **as_pixel_options(ds))
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # corrupt or truncated encoded data: pydicom and its plugins raise many types
+        raise ValueError(f"cannot decode {_tag_name(keyword)}: {type(exc).__name__}: {exc}") from exc
+    return arr, str(properties.get("photometric_interpretation", ds.PhotometricInterpretation))
+
+
+def _syntax_name(syntax: UID) -> str:
+    name = syntax.name if syntax.name != str(syntax) else "unnamed"
+    return f"TransferSyntaxUID (0002,0010) {syntax} ({name})"
+
+
+def _frame_view(ds: Dataset, frame: int) -> Dataset:
+    """A new dataset with the modality and VOI LUT elements that apply to `frame`.
+
+    Top-level elements first, then the Shared Functional Groups Sequence (5200,9229), then the
+    frame's item of the Per-Frame Functional Groups Sequence (5200,9230): later sources win.
+    Elements are deep copies, so pydicom's functions cannot touch `ds` through the view.
+    """
+    view = Dataset()
+    for kw in _LUT_KEYWORDS:
+        if kw in ds:
+            view[kw] = copy.deepcopy(ds[kw])
+    sources: list[Dataset] = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        sources.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        sources.append(per_frame[frame])
+    for group in sources:
+        for sequence in _FUNCTIONAL_GROUP_SEQUENCES:
+            items = group.get(sequence)
+            if items:
+                for elem in items[0]:
+                    if elem.keyword in _LUT_KEYWORDS:
+                        view[elem.tag] = copy.deepcopy(elem)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None:
+        view.file_meta = file_meta  # read only: the byte order of OW LUT Data comes from its syntax
+    return view
+
+
+def _apply_grey_luts(
+    frame: np.ndarray, ds: Dataset, index: int, photometric: str, is_float: bool
+) -> np.ndarray:
+    """Modality LUT, VOI LUT and MONOCHROME1 inversion for one (H, W) frame."""
+    # `frame` is freshly decoded, never the caller's data, so it may be returned as is.
+    if is_float:
+        if photometric == "MONOCHROME1":
+            finite = frame[np.isfinite(frame)]
+            if finite.size:
+                return _invert(frame, float(finite.min()), float(finite.max()))
+        return frame
+    view = _frame_view(ds, index)
+    out = apply_modality_lut(frame, view)
+    try:
+        out = apply_voi_lut(out, view)
+    except ValueError as exc:  # e.g. Window Width < 1: suspicious, but the pixels are usable
+        logger.warning("VOI LUT (0028,1050-1056, 0028,3010) not applied: %s", exc)
+    if photometric == "MONOCHROME1":
+        lo, hi = _nominal_range(view)
+        out = _invert(out, lo, hi)
+    return out
+
+
+def _lut_depth(view: Dataset, sequence: str) -> int | None:
+    """Bits per entry of the first LUT in `sequence`, when it is a usable LUT (else None)."""
+    items = view.get(sequence)
+    if not items:
+        return None
+    item = items[0]
+    if item.get("LUTDescriptor") is None or item.get("LUTData") is None:
+        return None
+    return int(item.LUTDescriptor[2])
+
+
+def _nominal_range(view: Dataset) -> tuple[float, float]:
+    """Range of values after the modality and VOI steps, which MONOCHROME1 is inverted within.
+
+    Mirrors pydicom: a VOI LUT outputs [0, 2^bits - 1]; windowing outputs the range the modality
+    step outputs (PS3.3 C.11.2.1.2); a modality LUT outputs [0, 2^bits - 1]; rescale maps the
+    stored range [0, 2^BitsStored - 1] (signed: [-2^(BitsStored-1), 2^(BitsStored-1) - 1]).
+    """
+    depth = _lut_depth(view, "VOILUTSequence") or _lut_depth(view, "ModalityLUTSequence")
+    if depth is not None:
+        return 0.0, float(2**depth - 1)
+    bits = int(view.BitsStored)
+    if int(view.PixelRepresentation) == 0:
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if "RescaleSlope" in view and "RescaleIntercept" in view:
+        slope, intercept = float(view.RescaleSlope), float(view.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return lo, hi
+
+
+def _invert(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``lo + hi - arr``: the brightest value becomes the darkest; integer dtypes are kept."""
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        if info.min <= lo and hi <= info.max and lo == int(lo) and hi == int(hi):
+            out = np.clip(int(lo) + int(hi) - arr.astype(np.int64), int(lo), int(hi))
+            return out.astype(arr.dtype)
+    return lo + hi - arr.astype(np.float64)
+
+
+def _apply_palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """PALETTE COLOR -> RGB through the Palette Color Lookup Table (PS3.3 C.7.6.3.1.5)."""
+    palette = ds
+    little_endian = ds.file_meta.TransferSyntaxUID.is_little_endian
+    if not little_endian and any(kw in ds for kw in _PALETTE_DATA_KEYWORDS):
+        # pydicom 3.0.2's apply_color_lut reads (non-segmented) OW LUT Data in the machine's byte
+        # order, which swaps 16-bit entries from big endian files; give it little endian copies.
+        palette = Dataset()
+        for elem in ds.group_dataset(0x0028):
+            palette[elem.tag] = copy.deepcopy(elem)
+        if "PixelPresentation" in ds:
+            palette.PixelPresentation = ds.PixelPresentation
+        for kw in _PALETTE_DATA_KEYWORDS:
+            data = palette.get(kw)
+            if isinstance(data, bytes) and len(data) % 2 == 0:
+                palette[kw].value = np.frombuffer(data, dtype=">u2").astype("<u2").tobytes()
+        palette.file_meta = ds.file_meta
+    rgb = apply_color_lut(arr, palette)  # (..., 3) or (..., 4) with an alpha LUT
+    return np.ascontiguousarray(rgb[..., :3])
+
+
+def read_dicom(path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: str = "middle") -> np.ndarray:
+    """Read a DICOM Part 10 file and return :func:`dicom_to_array` of it.
+
+    The file must have the 128-byte preamble and "DICM" prefix (PS3.10 section 7.1): it is read
+    with ``force=False``, so headerless datasets are rejected rather than guessed at.
+
+    Parameters
+    ----------
+    path_or_file : str | os.PathLike | file-like
+        The file, or a binary file-like opened at its start.
+    frame_policy : str
+        ``"middle"`` for one (H, W[, 3]) frame, ``"all"`` for the (F, H, W[, 3]) stack.
+
+    Raises
+    ------
+    ValueError
+        Not a DICOM Part 10 file, or unreadable; and everything :func:`dicom_to_array` raises.
+    NotImplementedError
+        As :func:`dicom_to_array`.
+    """
+    _check_frame_policy(frame_policy)
+    try:
+        ds = pydicom.dcmread(path_or_file, force=False)
+    except InvalidDicomError as exc:
+        reason = str(exc).replace(" Use force=True to force reading.", "")  # read_dicom never forces
+        raise ValueError(f"not a DICOM Part 10 file (PS3.10 7.1): {reason}") from None
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:  # truncated or malformed
+        raise ValueError(f"cannot parse DICOM file: {type(exc).__name__}: {exc}") from exc
+    return dicom_to_array(ds, frame_policy)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one image file as an array, choosing the reader by content.
+
+    * "DICM" at byte 128 (PS3.10 7.1), or a ``.dcm`` suffix: :func:`read_dicom`, middle frame.
+    * the PNG signature: :func:`read_png`.
+    * the NumPy ``.npy`` magic, or a ``.npy`` suffix: :func:`numpy.load` with
+      ``allow_pickle=False``.
+
+    Raises
+    ------
+    ValueError
+        ``"unsupported image file type"`` for anything else, and whatever the reader raises.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(DICOM_PREFIX_OFFSET + 4)
+    suffix = path.suffix.lower()
+    if head[DICOM_PREFIX_OFFSET:] == b"DICM" or suffix == ".dcm":
+        return read_dicom(path, frame_policy="middle")
+    if head.startswith(PNG_SIGNATURE):
+        return read_png(path)
+    if head.startswith(NPY_MAGIC) or suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"cannot read .npy image: {exc}") from exc
+        if not isinstance(arr, np.ndarray):
+            raise ValueError("a .npy image file must hold a single array")
+        return arr
+    raise ValueError(
+        f"unsupported image file type (suffix {suffix or 'none'!r}): expected DICOM, PNG or .npy"
+    )

