@@ -131,7 +131,29 @@ def render(results: dict, path: Path) -> None:
             lines.append(f"| {label} | {e[metric]:.4f} | {others} | {e['mean_exit_layer']:.2f} | "
                          f"{e['layer_speedup']:.2f}x | {e['samples_per_s']:.1f} |")
         lines += ["", f"![frontier](figures/{name}_frontier.png)", ""]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + NOTES)
+
+
+NOTES = """## Observations (2026-11-22)
+
+- **Medical abstracts: the early exit heads did not learn.** Heads 1-4 stayed at the majority-class
+  rate (0.318) through all 3 epochs, so the calibrated EPEE policy exits late (mean 5.2 of 6 layers)
+  and saves little. The signal is there: standardised linear probes on the *frozen* pooled [CLS]
+  features reach 0.42 / 0.48 / 0.51 / 0.49 at layers 1-4 (800 training abstracts, dev set;
+  experiment script not kept in the repo). But this backbone's early [CLS] states differ between
+  inputs by about 1e-4 around a large shared vector (all-MiniLM-L6-v2 was trained with mean
+  pooling, so its [CLS] was never used), and dropout before a plain linear head swamps that.
+  BatchNorm-standardised heads (placed before the dropout) lifted layers 3-4 to 0.34 / 0.56 after
+  one epoch but left layers 1-2 at chance; that change was not adopted. Fixing the early heads
+  (longer training, head warm-start from probes, or a backbone whose [CLS] was pretrained) is open.
+- **DDI is trained on a subsample**: 3,000 of the ~25,000 training pairs (negatives capped at one
+  per positive), 2 epochs, to stay within minutes on 2 CPU cores. Its full-depth micro-F1 over
+  positive relations (0.44) is far below full-data BERT results on DDI and says nothing about the
+  backbone's ceiling; the early-exit trade-off (EPEE within 1 point at 2.4x fewer layers) is the
+  point of the table.
+- **PneumoniaMNIST**: every head scores about 0.96, so the fastest setting within 1 point exits
+  every image at layer 1.
+"""
 
 
 def _short(arg: str) -> str:

@@ -137,3 +137,26 @@ def test_subsample_caps_negatives_then_total():
     out = subsample(exs, None, 0, negative_label="negative", max_negative_ratio=1.0)
     assert sum(e.label == "effect" for e in out) == 20 and sum(e.label == "negative" for e in out) == 20
     assert len(subsample(exs, 30, 0)) == 30
+
+
+def test_image_table_with_png_and_dicom_files(tmp_path):
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((6, 5), 200, np.uint8), mode="L").save(tmp_path / "img" / "a.png")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 4, 3, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.arange(12, dtype=np.uint8).tobytes()
+    ds.save_as(tmp_path / "img" / "b.dcm", enforce_file_format=True)
+    (tmp_path / "labels.csv").write_text("path,label\nimg/a.png,normal\nimg/b.dcm,pneumonia\n")
+    exs = load_examples(str(tmp_path / "labels.csv"), "image")
+    assert [(e.id, e.label, e.image.shape) for e in exs] == [("img/a.png", "normal", (6, 5)), ("img/b.dcm", "pneumonia", (4, 3))]
+    assert exs[1].image.ravel().tolist() == list(range(12))
