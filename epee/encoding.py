@@ -109,6 +109,34 @@ class TextPreprocessor:
             return self._encode_tokens(ex)
         raise ValueError(f"TextPreprocessor does not handle task {self.task!r}")
 
+    def encode_windows(self, ex: Example, overlap: float = 0.25) -> list[Encoded]:
+        """Cover a long text with overlapping windows instead of truncating it.
+
+        Sequence and token tasks: windows of the maximum length, each starting ``1 - overlap`` of a
+        window after the previous one, the last one ending at the text's end; a text that fits
+        gives one window. Relation inputs are cropped around their entities (:meth:`encode`).
+        Token offsets stay relative to the whole text, so spans from every window line up.
+        """
+        if self.task == "relation" or ex.text is None:
+            return [self.encode(ex)]
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap ({overlap}) must lie in [0, 1)")
+        ids, offsets = self._tokens(ex.text)
+        if len(ids) <= self._budget:
+            return [self.encode(ex)]
+        step = max(1, int(self._budget * (1.0 - overlap)))
+        starts = list(range(0, len(ids) - self._budget, step)) + [len(ids) - self._budget]
+        out = []
+        for start in starts:
+            win_ids = ids[start : start + self._budget]
+            if self.task == "sequence":
+                out.append(Encoded(self._finish(win_ids), self._target(ex)))
+            else:  # token task: no gold tags in inference windows
+                win_off = offsets[start : start + self._budget]
+                mask = torch.tensor(self._pad_target([True] * len(win_ids), False), dtype=torch.bool)
+                out.append(Encoded(self._finish(win_ids, token_mask=mask), None, self._pad_target(win_off, (0, 0))))
+        return out
+
     def _encode_relation(self, ex: Example) -> Encoded:
         if ex.entities is None:
             raise ValueError(f"example {ex.id}: relation task needs the two entity spans")

@@ -88,3 +88,33 @@ class TestTokens:
         pre = TextPreprocessor(tokenizer, "token", names)
         enc = pre.encode(Example(id="1", text="induced rash", spans=(("Effect", 0, 12), ("Trigger.Adverse_event", 0, 7))))
         assert [names[t] for t in enc.target.tolist()[1:-1]] == ["B-Trigger.Adverse_event", "O"]
+
+
+class TestWindows:
+    def test_short_text_is_one_window(self, tokenizer):
+        pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+        assert len(pre.encode_windows(Example(id="1", text="short note"))) == 1
+
+    def test_long_text_windows_cover_every_token_with_overlap(self, tokenizer):
+        pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=16))
+        words = [f"w{i}" for i in range(60)]
+        text = " ".join(words)
+        n_content = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        wins = pre.encode_windows(Example(id="1", text=text), overlap=0.25)
+        content = [w.sample.input_ids[1:-1].tolist() for w in wins]
+        assert all(len(c) == 14 for c in content) and all(w.sample.length == 16 for w in wins)
+        # consecutive windows overlap, and together they hold every content token in order
+        flat = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert content[0] == flat[:14] and content[-1] == flat[-14:]
+        assert len(wins) == len(range(0, n_content - 14, 10)) + 1
+
+    def test_token_windows_keep_absolute_offsets(self, tokenizer):
+        names = bio_label_names(["Effect"])
+        pre = TextPreprocessor(tokenizer, "token", names, TextSettings(max_length=12))
+        text = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho"
+        wins = pre.encode_windows(Example(id="1", text=text))
+        assert len(wins) > 1
+        last = wins[-1]
+        a, b = last.offsets[-2]  # last content token (before [SEP])
+        assert b == len(text) and text.endswith(text[a:b]) and last.offsets[-1] == (0, 0)
+        assert wins[0].offsets[1] == (0, 5)  # "alpha", the first content token

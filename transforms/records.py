@@ -1,0 +1,120 @@
+"""Named records that flow through the pipelines, each mapping one-to-one to a Parquet schema.
+
+No record that is written carries note text or DICOM tag values: predictions hold ids, labels,
+scores and character offsets; dead letters hold a stage, an error type and a message that the
+reading code wrote itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+# -- internal records (not written) ----------------------------------------------------------------
+@dataclass
+class InputRecord:
+    """One note, relation candidate or image, as read from storage."""
+
+    record_id: str
+    source_uri: str
+    text: str | None = None
+    entities: tuple[tuple[int, int], tuple[int, int]] | None = None  # relation task: char spans
+    pixels: Any = None  # image task: decoded (H, W[, C]) array
+
+
+@dataclass
+class PreparedInput:
+    """Model-ready windows of one record (one window unless a long note was split)."""
+
+    record_id: str
+    source_uri: str
+    samples: list  # list[EncodedSample]
+    offsets: list | None = None  # token task: per window, character offsets of its tokens
+    entities: tuple[tuple[int, int], tuple[int, int]] | None = None  # relation task: echoed to the output
+
+
+# -- written records -------------------------------------------------------------------------------
+@dataclass
+class PredictionRecord:
+    record_id: str
+    source_uri: str
+    task: str  # "sequence", "relation", "token" or "image"
+    label: str | None  # predicted class (None for event extraction: see event_spans)
+    score: float  # probability of the predicted class (token task: mean over scored tokens)
+    probabilities: list[float]  # one per class in label_names order (token task: empty)
+    label_names: list[str]
+    exit_layer: int  # 1-based; for multi-window notes the deepest window's exit layer
+    num_layers: int
+    exit_reason: str  # entropy, patience or last_layer
+    entropy: float  # normalised entropy at exit (combined distribution for multi-window notes)
+    windows: int  # model inputs the record was split into (long notes)
+    model_id: str
+    run_id: str
+    entity1_start: int | None = None  # relation task: the pair the label is about (char offsets)
+    entity1_end: int | None = None
+    entity2_start: int | None = None
+    entity2_end: int | None = None
+    event_spans: list[dict] = field(default_factory=list)  # token task: [{"type", "start", "end"}], offsets only
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PREDICTION_SCHEMA = pa.schema([
+    ("record_id", pa.string()), ("source_uri", pa.string()), ("task", pa.string()), ("label", pa.string()),
+    ("score", pa.float64()), ("probabilities", pa.list_(pa.float32())), ("label_names", pa.list_(pa.string())),
+    ("exit_layer", pa.int32()), ("num_layers", pa.int32()), ("exit_reason", pa.string()), ("entropy", pa.float64()),
+    ("windows", pa.int32()), ("model_id", pa.string()), ("run_id", pa.string()),
+    ("entity1_start", pa.int32()), ("entity1_end", pa.int32()), ("entity2_start", pa.int32()), ("entity2_end", pa.int32()),
+    ("event_spans", pa.list_(pa.struct([("type", pa.string()), ("start", pa.int32()), ("end", pa.int32())]))),
+])
+
+
+@dataclass
+class DeadLetter:
+    source_uri: str
+    record_id: str | None  # when known
+    stage: str  # read, decode, prepare, inference
+    error_type: str  # a short machine-readable reason, e.g. invalid_utf8, empty_note, not_dicom
+    message: str  # what went wrong, written by us: never note text or tag values
+    run_id: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEAD_LETTER_SCHEMA = pa.schema([
+    ("source_uri", pa.string()), ("record_id", pa.string()), ("stage", pa.string()), ("error_type", pa.string()),
+    ("message", pa.string()), ("run_id", pa.string()),
+])
+
+
+@dataclass
+class ExitStats:
+    run_id: str
+    model_id: str
+    task: str
+    records: int
+    num_layers: int
+    exits_per_layer: list[int]
+    mean_exit_layer: float
+    layer_speedup: float  # num_layers / mean exit layer
+    label_counts: list[dict]  # [{"label", "count", "mean_exit_layer"}]
+    exit_reason_counts: list[dict]  # [{"reason", "count"}]
+    wall_seconds: float  # from pipeline start to the moment these statistics were computed
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EXIT_STATS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("model_id", pa.string()), ("task", pa.string()), ("records", pa.int64()),
+    ("num_layers", pa.int32()), ("exits_per_layer", pa.list_(pa.int64())), ("mean_exit_layer", pa.float64()),
+    ("layer_speedup", pa.float64()),
+    ("label_counts", pa.list_(pa.struct([("label", pa.string()), ("count", pa.int64()), ("mean_exit_layer", pa.float64())]))),
+    ("exit_reason_counts", pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))),
+    ("wall_seconds", pa.float64()),
+])
