@@ -106,7 +106,7 @@ def update_model_dir(directory: str | os.PathLike, policy: ExitPolicyConfig | No
     os.replace(tmp, out / EPEE_CONFIG_NAME)
 
 
-def _fetch_remote(uri: str, target: Path) -> None:
+def _fetch_remote(uri: str, target: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy a remote model directory file by file, as listed in its epee_config.json."""
     from smart_open import open as smart_open
 
@@ -116,6 +116,8 @@ def _fetch_remote(uri: str, target: Path) -> None:
     doc = json.loads(raw)
     (target / EPEE_CONFIG_NAME).write_bytes(raw)
     for name in doc.get("files", []):
+        if name in skip:
+            continue
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"model directory lists an unsafe file name: {name!r}")
         dest = target / name
@@ -162,3 +164,31 @@ def _load_local(directory: Path, device: str) -> ModelBundle:
     sections = {k: v for k, v in doc.items() if k not in ("model", "files")}
     return ModelBundle(model=model, preprocessor=preprocessor, data_task=prep.get("data_task", model.config.task),
                        sections=sections, uri=str(directory))
+
+
+def load_preprocessor(uri: str | os.PathLike) -> tuple[TextPreprocessor | ImagePreprocessor, str]:
+    """Only the preprocessor of a model directory (tokenizer or image settings), no weights:
+    what a preparation step needs on every worker. Returns (preprocessor, data task)."""
+    uri = str(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        with tempfile.TemporaryDirectory(prefix="epee-prep-") as tmp:
+            _fetch_remote(uri, Path(tmp), skip=(WEIGHTS_NAME,))
+            return _load_preprocessor_local(Path(tmp))
+    return _load_preprocessor_local(Path(uri.removeprefix("file://")))
+
+
+def _load_preprocessor_local(directory: Path) -> tuple[TextPreprocessor | ImagePreprocessor, str]:
+    if not (directory / EPEE_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not an epee model directory (no {EPEE_CONFIG_NAME})")
+    doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
+    labels = tuple(doc["model"]["label_names"])
+    prep = doc.get("preprocessing", {})
+    if prep.get("input") == "image":
+        from .images import ImageSettings
+
+        return ImagePreprocessor(labels, ImageSettings.from_dict(prep["image"])), "image"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    task = prep.get("data_task", doc["model"]["task"])
+    return TextPreprocessor(tokenizer, task, labels, TextSettings.from_dict(prep.get("text", {}))), task

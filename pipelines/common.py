@@ -1,0 +1,124 @@
+"""Building and running one early-exit pipeline; the four entry points differ only in the task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.handler import EarlyExitModelHandler
+from transforms.inference import EarlyExitInference
+from transforms.readers import DEAD, ReadDicom, ReadNotes
+from transforms.writers import ExitStatsFn, WriteOutputs
+
+from .options import PIPELINE_TASKS, EpeeOptions, default_run_id, help_parser
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(SystemExit):
+    """A configuration problem found before the pipeline starts; the message says what to do."""
+
+
+def read_model_config(uri: str) -> dict:
+    from epee.modeldir import EPEE_CONFIG_NAME
+
+    path = f"{uri.rstrip('/')}/{EPEE_CONFIG_NAME}"
+    try:
+        with FileSystems.open(path) as fh:
+            doc = json.loads(fh.read())
+        with FileSystems.open(f"{uri.rstrip('/')}/config.json") as fh:
+            backbone = json.loads(fh.read())
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a usable model directory
+        raise StartupError(
+            f"--model {uri}: not an epee model directory ({type(exc).__name__}: cannot read {EPEE_CONFIG_NAME}); "
+            "train one with `epee train` or run ./run_pipeline.sh with no arguments for a sample model"
+        ) from None
+    doc["_num_layers"] = int(backbone.get("num_hidden_layers") or backbone.get("n_layer"))
+    return doc
+
+
+def validate(opts: EpeeOptions, pipeline: str) -> dict:
+    missing = [f"--{n}" for n in ("input", "output", "model") if not getattr(opts, n)]
+    if missing:
+        raise StartupError(f"missing {', '.join(missing)} (see --help)")
+    doc = read_model_config(opts.model)
+    task = doc.get("preprocessing", {}).get("data_task", doc["model"]["task"])
+    if task != PIPELINE_TASKS[pipeline]:
+        raise StartupError(f"--model {opts.model} is a {task!r} model; the {pipeline} pipeline needs a "
+                           f"{PIPELINE_TASKS[pipeline]!r} model")
+    matched = FileSystems.match([opts.input])[0].metadata_list
+    if not matched:
+        raise StartupError(f"--input {opts.input}: no file matches this pattern")
+    return doc
+
+
+def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
+    """Run one pipeline to completion; returns a summary (also printed by the launcher)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        help_parser(f"python -m pipelines.{pipeline}").print_help()
+        return {}
+    options = PipelineOptions(argv)
+    opts = options.view_as(EpeeOptions)
+    doc = validate(opts, pipeline)
+    run_id = opts.run_id or default_run_id()
+    task = PIPELINE_TASKS[pipeline]
+    handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
+                                    min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
+                                    device=opts.device, large_model=opts.large_model)
+    started = time.time()
+    stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
+    with beam.Pipeline(options=options) as p:
+        if pipeline == "dicom":
+            read = p | "ReadDicom" >> ReadDicom(opts.input, opts.frame_policy, run_id)
+        else:
+            read = p | "ReadNotes" >> ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id)
+        predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap)
+        dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
+        (predictions, dead) | "Write" >> WriteOutputs(opts.output, stats_fn)
+    return summarize(opts.output, run_id, time.time() - started)
+
+
+def summarize(output: str, run_id: str, wall: float) -> dict:
+    import pyarrow.parquet as pq
+
+    def read(name: str):
+        files = [m.path for m in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list]
+        tables = []
+        for f in files:
+            with FileSystems.open(f) as fh:
+                tables.append(pq.read_table(fh))
+        return tables
+
+    preds = sum(t.num_rows for t in read("predictions"))
+    dead_tables = read("dead_letters")
+    dead = sum(t.num_rows for t in dead_tables)
+    reasons: dict[str, int] = {}
+    for t in dead_tables:
+        for r in t.column("error_type").to_pylist():
+            reasons[r] = reasons.get(r, 0) + 1
+    stats = [row for t in read("exit_stats") for row in t.to_pylist()]
+    s = stats[0] if stats else {}
+    return {"run_id": run_id, "output": output, "records": preds + dead, "predictions": preds, "dead_letters": dead,
+            "dead_letters_by_reason": reasons, "mean_exit_layer": s.get("mean_exit_layer"),
+            "num_layers": s.get("num_layers"), "layer_speedup": s.get("layer_speedup"),
+            "exits_per_layer": s.get("exits_per_layer"), "wall_seconds": round(wall, 1)}
+
+
+def main(pipeline: str, argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(pipeline, argv)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0

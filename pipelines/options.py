@@ -1,0 +1,50 @@
+"""Command-line options shared by the four pipelines (parsed once, at the edge)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+PIPELINE_TASKS = {"notes": "sequence", "relations": "relation", "events": "token", "dicom": "image"}
+
+
+class EpeeOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("epee-beam")
+        g.add_argument("--input", help="file pattern of the inputs: local path, s3:// or gs:// (glob allowed)")
+        g.add_argument("--output", help="output prefix (directory): predictions, dead_letters, exit_stats Parquet go below it")
+        g.add_argument("--model", help="early-exit model directory: local path, s3:// or gs://")
+        g.add_argument("--input_format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "txt"],
+                       help="note files: format (auto: by extension; .txt = one note per file, its path the id)")
+        g.add_argument("--text_field", default="text", help="note tables: field holding the text")
+        g.add_argument("--id_field", default=None, help="note tables: field holding the record id (default: file#row)")
+        g.add_argument("--min_batch_size", type=int, default=1, help="RunInference: smallest batch")
+        g.add_argument("--max_batch_size", type=int, default=256,
+                       help="RunInference: largest batch; the engine regroups inside each batch")
+        g.add_argument("--engine_batch_size", type=int, default=32, help="rows per layer call inside the engine")
+        g.add_argument("--window_overlap", type=float, default=0.25,
+                       help="long notes: share of each window that overlaps the previous one")
+        g.add_argument("--frame_policy", default="middle", choices=["middle", "all"],
+                       help="multi-frame DICOM: the middle frame, or every frame as its own record")
+        g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+        g.add_argument("--large_model", action="store_true",
+                       help="share one model copy across worker processes (Beam's multi-process sharing)")
+        g.add_argument("--run_id", default=None, help="run identifier written to every output row (default: UTC time)")
+
+
+def default_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def help_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Early-exit inference pipeline. Besides the options below it takes every Beam option, "
+                    "e.g. --runner DirectRunner|DataflowRunner|FlinkRunner|PortableRunner, --direct_num_workers N, "
+                    "--direct_running_mode in_memory|multi_threading|multi_processing, --setup_file ./setup.py.",
+    )
+    EpeeOptions._add_argparse_args(parser)
+    return parser

@@ -1,0 +1,129 @@
+"""EarlyExitModelHandler: our early-exit engine behind Beam's RunInference.
+
+Beam's own Hugging Face handlers do not import with transformers 5, and none of them could exit
+early anyway. RunInference gives this handler batches of prepared records; the handler runs all
+their windows through one :class:`EarlyExitEngine` call, so exited samples leave and the rest
+are regrouped by depth and length inside the batch, then folds windows back into one
+:class:`PredictionRecord` per input record. The model is loaded once per worker process and
+shared across its threads by RunInference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from epee.config import EngineConfig
+from epee.engine import EarlyExitEngine, ExitPrediction
+from epee.modeldir import ModelBundle, load_model_dir
+from epee.policies import normalised_entropy
+
+from .records import PredictionRecord, PreparedInput
+
+log = logging.getLogger(__name__)
+NAMESPACE = "epee"
+
+
+class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelBundle]):
+    def __init__(
+        self,
+        model_uri: str,
+        run_id: str = "",
+        engine_batch_size: int = 32,
+        min_batch_size: int = 1,
+        max_batch_size: int = 256,
+        device: str = "cpu",
+        large_model: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model_uri = model_uri
+        self.run_id = run_id
+        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device)
+        self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
+        self.device = device
+        self.large_model = large_model
+
+    def load_model(self) -> ModelBundle:
+        started = time.perf_counter()
+        bundle = load_model_dir(self.model_uri, device=self.device)
+        log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
+        return bundle
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return self.large_model
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+    def get_num_bytes(self, batch: Sequence[PreparedInput]) -> int:
+        return sum(int(s.input_ids.numel() * 8) if s.input_ids is not None else int(s.pixel_values.numel() * 4)
+                   for p in batch for s in p.samples)
+
+    def run_inference(
+        self, batch: Sequence[PreparedInput], model: ModelBundle, inference_args: Optional[dict[str, Any]] = None
+    ) -> Iterable[PredictionRecord]:
+        started = time.perf_counter()
+        flat = [s for p in batch for s in p.samples]
+        engine = EarlyExitEngine(model.model, self.engine_config)
+        result = engine.run(flat)
+        out, pos = [], 0
+        for record in batch:
+            preds = result.predictions[pos : pos + len(record.samples)]
+            pos += len(record.samples)
+            out.append(self._combine(record, preds, model))
+        Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
+        Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
+        Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
+        for layer, count in enumerate(result.stats.exits_per_layer, start=1):
+            if count:
+                Metrics.counter(NAMESPACE, f"exits_layer_{layer:02d}").inc(count)
+        return out
+
+    def _combine(self, record: PreparedInput, preds: list[ExitPrediction], bundle: ModelBundle) -> PredictionRecord:
+        """One record from its windows.
+
+        Classes: the mean of the windows' probabilities (every window votes with its whole
+        distribution), label = its argmax, entropy = normalised entropy of that mean. Events:
+        the union of the windows' spans (offsets are relative to the whole note), duplicates from
+        overlapping windows removed. Cost: the deepest window's exit layer and its reason.
+        """
+        model = bundle.model
+        names = list(model.config.label_names)
+        deepest = max(preds, key=lambda p: p.exit_layer)
+        task = bundle.data_task
+        common = dict(record_id=record.record_id, source_uri=record.source_uri, task=task, label_names=names,
+                      exit_layer=deepest.exit_layer, num_layers=deepest.num_layers, exit_reason=deepest.exit_reason,
+                      windows=len(preds), model_id=bundle.model_id, run_id=self.run_id)
+        if task == "token":
+            spans: set[tuple[str, int, int]] = set()
+            confidences = []
+            for p, offsets in zip(preds, record.offsets or []):
+                tags = [max(t, 0) for t in p.token_labels]
+                spans.update(bundle.preprocessor.decode_spans(offsets, tags))
+                scored = [row.max() for row, t in zip(p.probs, p.token_labels) if t >= 0]
+                confidences += scored
+            return PredictionRecord(
+                label=None, score=float(np.mean(confidences)) if confidences else 0.0, probabilities=[],
+                entropy=max(p.entropy for p in preds),
+                event_spans=[{"type": t, "start": s, "end": e} for t, s, e in sorted(spans, key=lambda x: (x[1], x[2], x[0]))],
+                **common)
+        probs = np.mean(np.stack([p.probs for p in preds]), axis=0)
+        label = int(probs.argmax())
+        import torch
+
+        entropy = float(normalised_entropy(torch.from_numpy(probs))) if len(preds) > 1 else preds[0].entropy
+        rel = {}
+        if record.entities is not None:
+            (s1, e1), (s2, e2) = record.entities
+            rel = dict(entity1_start=s1, entity1_end=e1, entity2_start=s2, entity2_end=e2)
+        return PredictionRecord(label=names[label], score=float(probs[label]), probabilities=[float(x) for x in probs],
+                                entropy=entropy if math.isfinite(entropy) else 0.0, **rel, **common)

@@ -1,0 +1,80 @@
+"""Prepare records for the model and run early-exit inference, dead letters kept at every step."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import RunInference
+
+from .handler import EarlyExitModelHandler
+from .readers import DEAD, NAMESPACE
+from .records import DeadLetter, InputRecord, PreparedInput
+
+
+class Prepare(beam.DoFn):
+    """InputRecord -> PreparedInput (tokenised windows or normalised pixels) with the model
+    directory's own preprocessor; records it cannot encode become dead letters."""
+
+    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25) -> None:
+        self.model_uri, self.run_id, self.overlap = model_uri, run_id, window_overlap
+        self.preprocessor = None
+        self.task = ""
+
+    def setup(self) -> None:
+        from epee.modeldir import load_preprocessor
+
+        self.preprocessor, self.task = load_preprocessor(self.model_uri)
+
+    def process(self, record: InputRecord) -> Iterator:
+        from epee.data import Example
+
+        try:
+            if self.task == "image":
+                if record.pixels is None:
+                    raise ValueError("the model takes images, this record has none")
+                encoded = [self.preprocessor.encode(Example(id=record.record_id, image=record.pixels))]
+            else:
+                if record.text is None:
+                    raise ValueError("the model takes text, this record has none")
+                ex = Example(id=record.record_id, text=record.text, entities=record.entities)
+                encoded = self.preprocessor.encode_windows(ex, self.overlap)
+        except (ValueError, NotImplementedError) as exc:
+            Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare",
+                                                            "prepare_error", str(exc), self.run_id))
+            return
+        Metrics.counter(NAMESPACE, "model_windows").inc(len(encoded))
+        yield PreparedInput(record_id=record.record_id, source_uri=record.source_uri,
+                            samples=[e.sample for e in encoded],
+                            offsets=[e.offsets for e in encoded] if self.task == "token" else None,
+                            entities=record.entities)
+
+
+def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
+    """RunInference's dead-letter element is (failed batch, exception): one dead letter per record.
+
+    Only the exception's type is kept: its message could quote model input.
+    """
+    batch, exc = failed
+    Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(len(batch))
+    for record in batch:
+        yield DeadLetter(record.source_uri, record.record_id, "inference", "inference_error",
+                         f"model inference failed for this batch ({type(exc).__name__})", run_id)
+
+
+class EarlyExitInference(beam.PTransform):
+    """InputRecords -> (PredictionRecords, DeadLetters)."""
+
+    def __init__(self, handler: EarlyExitModelHandler, run_id: str = "", window_overlap: float = 0.25) -> None:
+        super().__init__()
+        self.handler, self.run_id, self.overlap = handler, run_id, window_overlap
+
+    def expand(self, records):
+        prepared = records | "Prepare" >> beam.ParDo(Prepare(self.handler.model_uri, self.run_id, self.overlap)).with_outputs(
+            DEAD, main="prepared")
+        predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, self.run_id)
+        dead = (prepared[DEAD], failed) | "AllDead" >> beam.Flatten()
+        return predictions, dead
