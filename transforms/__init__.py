@@ -1,4 +1,4 @@
-"""Beam side of epee-beam: PTransforms, DoFns, the early-exit ModelHandler and I/O.
+"""Beam side of epee-beam: readers, the early-exit ModelHandler for RunInference, Parquet writers.
 
-Empty until the Beam pipelines issue (#4); ``epee/`` holds the engine it will wrap.
+``epee/`` holds the models and the engine and never imports Beam; this package adapts them.
 """

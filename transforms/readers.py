@@ -7,10 +7,12 @@ Every record that the reader attempts ends up either as an :class:`InputRecord` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import warnings
 from typing import Iterator
 
 import apache_beam as beam
@@ -195,6 +197,25 @@ def dicom_error_type(exc: Exception) -> str:
     return "decode_error"
 
 
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Keep pydicom's own warnings and log records (which can quote tag values) out of the logs.
+
+    Python warnings raised while decoding are captured and only counted; pydicom's logger is
+    silenced below CRITICAL for the duration. The dead letter carries our own message instead.
+    """
+    logger = logging.getLogger("pydicom")
+    level, logger_disabled = logger.level, logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        logger.setLevel(level)
+        logger.disabled = logger_disabled
+
+
 class DecodeDicomFile(beam.DoFn):
     """ReadableFile -> InputRecord with decoded pixels (middle frame, or one per frame)."""
 
@@ -207,7 +228,10 @@ class DecodeDicomFile(beam.DoFn):
 
         uri = readable.metadata.path
         try:
-            pixels = read_dicom(io.BytesIO(readable.read()), frame_policy=self.frame_policy)
+            with quiet_pydicom() as caught:
+                pixels = read_dicom(io.BytesIO(readable.read()), frame_policy=self.frame_policy)
+            if caught:
+                Metrics.counter(NAMESPACE, "dicom_decoder_warnings").inc(len(caught))
         except (ValueError, NotImplementedError) as exc:
             self.records_read.inc()
             kind = dicom_error_type(exc)

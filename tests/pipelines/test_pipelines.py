@@ -140,3 +140,21 @@ def test_help_documents_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--model", "--max_batch_size", "--engine_batch_size", "--runner"):
         assert flag in text
+
+
+SHARED_DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
+
+
+@pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason="../shared/data/dicom is not beside the checkout")
+def test_every_shared_dicom_file_is_predicted_or_dead_lettered_with_a_reason(models, tmp_path, capfd):
+    files = sorted(SHARED_DICOM.glob("*.dcm"))
+    out = tmp_path / "out"
+    run("dicom", ["--input", str(SHARED_DICOM / "*.dcm"), "--model", models["image"], "--output", str(out)])
+    preds, dead = read(out, "predictions"), read(out, "dead_letters")
+    seen = [Path(r["source_uri"]).name for r in preds + dead]
+    assert sorted(seen) == sorted(f.name for f in files)  # each file exactly once
+    assert len(preds) >= 50
+    for d in dead:
+        assert d["error_type"] in ("not_dicom", "no_pixel_data", "unsupported_encoding", "decode_error") and len(d["message"]) > 10
+    err = capfd.readouterr().err
+    assert "Traceback" not in err  # pydicom's own tracebacks and warnings are routed, not printed
