@@ -123,6 +123,8 @@ class TextPreprocessor:
             raise ValueError(f"overlap ({overlap}) must lie in [0, 1)")
         ids, offsets = self._tokens(ex.text)
         if len(ids) <= self._budget:
+            if self.task == "sequence":  # reuse the tokens rather than tokenising again
+                return [Encoded(self._finish(ids), self._target(ex))]
             return [self.encode(ex)]
         step = max(1, int(self._budget * (1.0 - overlap)))
         starts = list(range(0, len(ids) - self._budget, step)) + [len(ids) - self._budget]

@@ -59,6 +59,21 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     return doc
 
 
+def policy_override(opts: EpeeOptions, doc: dict):
+    """The --exit_policy override, or None for the model directory's stored (calibrated) policy."""
+    from epee.config import ExitPolicyConfig
+
+    if opts.exit_policy == "stored":
+        return None
+    stored = doc["model"].get("policy", {})
+    return ExitPolicyConfig(
+        kind=opts.exit_policy,
+        entropy_threshold=opts.entropy_threshold if opts.entropy_threshold is not None else stored.get("entropy_threshold", 0.2),
+        patience=opts.patience if opts.patience is not None else stored.get("patience", 2),
+        min_exit_layer=stored.get("min_exit_layer", 1),
+    )
+
+
 def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     """Run one pipeline to completion; returns a summary (also printed by the launcher)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -72,7 +87,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     task = PIPELINE_TASKS[pipeline]
     handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
-                                    device=opts.device, large_model=opts.large_model)
+                                    device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc))
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     with beam.Pipeline(options=options) as p:

@@ -32,6 +32,10 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
         g.add_argument("--large_model", action="store_true",
                        help="share one model copy across worker processes (Beam's multi-process sharing)")
+        g.add_argument("--exit_policy", default="stored", choices=["stored", "none", "entropy", "patience", "epee"],
+                       help="stored: the model directory's calibrated policy; none: full depth; or another kind")
+        g.add_argument("--entropy_threshold", type=float, default=None, help="with --exit_policy: τ (default: stored)")
+        g.add_argument("--patience", type=int, default=None, help="with --exit_policy: P (default: stored)")
         g.add_argument("--run_id", default=None, help="run identifier written to every output row (default: UTC time)")
 
 

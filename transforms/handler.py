@@ -19,10 +19,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from epee.config import EngineConfig
+from epee.config import EngineConfig, ExitPolicyConfig
 from epee.engine import EarlyExitEngine, ExitPrediction
 from epee.modeldir import ModelBundle, load_model_dir
-from epee.policies import normalised_entropy
+from epee.policies import ExitPolicy, normalised_entropy
 
 from .records import PredictionRecord, PreparedInput
 
@@ -40,6 +40,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         max_batch_size: int = 256,
         device: str = "cpu",
         large_model: bool = False,
+        policy: ExitPolicyConfig | None = None,
     ) -> None:
         super().__init__()
         self.model_uri = model_uri
@@ -48,6 +49,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
         self.device = device
         self.large_model = large_model
+        self.policy = policy  # None: the policy stored (calibrated) in the model directory
 
     def load_model(self) -> ModelBundle:
         started = time.perf_counter()
@@ -73,7 +75,8 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
     ) -> Iterable[PredictionRecord]:
         started = time.perf_counter()
         flat = [s for p in batch for s in p.samples]
-        engine = EarlyExitEngine(model.model, self.engine_config)
+        policy = None if self.policy is None else ExitPolicy(self.policy, model.model.num_layers)
+        engine = EarlyExitEngine(model.model, self.engine_config, policy)
         result = engine.run(flat)
         out, pos = [], 0
         for record in batch:

@@ -60,7 +60,7 @@ class PredictionRecord:
     event_spans: list[dict] = field(default_factory=list)  # token task: [{"type", "start", "end"}], offsets only
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)  # flat fields: a shallow copy is the row (asdict would deep-copy)
 
 
 PREDICTION_SCHEMA = pa.schema([

@@ -54,6 +54,14 @@ def test_notes_records_in_equal_predictions_plus_dead_letters(models, tmp_path):
     assert sum(c["count"] for c in s["label_counts"]) == len(preds)
 
 
+def test_exit_policy_none_runs_every_record_to_the_last_layer(models, tmp_path):
+    mixed_notes(tmp_path / "in")
+    run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "out"),
+                  "--id_field", "id", "--exit_policy", "none"])
+    preds = read(tmp_path / "out", "predictions")
+    assert preds and all(p["exit_layer"] == 3 and p["exit_reason"] == "last_layer" for p in preds)
+
+
 def test_relations_pipeline(models, tmp_path):
     (tmp_path / "in").mkdir()
     rows = [{"id": "r1", "text": "<< aspirin >> raises [[ warfarin ]] levels"},
