@@ -7,8 +7,8 @@ Not a test; prints one JSON line. Same model weights, same notes, same machine, 
 * ``beam_stock_full``: Beam's own ``RunInference`` with its stock ``PytorchModelHandlerKeyedTensor``
   running the same backbone + last exit head at full depth, inputs padded to the model's
   max_length (what that handler needs to stack a batch), predictions written to Parquet too;
-* ``engine_epee``: the bare engine on the same notes in a plain loop (read, tokenise, run),
-  to measure the pipeline's overhead over it (target: under 30%).
+* ``engine_epee`` / ``engine_full``: the bare engine on the same notes in a plain loop (read,
+  tokenise, run), to measure the pipeline's overhead over it (target: under 30%).
 
     .venv/bin/python -m bench.pipeline                                  # sample model, generated notes
     .venv/bin/python -m bench.pipeline --model models/medical_abstracts \\
@@ -95,20 +95,26 @@ def run_stock(notes_path: str, text_field: str, model_dir: str, output: str, bat
     return 0
 
 
-def bare_engine(notes_path: str, text_field: str, model_dir: str, batch_size: int, engine_batch: int) -> dict:
+def bare_engine(notes_path: str, text_field: str, model_dir: str, batch_size: int, engine_batch: int,
+                full_depth: bool = False, max_windows: int = 0) -> dict:
     from epee.config import EngineConfig
     from epee.data import Example
     from epee.engine import EarlyExitEngine
     from epee.modeldir import load_model_dir
 
+    from epee.config import ExitPolicyConfig
+    from epee.policies import ExitPolicy
+
     bundle = load_model_dir(model_dir)
-    engine = EarlyExitEngine(bundle.model, EngineConfig(batch_size=engine_batch))
+    policy = ExitPolicy(ExitPolicyConfig(kind="none"), bundle.model.num_layers) if full_depth else None
+    engine = EarlyExitEngine(bundle.model, EngineConfig(batch_size=engine_batch), policy)
     rows = [json.loads(line) for line in open(notes_path)]
     layers = 0
     for start in range(0, len(rows), batch_size):
         samples = []
         for i, row in enumerate(rows[start : start + batch_size]):
-            samples += [e.sample for e in bundle.preprocessor.encode_windows(Example(id=str(i), text=row[text_field]))]
+            windows = bundle.preprocessor.encode_windows(Example(id=str(i), text=row[text_field]))
+            samples += [e.sample for e in (windows[:max_windows] if max_windows else windows)]
         result = engine.run(samples)
         layers += result.stats.rows_computed
     return {"records": len(rows), "mean_exit_layer_per_window": layers / max(1, len(rows))}
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-records", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="RunInference max batch size (all systems)")
     p.add_argument("--engine-batch-size", type=int, default=32)
+    p.add_argument("--max-windows", type=int, default=0,
+                   help="our pipeline and bare engine: first N windows per note (1 = truncate like the stock handler)")
     args = p.parse_args(argv)
     import logging
 
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.common import run
 
     common = ["--input", str(notes_path), "--model", model, "--id_field", "id", "--max_batch_size", str(args.batch_size),
-              "--engine_batch_size", str(args.engine_batch_size)]
+              "--engine_batch_size", str(args.engine_batch_size), "--max_windows", str(args.max_windows)]
     timings, summaries = {}, {}
     for name, extra in (("pipeline_epee", []), ("pipeline_full", ["--exit_policy", "none"])):
         t0 = time.perf_counter()
@@ -158,18 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     run_stock(str(notes_path), "text", model, str(work / "stock"), args.batch_size)
     timings["beam_stock_full"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bare_engine(str(notes_path), "text", model, args.batch_size, args.engine_batch_size)
-    timings["engine_epee"] = time.perf_counter() - t0
+    for name, full in (("engine_epee", False), ("engine_full", True)):
+        t0 = time.perf_counter()
+        bare_engine(str(notes_path), "text", model, args.batch_size, args.engine_batch_size, full, args.max_windows)
+        timings[name] = time.perf_counter() - t0
     rate = {k: round(n / v, 2) for k, v in timings.items()}
     print(json.dumps({
-        "model": model, "records": n, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
+        "model": model, "records": n, "max_windows": args.max_windows, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
         "records_per_s": rate,
         "mean_exit_layer_epee": summaries["pipeline_epee"]["mean_exit_layer"], "num_layers": summaries["pipeline_epee"]["num_layers"],
         "epee_vs_beam_stock": round(timings["beam_stock_full"] / timings["pipeline_epee"], 2),
         "full_vs_beam_stock": round(timings["beam_stock_full"] / timings["pipeline_full"], 2),
         "epee_vs_full": round(timings["pipeline_full"] / timings["pipeline_epee"], 2),
         "pipeline_overhead_vs_engine": round(timings["pipeline_epee"] / timings["engine_epee"] - 1, 3),
+        "pipeline_overhead_vs_engine_full_depth": round(timings["pipeline_full"] / timings["engine_full"] - 1, 3),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }))
 

@@ -95,7 +95,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
             read = p | "ReadDicom" >> ReadDicom(opts.input, opts.frame_policy, run_id)
         else:
             read = p | "ReadNotes" >> ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id)
-        predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap)
+        predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
         dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
         (predictions, dead) | "Write" >> WriteOutputs(opts.output, stats_fn)
     return summarize(opts.output, run_id, time.time() - started)

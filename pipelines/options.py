@@ -27,6 +27,8 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--engine_batch_size", type=int, default=32, help="rows per layer call inside the engine")
         g.add_argument("--window_overlap", type=float, default=0.25,
                        help="long notes: share of each window that overlaps the previous one")
+        g.add_argument("--max_windows", type=int, default=0,
+                       help="long notes: use at most the first N windows (0: the whole note). 1 = plain truncation")
         g.add_argument("--frame_policy", default="middle", choices=["middle", "all"],
                        help="multi-frame DICOM: the middle frame, or every frame as its own record")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")

@@ -17,8 +17,9 @@ class Prepare(beam.DoFn):
     """InputRecord -> PreparedInput (tokenised windows or normalised pixels) with the model
     directory's own preprocessor; records it cannot encode become dead letters."""
 
-    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25) -> None:
+    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25, max_windows: int = 0) -> None:
         self.model_uri, self.run_id, self.overlap = model_uri, run_id, window_overlap
+        self.max_windows = max_windows  # 0: cover the whole note; N: keep the first N windows (explicit truncation)
         self.preprocessor = None
         self.task = ""
 
@@ -40,6 +41,9 @@ class Prepare(beam.DoFn):
                     raise ValueError("the model takes text, this record has none")
                 ex = Example(id=record.record_id, text=record.text, entities=record.entities)
                 encoded = self.preprocessor.encode_windows(ex, self.overlap)
+                if self.max_windows and len(encoded) > self.max_windows:
+                    Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
+                    encoded = encoded[: self.max_windows]
         except (ValueError, NotImplementedError) as exc:
             Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare",
@@ -67,12 +71,13 @@ def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
 class EarlyExitInference(beam.PTransform):
     """InputRecords -> (PredictionRecords, DeadLetters)."""
 
-    def __init__(self, handler: EarlyExitModelHandler, run_id: str = "", window_overlap: float = 0.25) -> None:
+    def __init__(self, handler: EarlyExitModelHandler, run_id: str = "", window_overlap: float = 0.25,
+                 max_windows: int = 0) -> None:
         super().__init__()
-        self.handler, self.run_id, self.overlap = handler, run_id, window_overlap
+        self.handler, self.run_id, self.overlap, self.max_windows = handler, run_id, window_overlap, max_windows
 
     def expand(self, records):
-        prepared = records | "Prepare" >> beam.ParDo(Prepare(self.handler.model_uri, self.run_id, self.overlap)).with_outputs(
+        prepared = records | "Prepare" >> beam.ParDo(Prepare(self.handler.model_uri, self.run_id, self.overlap, self.max_windows)).with_outputs(
             DEAD, main="prepared")
         predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
         failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, self.run_id)

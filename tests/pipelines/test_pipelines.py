@@ -62,6 +62,13 @@ def test_exit_policy_none_runs_every_record_to_the_last_layer(models, tmp_path):
     assert preds and all(p["exit_layer"] == 3 and p["exit_reason"] == "last_layer" for p in preds)
 
 
+def test_max_windows_truncates_explicitly(models, tmp_path):
+    mixed_notes(tmp_path / "in")
+    run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "out"),
+                  "--id_field", "id", "--max_windows", "1"])
+    assert all(p["windows"] == 1 for p in read(tmp_path / "out", "predictions"))
+
+
 def test_relations_pipeline(models, tmp_path):
     (tmp_path / "in").mkdir()
     rows = [{"id": "r1", "text": "<< aspirin >> raises [[ warfarin ]] levels"},
