@@ -197,23 +197,37 @@ def dicom_error_type(exc: Exception) -> str:
     return "decode_error"
 
 
+class _CountingHandler(logging.Handler):
+    """Swallows pydicom's log records (they can quote tag values) and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+_PYDICOM_SINK = _CountingHandler()
+
+
+def route_pydicom_logs() -> None:
+    """Route the whole ``pydicom`` logger tree (its decoders log ERROR records with tracebacks)
+    into a counting sink instead of the process's log handlers. Idempotent; stays in force for
+    the worker, since toggling global logger state per file would race between threads."""
+    logger = logging.getLogger("pydicom")
+    if _PYDICOM_SINK not in logger.handlers:
+        logger.addHandler(_PYDICOM_SINK)
+    logger.propagate = False
+
+
 @contextlib.contextmanager
 def quiet_pydicom():
-    """Keep pydicom's own warnings and log records (which can quote tag values) out of the logs.
-
-    Python warnings raised while decoding are captured and only counted; pydicom's logger is
-    silenced below CRITICAL for the duration. The dead letter carries our own message instead.
-    """
-    logger = logging.getLogger("pydicom")
-    level, logger_disabled = logger.level, logger.disabled
-    logger.disabled = True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
-    finally:
-        logger.setLevel(level)
-        logger.disabled = logger_disabled
+    """Decode with pydicom's warnings captured (yielded, to be counted) and its logs routed."""
+    route_pydicom_logs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 class DecodeDicomFile(beam.DoFn):

@@ -109,3 +109,21 @@ def test_dicom_every_frame_policy(tmp_path):
 ])
 def test_dicom_error_types(exc, kind):
     assert dicom_error_type(exc) == kind
+
+
+def test_pydicom_logs_and_warnings_never_reach_stderr(capfd):
+    """pydicom's decoders log ERROR tracebacks for some files; the reader routes them."""
+    import logging
+
+    from epee.images import read_dicom
+    from transforms.readers import quiet_pydicom
+
+    logging.basicConfig()
+    for f in sorted(pydicom_test_files().glob("*.dcm")):
+        try:
+            with quiet_pydicom():
+                read_dicom(str(f))
+        except (ValueError, NotImplementedError):
+            pass
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "pydicom" not in err
