@@ -120,6 +120,17 @@ def bare_engine(notes_path: str, text_field: str, model_dir: str, batch_size: in
     return {"records": len(rows), "mean_exit_layer_per_window": layers / max(1, len(rows))}
 
 
+SYSTEMS = ("pipeline_epee", "pipeline_full", "beam_stock_full", "engine_epee", "engine_full")
+# ratio name -> (numerator timing, denominator timing, subtract): speedups are t_other / t_ours
+RATIOS = {
+    "epee_vs_beam_stock": ("beam_stock_full", "pipeline_epee", 0),
+    "full_vs_beam_stock": ("beam_stock_full", "pipeline_full", 0),
+    "epee_vs_full": ("pipeline_full", "pipeline_epee", 0),
+    "pipeline_overhead_vs_engine": ("pipeline_epee", "engine_epee", 1),
+    "pipeline_overhead_vs_engine_full_depth": ("pipeline_full", "engine_full", 1),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: the sample notes model, trained if missing)")
@@ -131,7 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-batch-size", type=int, default=32)
     p.add_argument("--max-windows", type=int, default=0,
                    help="our pipeline and bare engine: first N windows per note (1 = truncate like the stock handler)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (ratios need both sides)")
     args = p.parse_args(argv)
+    systems = set(args.systems.split(","))
+    unknown = systems - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems: {sorted(unknown)}")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -160,26 +177,32 @@ def main(argv: list[str] | None = None) -> None:
               "--engine_batch_size", str(args.engine_batch_size), "--max_windows", str(args.max_windows)]
     timings, summaries = {}, {}
     for name, extra in (("pipeline_epee", []), ("pipeline_full", ["--exit_policy", "none"])):
+        if name not in systems:
+            continue
         t0 = time.perf_counter()
         summaries[name] = run("notes", common + ["--output", str(work / name)] + extra)
         timings[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_stock(str(notes_path), "text", model, str(work / "stock"), args.batch_size)
-    timings["beam_stock_full"] = time.perf_counter() - t0
+    if "beam_stock_full" in systems:
+        t0 = time.perf_counter()
+        run_stock(str(notes_path), "text", model, str(work / "stock"), args.batch_size)
+        timings["beam_stock_full"] = time.perf_counter() - t0
     for name, full in (("engine_epee", False), ("engine_full", True)):
+        if name not in systems:
+            continue
         t0 = time.perf_counter()
         bare_engine(str(notes_path), "text", model, args.batch_size, args.engine_batch_size, full, args.max_windows)
         timings[name] = time.perf_counter() - t0
     rate = {k: round(n / v, 2) for k, v in timings.items()}
+    ratios = {}
+    for name, (a, b, minus_one) in RATIOS.items():
+        if a in timings and b in timings:
+            ratios[name] = round(timings[a] / timings[b] - minus_one, 3)
+    epee = summaries.get("pipeline_epee", {})
     print(json.dumps({
         "model": model, "records": n, "max_windows": args.max_windows, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
         "records_per_s": rate,
-        "mean_exit_layer_epee": summaries["pipeline_epee"]["mean_exit_layer"], "num_layers": summaries["pipeline_epee"]["num_layers"],
-        "epee_vs_beam_stock": round(timings["beam_stock_full"] / timings["pipeline_epee"], 2),
-        "full_vs_beam_stock": round(timings["beam_stock_full"] / timings["pipeline_full"], 2),
-        "epee_vs_full": round(timings["pipeline_full"] / timings["pipeline_epee"], 2),
-        "pipeline_overhead_vs_engine": round(timings["pipeline_epee"] / timings["engine_epee"] - 1, 3),
-        "pipeline_overhead_vs_engine_full_depth": round(timings["pipeline_full"] / timings["engine_full"] - 1, 3),
+        "mean_exit_layer_epee": epee.get("mean_exit_layer"), "num_layers": epee.get("num_layers"),
+        **ratios,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }))
 
