@@ -57,6 +57,57 @@ NPY_MAGIC = b"\x93NUMPY"
 DICOM_PREFIX_OFFSET = 128  # PS3.10 section 7.1: 128-byte preamble, then "DICM"
 
 
+class DicomRejected(ValueError):
+    """A DICOM file that will not become an image. ``reason`` is a short machine-readable reason
+    (``not_dicom``, ``parse_error``, ``nesting_too_deep``, ``no_pixel_data``,
+    ``non_image_sop_class``, ``pixel_budget_exceeded``, ``truncated_pixel_data``,
+    ``decode_error``, ...). Messages are written here and never quote a tag value."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DicomUnsupported(NotImplementedError):
+    """Valid DICOM this path does not handle (``unsupported_transfer_syntax``,
+    ``unsupported_photometric``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DicomLimits:
+    """What a DICOM file may cost before it is decoded.
+
+    ``max_pixel_bytes``: the decoded size its header declares (Rows x Columns x frames decoded x
+    Samples per Pixel x bytes per sample) must stay within it; checked before any decoding, so a
+    header that claims a 100000 x 100000 x 1000 volume costs nothing. ``0`` disables the check.
+    """
+
+    max_pixel_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_pixel_bytes, int) or self.max_pixel_bytes < 0:
+            raise ValueError(f"max_pixel_bytes ({self.max_pixel_bytes!r}) must be an integer >= 0")
+
+
+# SOP classes that are not images (PS3.4 B.5): skipped with a reason rather than decoded.
+# Prefix match on the SOP Class UID; the value is the name used in the message.
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object (RT)",
+    "1.2.840.10008.5.1.4.1.1.66.": "segmentation, registration or fiducials (SEG/REG)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.68.": "surface or mesh",
+    "1.2.840.10008.5.1.4.1.1.200.": "protocol",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+}
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     """How raw pixels become the model's ``pixel_values``; stored beside the model."""
@@ -402,7 +453,8 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
     _check_frame_policy(frame_policy)
     keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
     if keyword is None:
-        raise ValueError(
+        raise DicomRejected(
+            "no_pixel_data",
             "dataset has no PixelData (7FE0,0010), FloatPixelData (7FE0,0008) "
             "or DoubleFloatPixelData (7FE0,0009)"
         )
@@ -410,7 +462,8 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
     required = _REQUIRED_KEYWORDS + (() if is_float else _INTEGER_REQUIRED_KEYWORDS)
     for kw in required:
         if ds.get(kw) in (None, ""):
-            raise ValueError(f"dataset has no {_tag_name(kw)}, which decoding {_tag_name(keyword)} needs")
+            raise DicomRejected("missing_image_attribute",
+                                f"dataset has no {_tag_name(kw)}, which decoding {_tag_name(keyword)} needs")
 
     num_frames = _number_of_frames(ds)
     frames = [num_frames // 2] if frame_policy == "middle" else list(range(num_frames))
@@ -427,14 +480,16 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
         return np.ascontiguousarray(arr)
     if photometric in ("YBR_FULL", "YBR_FULL_422"):
         if arr.dtype != np.uint8:
-            raise NotImplementedError(
+            raise DicomUnsupported(
+                "unsupported_photometric",
                 f"{photometric} to RGB is supported for 8-bit samples only, got BitsAllocated "
                 f"(0028,0100) {ds.BitsAllocated}"
             )
         return convert_color_space(arr, photometric, "RGB")
     if photometric == "PALETTE COLOR":
         return _apply_palette(arr, ds)
-    raise NotImplementedError(
+    raise DicomUnsupported(
+        "unsupported_photometric",
         f"PhotometricInterpretation (0028,0004) {photometric!r} is not supported: "
         "expected MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, YBR_FULL_422 or PALETTE COLOR"
     )
@@ -447,9 +502,9 @@ def _number_of_frames(ds: Dataset) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"NumberOfFrames (0028,0008) {value!r} is not an integer") from None
+        raise DicomRejected("bad_image_attribute", "NumberOfFrames (0028,0008) is not an integer") from None
     if n < 1:
-        raise ValueError(f"NumberOfFrames (0028,0008) must be >= 1, got {n}")
+        raise DicomRejected("bad_image_attribute", f"NumberOfFrames (0028,0008) must be >= 1, got {n}")
     return n
 
 
@@ -464,13 +519,15 @@ def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, s
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not syntax:
-        raise ValueError("dataset has no TransferSyntaxUID (0002,0010) in its file meta information")
+        raise DicomRejected("missing_image_attribute",
+                            "dataset has no TransferSyntaxUID (0002,0010) in its file meta information")
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise NotImplementedError(f"no pixel data decoder for {_syntax_name(syntax)}") from None
+        raise DicomUnsupported("unsupported_transfer_syntax", f"no pixel data decoder for {_syntax_name(syntax)}") from None
     if not decoder.is_available:
-        raise NotImplementedError(
+        raise DicomUnsupported(
+            "unsupported_transfer_syntax",
             f"no installed plugin decodes {_syntax_name(syntax)}: {decoder.missing_dependencies}"
         )
     try:
@@ -478,7 +535,14 @@ def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, s
     except NotImplementedError:
         raise
     except Exception as exc:  # corrupt or truncated encoded data: pydicom and its plugins raise many types
-        raise ValueError(f"cannot decode {_tag_name(keyword)}: {type(exc).__name__}: {exc}") from exc
+        # The decoders' own messages describe buffers, not tag values; they are kept for the
+        # reason only, and the message names the exception type.
+        text = str(exc).lower()
+        truncated = any(w in text for w in ("less than expected", "truncat", "end of", "insufficient", "too short",
+                                               "not enough", "premature", "missing"))
+        raise DicomRejected("truncated_pixel_data" if truncated else "decode_error",
+                            f"cannot decode {_tag_name(keyword)}: {type(exc).__name__}"
+                            + (" (pixel data shorter than the header declares)" if truncated else "")) from exc
     return arr, str(properties.get("photometric_interpretation", ds.PhotometricInterpretation))
 
 
@@ -604,8 +668,43 @@ def _apply_palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., :3])
 
 
-def read_dicom(path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: str = "middle") -> np.ndarray:
-    """Read a DICOM Part 10 file and return :func:`dicom_to_array` of it.
+def check_dicom(ds: Dataset, frame_policy: str = "middle", limits: DicomLimits | None = None) -> None:
+    """Refuse, before decoding, what should not be decoded: a non-image SOP class (SR, RT, SEG,
+    presentation states, waveforms, documents), no pixel data, or a header whose declared decoded
+    size exceeds ``limits.max_pixel_bytes``. Raises :class:`DicomRejected`; returns None."""
+    limits = limits or DicomLimits()
+    sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    for prefix, kind in NON_IMAGE_SOP_CLASSES.items():
+        if sop.startswith(prefix):
+            name = UID(sop).name if UID(sop).name != sop else "unnamed"
+            raise DicomRejected("non_image_sop_class", f"SOP class {sop} ({name}) is a {kind}, not an image: skipped")
+    keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
+    if keyword is None:
+        dicom_to_array(ds, frame_policy)  # raises its no_pixel_data rejection
+    if not limits.max_pixel_bytes:
+        return
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+    except (TypeError, ValueError):
+        raise DicomRejected("bad_image_attribute", "Rows, Columns, SamplesPerPixel or BitsAllocated is not an integer") from None
+    frames = _number_of_frames(ds) if frame_policy == "all" else 1
+    # decoding "middle" still materialises one frame; LUTs and colour conversion work in float64
+    declared = rows * cols * frames * samples * max(1, math.ceil(bits / 8))
+    working = rows * cols * frames * samples * 8
+    if max(declared, working) > limits.max_pixel_bytes:
+        raise DicomRejected(
+            "pixel_budget_exceeded",
+            f"header declares {rows} x {cols} x {frames} frame(s) x {samples} sample(s) of {bits} bits; decoding "
+            f"needs about {max(declared, working) / 2**20:.0f} MiB, over the pixel budget of "
+            f"{limits.max_pixel_bytes / 2**20:.0f} MiB",
+        )
+
+
+def read_dicom(
+    path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: str = "middle", limits: DicomLimits | None = None
+) -> np.ndarray:
+    """Read a DICOM Part 10 file and return :func:`dicom_to_array` of it, after :func:`check_dicom`.
 
     The file must have the 128-byte preamble and "DICM" prefix (PS3.10 section 7.1): it is read
     with ``force=False``, so headerless datasets are rejected rather than guessed at.
@@ -616,12 +715,17 @@ def read_dicom(path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: st
         The file, or a binary file-like opened at its start.
     frame_policy : str
         ``"middle"`` for one (H, W[, 3]) frame, ``"all"`` for the (F, H, W[, 3]) stack.
+    limits : DicomLimits, optional
+        The pixel budget (default :class:`DicomLimits`).
 
     Raises
     ------
-    ValueError
-        Not a DICOM Part 10 file, or unreadable; and everything :func:`dicom_to_array` raises.
-    NotImplementedError
+    DicomRejected (a ValueError)
+        Not a DICOM Part 10 file, unreadable or truncated header, sequences nested too deeply
+        for the parser, a non-image SOP class, no pixel data, over the pixel budget; and
+        everything :func:`dicom_to_array` raises. Messages never quote a tag value: parser
+        errors are reported by type only.
+    DicomUnsupported (a NotImplementedError)
         As :func:`dicom_to_array`.
     """
     _check_frame_policy(frame_policy)
@@ -629,10 +733,19 @@ def read_dicom(path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: st
         ds = pydicom.dcmread(path_or_file, force=False)
     except InvalidDicomError as exc:
         reason = str(exc).replace(" Use force=True to force reading.", "")  # read_dicom never forces
-        raise ValueError(f"not a DICOM Part 10 file (PS3.10 7.1): {reason}") from None
-    except (EOFError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:  # truncated or malformed
-        raise ValueError(f"cannot parse DICOM file: {type(exc).__name__}: {exc}") from exc
-    return dicom_to_array(ds, frame_policy)
+        raise DicomRejected("not_dicom", f"not a DICOM Part 10 file (PS3.10 7.1): {reason}") from None
+    except RecursionError:
+        raise DicomRejected("nesting_too_deep", "sequences are nested deeper than the parser can follow") from None
+    except MemoryError:
+        raise DicomRejected("parse_error", "cannot parse DICOM file: an element declares more memory than is available") from None
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error) as exc:  # truncated or malformed
+        kind = "truncated_file" if isinstance(exc, EOFError) else "parse_error"
+        raise DicomRejected(kind, f"cannot parse DICOM file: {type(exc).__name__}") from None
+    check_dicom(ds, frame_policy, limits)
+    try:
+        return dicom_to_array(ds, frame_policy)
+    except RecursionError:
+        raise DicomRejected("nesting_too_deep", "sequences are nested deeper than the parser can follow") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,17 @@ class EpeeOptions(PipelineOptions):
                        help="long notes: use at most the first N windows (0: the whole note). 1 = plain truncation")
         g.add_argument("--frame_policy", default="middle", choices=["middle", "all"],
                        help="multi-frame DICOM: the middle frame, or every frame as its own record")
+        g.add_argument("--max_note_bytes", type=int, default=1 << 20,
+                       help="notes: a note over this size is a dead letter (note_too_large) instead of being read")
+        g.add_argument("--max_file_bytes", type=int, default=1 << 30,
+                       help="DICOM and CSV files over this size are dead letters (file_too_large), never read "
+                            "(JSONL and Parquet note files are streamed and have no file limit)")
+        g.add_argument("--max_pixel_bytes", type=int, default=1 << 30,
+                       help="DICOM: pixel budget; a header declaring more decoded pixel bytes is refused before "
+                            "decoding (pixel_budget_exceeded)")
+        g.add_argument("--decode_timeout", type=float, default=120.0,
+                       help="DICOM: seconds one file may take to decode; decoding runs in a child process that is "
+                            "killed past it (decode_timeout). 0: decode in the worker itself, no timeout")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
         g.add_argument("--large_model", action="store_true",
                        help="share one model copy across worker processes (Beam's multi-process sharing)")

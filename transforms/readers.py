@@ -7,18 +7,17 @@ Every record that the reader attempts ends up either as an :class:`InputRecord` 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import warnings
 from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
+from .decode_worker import IsolatedDecoder, decode_bytes, route_pydicom_logs
 from .records import DeadLetter, InputRecord
 
 log = logging.getLogger(__name__)
@@ -46,48 +45,115 @@ def _utf8(data: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 at byte offset {exc.start}"
 
 
+def _binary(text: str) -> bool:
+    """NUL bytes, or more than 10% control characters other than whitespace: not a note."""
+    if "\x00" in text:
+        return True
+    sample = text[:65536]
+    controls = sum(1 for c in sample if ord(c) < 32 and c not in "\t\n\r\f\v")
+    return controls > 0.1 * max(1, len(sample))
+
+
+def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line bytes without the newline) for each line of a binary file, reading
+    ``chunk`` bytes at a time; a line longer than ``max_line`` is skipped and given as ``None``,
+    so one huge line never sits in memory whole."""
+    n, buf, skipping = 0, b"", False
+    while True:
+        block = fh.read(chunk)
+        if not block:
+            break
+        buf += block
+        while True:
+            cut = buf.find(b"\n")
+            if cut < 0:
+                break
+            line, buf = buf[:cut], buf[cut + 1:]
+            n += 1
+            yield n, (None if skipping or len(line) > max_line else line)
+            skipping = False
+        if len(buf) > max_line:  # inside an over-long line: drop what we have, remember it
+            buf, skipping = b"", True
+    if buf or skipping:
+        n += 1
+        yield n, (None if skipping or len(buf) > max_line else buf)
+
+
 class ParseNoteFile(beam.DoFn):
-    """ReadableFile -> InputRecord per note, DeadLetter (tagged ``dead_letters``) per bad one."""
+    """ReadableFile -> InputRecord per note, DeadLetter (tagged ``dead_letters``) per bad one.
+
+    JSONL and Parquet files are streamed (an archive file can be larger than memory); a plain-text
+    note over ``max_note_bytes`` is refused unread; CSV files are read whole up to
+    ``max_file_bytes``. A note over ``max_note_bytes`` (``note_too_large``), with invalid UTF-8
+    (``invalid_utf8``) or binary content (``binary_content``) is a dead letter; the other notes of
+    the same file are still read.
+    """
 
     def __init__(self, task: str, text_field: str = "text", id_field: str | None = None,
-                 file_format: str = "auto", run_id: str = "") -> None:
+                 file_format: str = "auto", run_id: str = "", max_note_bytes: int = 1 << 20,
+                 max_file_bytes: int = 1 << 30) -> None:
         self.task, self.text_field, self.id_field = task, text_field, id_field
         self.file_format, self.run_id = file_format, run_id
+        self.max_note_bytes, self.max_file_bytes = max_note_bytes, max_file_bytes
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
 
     def _dead(self, uri: str, rid: str | None, error_type: str, message: str, stage: str = "read"):
+        self.records_read.inc()
         Metrics.counter(NAMESPACE, f"dead_letters_{error_type}").inc()
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, rid, stage, error_type, message, self.run_id))
+
+    def _too_large(self, uri: str, rid: str, what: str):
+        return self._dead(uri, rid, "note_too_large", f"{what} is over the {self.max_note_bytes}-byte note limit "
+                                                      "(--max_note_bytes); not read")
 
     def process(self, readable: fileio.ReadableFile) -> Iterator:
         uri = readable.metadata.path
         fmt = note_format(uri, self.file_format)
         if fmt is None:
-            self.records_read.inc()
             yield self._dead(uri, None, "unsupported_format", "file type is not one of .jsonl, .csv, .parquet, .txt")
             return
+        size = readable.metadata.size_in_bytes or 0
+        if fmt == "txt" and size > self.max_note_bytes:
+            yield self._too_large(uri, uri, f"the note ({size} bytes)")
+            return
+        if fmt == "csv" and self.max_file_bytes and size > self.max_file_bytes:
+            yield self._dead(uri, None, "file_too_large", f"CSV file is {size} bytes, over the {self.max_file_bytes}-byte "
+                                                          "limit (--max_file_bytes); not read")
+            return
         try:
-            data = readable.read()
-        except Exception as exc:  # storage errors: the file is one unreadable record
-            self.records_read.inc()
+            with readable.open() as fh:
+                if fmt == "jsonl":
+                    yield from self._jsonl(uri, fh)
+                    return
+                if fmt == "parquet":
+                    yield from self._parquet(uri, fh)
+                    return
+                limit = self.max_note_bytes if fmt == "txt" else self.max_file_bytes
+                data = fh.read(limit + 1) if limit else fh.read()
+        except Exception as exc:  # noqa: BLE001 - storage errors: the file (or its rest) is one unreadable record
             yield self._dead(uri, None, "read_error", f"could not read file ({type(exc).__name__})")
             return
         if fmt == "txt":
+            if len(data) > self.max_note_bytes:
+                yield self._too_large(uri, uri, "the note")
+                return
             yield from self._note(uri, uri, *(_utf8(data)))
-        elif fmt == "jsonl":
-            yield from self._jsonl(uri, data)
-        elif fmt == "csv":
-            yield from self._csv(uri, data)
         else:
-            yield from self._parquet(uri, data)
+            yield from self._csv(uri, data)
 
     def _note(self, uri: str, rid: str, text: str | None, error: str | None, row: dict | None = None) -> Iterator:
-        self.records_read.inc()
         if error is not None:
             yield self._dead(uri, rid, "invalid_utf8", error)
             return
         if text is None or not str(text).strip():
             yield self._dead(uri, rid, "empty_note", "the note has no text")
+            return
+        text = str(text)
+        if len(text) > self.max_note_bytes:
+            yield self._too_large(uri, rid, "the note")
+            return
+        if _binary(text):
+            yield self._dead(uri, rid, "binary_content", "the note holds NUL bytes or mostly control characters")
             return
         entities = None
         if self.task == "relation":
@@ -99,28 +165,31 @@ class ParseNoteFile(beam.DoFn):
                 yield self._dead(uri, rid, "bad_entities", str(exc).replace("record: ", ""))
                 return
             text, entities = ex.text, ex.entities
-        yield InputRecord(record_id=rid, source_uri=uri, text=str(text), entities=entities)
+        self.records_read.inc()
+        yield InputRecord(record_id=rid, source_uri=uri, text=text, entities=entities)
 
     def _row_id(self, uri: str, row: dict, n: int) -> str:
         if self.id_field and row.get(self.id_field) not in (None, ""):
             return str(row[self.id_field])
         return f"{uri}#{n}"
 
-    def _jsonl(self, uri: str, data: bytes) -> Iterator:
-        for n, raw in enumerate(data.split(b"\n"), start=1):
+    def _jsonl(self, uri: str, fh) -> Iterator:
+        # a line holds a note plus its other fields and JSON escapes: allow twice the note limit
+        for n, raw in bounded_lines(fh, 2 * self.max_note_bytes + 4096):
+            if raw is None:
+                yield self._too_large(uri, f"{uri}#{n}", f"line {n}")
+                continue
             if not raw.strip():
                 continue
             line, error = _utf8(raw)
             if error:
-                self.records_read.inc()
                 yield self._dead(uri, f"{uri}#{n}", "invalid_utf8", f"line {n}: {error}")
                 continue
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
-            except ValueError:
-                self.records_read.inc()
+            except (ValueError, RecursionError):
                 yield self._dead(uri, f"{uri}#{n}", "malformed_json", f"line {n} is not a JSON object")
                 continue
             yield from self._field_note(uri, row, n)
@@ -128,53 +197,90 @@ class ParseNoteFile(beam.DoFn):
     def _field_note(self, uri: str, row: dict, n: int) -> Iterator:
         rid = self._row_id(uri, row, n)
         if self.text_field not in row:
-            self.records_read.inc()
             yield self._dead(uri, rid, "missing_field", f"record {n} has no field {self.text_field!r}")
             return
         value = row[self.text_field]
-        yield from self._note(uri, rid, None if value is None else str(value), None, row)
+        if value is not None and not isinstance(value, str):
+            yield self._dead(uri, rid, "bad_field_type", f"record {n}: field {self.text_field!r} is a "
+                                                         f"{type(value).__name__}, not text")
+            return
+        yield from self._note(uri, rid, value, None, row)
 
     def _csv(self, uri: str, data: bytes) -> Iterator:
-        text, error = _utf8(data)
-        if error:
-            self.records_read.inc()
-            yield self._dead(uri, None, "invalid_utf8", f"CSV file: {error}; no row was read")
+        if self.max_file_bytes and len(data) > self.max_file_bytes:
+            yield self._dead(uri, None, "file_too_large", f"CSV file is over the {self.max_file_bytes}-byte limit "
+                                                          "(--max_file_bytes); not read")
             return
-        try:
-            reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-            header = reader.fieldnames or []
-            n = 0
-            for n, row in enumerate(reader, start=1):
-                if None in row or any(v is None for v in row.values()):
-                    self.records_read.inc()
-                    yield self._dead(uri, f"{uri}#{n}", "malformed_csv_row",
-                                     f"row {n} has {len(row) - (None in row) + len(row.get(None) or [])} fields, header has {len(header)}")
-                    continue
-                yield from self._field_note(uri, row, n)
-        except csv.Error:
-            self.records_read.inc()
-            yield self._dead(uri, f"{uri}#{n + 1}", "malformed_csv_row", f"row {n + 1} cannot be parsed; the rest of the file is skipped")
+        # undecodable bytes become surrogates, so one bad row does not cost the whole file
+        text = data.decode("utf-8", errors="surrogateescape")
+        del data
+        csv.field_size_limit(max(csv.field_size_limit(), self.max_note_bytes + 1))
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        header: list[str] | None = None
+        n = 0
+        while True:
+            n += 1 if header is not None else 0
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if header is None:
+                    yield self._dead(uri, None, "malformed_csv_row", "the header row cannot be parsed; no row was read")
+                    return
+                kind = "note_too_large" if "field larger" in str(exc) else "malformed_csv_row"
+                yield self._dead(uri, f"{uri}#{n}", kind, f"row {n} (line {reader.line_num}) cannot be parsed"
+                                 + (f": a field is over the {self.max_note_bytes}-byte note limit" if kind == "note_too_large" else ""))
+                continue
+            if header is None:
+                header = cells
+                if any(_has_surrogates(c) for c in header):
+                    yield self._dead(uri, None, "invalid_utf8", "CSV header is not valid UTF-8; no row was read")
+                    return
+                continue
+            if not cells:
+                n -= 1
+                continue
+            if len(cells) != len(header):
+                yield self._dead(uri, f"{uri}#{n}", "malformed_csv_row", f"row {n} has {len(cells)} fields, header has {len(header)}")
+                continue
+            row = dict(zip(header, cells))
+            if any(_has_surrogates(c) for c in cells):
+                yield self._dead(uri, self._row_id(uri, {k: v for k, v in row.items() if not _has_surrogates(v)}, n),
+                                 "invalid_utf8", f"row {n} is not valid UTF-8")
+                continue
+            yield from self._field_note(uri, row, n)
 
-    def _parquet(self, uri: str, data: bytes) -> Iterator:
+    def _parquet(self, uri: str, fh) -> Iterator:
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - any parse failure makes the file one dead letter
-            self.records_read.inc()
+            table = pq.ParquetFile(fh)
+            batches = table.iter_batches(batch_size=1024)
+            n = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    n += 1
+                    yield from self._field_note(uri, row, n)
+        except Exception as exc:  # noqa: BLE001 - any parse failure: the (rest of the) file is one dead letter
             yield self._dead(uri, None, "malformed_parquet", f"not a readable Parquet file ({type(exc).__name__})")
-            return
-        for n, row in enumerate(rows, start=1):
-            yield from self._field_note(uri, row, n)
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 class ReadNotes(beam.PTransform):
     """File pattern -> notes (main output) and dead letters (``dead_letters``)."""
 
     def __init__(self, pattern: str, task: str = "sequence", text_field: str = "text", id_field: str | None = None,
-                 file_format: str = "auto", run_id: str = "") -> None:
+                 file_format: str = "auto", run_id: str = "", **limits) -> None:
         super().__init__()
-        self.pattern, self.parse = pattern, ParseNoteFile(task, text_field, id_field, file_format, run_id)
+        self.pattern, self.parse = pattern, ParseNoteFile(task, text_field, id_field, file_format, run_id, **limits)
 
     def expand(self, pbegin):
         return (
@@ -186,91 +292,78 @@ class ReadNotes(beam.PTransform):
 
 
 # -- DICOM -----------------------------------------------------------------------------------------
-def dicom_error_type(exc: Exception) -> str:
-    text = str(exc)
-    if isinstance(exc, NotImplementedError):
-        return "unsupported_encoding"
-    if "not a DICOM" in text:
-        return "not_dicom"
-    if "PixelData" in text and ("no " in text or "missing" in text):
-        return "no_pixel_data"
-    return "decode_error"
-
-
-class _CountingHandler(logging.Handler):
-    """Swallows pydicom's log records (they can quote tag values) and counts them."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-
-
-_PYDICOM_SINK = _CountingHandler()
-
-
-def route_pydicom_logs() -> None:
-    """Route the whole ``pydicom`` logger tree (its decoders log ERROR records with tracebacks)
-    into a counting sink instead of the process's log handlers. Idempotent; stays in force for
-    the worker, since toggling global logger state per file would race between threads."""
-    logger = logging.getLogger("pydicom")
-    if _PYDICOM_SINK not in logger.handlers:
-        logger.addHandler(_PYDICOM_SINK)
-    logger.propagate = False
-
-
-@contextlib.contextmanager
-def quiet_pydicom():
-    """Decode with pydicom's warnings captured (yielded, to be counted) and its logs routed."""
-    route_pydicom_logs()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
-
-
 class DecodeDicomFile(beam.DoFn):
-    """ReadableFile -> InputRecord with decoded pixels (middle frame, or one per frame)."""
+    """ReadableFile -> InputRecord with decoded pixels (middle frame, or one per frame).
 
-    def __init__(self, frame_policy: str = "middle", run_id: str = "") -> None:
+    Before anything is decoded: files over ``max_file_bytes`` are refused unread, and
+    :func:`epee.images.check_dicom` refuses non-image SOP classes and headers whose declared
+    pixels exceed ``max_pixel_bytes``. With ``decode_timeout_s > 0`` decoding runs in a child
+    process (:class:`IsolatedDecoder`) that is killed when one file takes longer; 0 decodes in
+    this process (no protection against a hanging decoder).
+    """
+
+    def __init__(self, frame_policy: str = "middle", run_id: str = "", max_file_bytes: int = 1 << 30,
+                 max_pixel_bytes: int = 1 << 30, decode_timeout_s: float = 120.0,
+                 decode_path: str = "transforms.decode_worker:decode_bytes") -> None:
         self.frame_policy, self.run_id = frame_policy, run_id
+        self.max_file_bytes, self.max_pixel_bytes = max_file_bytes, max_pixel_bytes
+        self.decode_timeout_s, self.decode_path = decode_timeout_s, decode_path
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
+        self.decoder = None
+
+    def setup(self) -> None:
+        route_pydicom_logs()
+        if self.decode_timeout_s > 0:
+            self.decoder = IsolatedDecoder(self.decode_timeout_s, self.decode_path)
+
+    def teardown(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def _dead(self, uri: str, kind: str, message: str, stage: str = "decode"):
+        self.records_read.inc()
+        Metrics.counter(NAMESPACE, f"dead_letters_{kind}").inc()
+        return beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, uri, stage, kind, message, self.run_id))
 
     def process(self, readable: fileio.ReadableFile) -> Iterator:
-        from epee.images import read_dicom
-
         uri = readable.metadata.path
-        try:
-            with quiet_pydicom() as caught:
-                pixels = read_dicom(io.BytesIO(readable.read()), frame_policy=self.frame_policy)
-            if caught:
-                Metrics.counter(NAMESPACE, "dicom_decoder_warnings").inc(len(caught))
-        except (ValueError, NotImplementedError) as exc:
-            self.records_read.inc()
-            kind = dicom_error_type(exc)
-            Metrics.counter(NAMESPACE, f"dead_letters_{kind}").inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, uri, "decode", kind, str(exc), self.run_id))
+        limit = self.max_file_bytes
+        if limit and (readable.metadata.size_in_bytes or 0) > limit:
+            yield self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, over the "
+                                                    f"{limit}-byte limit (--max_file_bytes); not read", "read")
             return
-        except Exception as exc:  # noqa: BLE001 - never let one file stop the job
-            self.records_read.inc()
-            Metrics.counter(NAMESPACE, "dead_letters_decode_error").inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, uri, "decode", "decode_error",
-                                                            f"unexpected {type(exc).__name__} while decoding", self.run_id))
+        try:
+            with readable.open() as fh:
+                data = fh.read(limit + 1) if limit else fh.read()
+        except Exception as exc:  # noqa: BLE001 - storage errors: the file is one unreadable record
+            yield self._dead(uri, "read_error", f"could not read file ({type(exc).__name__})", "read")
+            return
+        if limit and len(data) > limit:
+            yield self._dead(uri, "file_too_large", f"file is over the {limit}-byte limit (--max_file_bytes)", "read")
+            return
+        if self.decoder is not None:
+            outcome = self.decoder.decode(data, self.frame_policy, self.max_pixel_bytes)
+        else:
+            outcome = decode_bytes(data, self.frame_policy, self.max_pixel_bytes)
+        del data
+        if outcome.warnings:
+            Metrics.counter(NAMESPACE, "dicom_decoder_warnings").inc(outcome.warnings)
+        if outcome.reason is not None:
+            yield self._dead(uri, outcome.reason, outcome.message)
             return
         if self.frame_policy == "all":
-            for i, frame in enumerate(pixels):
+            for i, frame in enumerate(outcome.pixels):
                 self.records_read.inc()  # every frame is a record: one prediction or dead letter each
                 yield InputRecord(record_id=f"{uri}#frame={i}", source_uri=uri, pixels=frame)
         else:
             self.records_read.inc()
-            yield InputRecord(record_id=uri, source_uri=uri, pixels=pixels)
+            yield InputRecord(record_id=uri, source_uri=uri, pixels=outcome.pixels)
 
 
 class ReadDicom(beam.PTransform):
-    def __init__(self, pattern: str, frame_policy: str = "middle", run_id: str = "") -> None:
+    def __init__(self, pattern: str, frame_policy: str = "middle", run_id: str = "", **limits) -> None:
         super().__init__()
-        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id)
+        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id, **limits)
 
     def expand(self, pbegin):
         return (

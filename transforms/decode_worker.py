@@ -1,0 +1,158 @@
+"""DICOM decoding in a child process, so that a decode that hangs or crashes costs one file.
+
+A pixel decoder can loop forever on a hostile stream, or take the process down with it (a
+segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
+:class:`IsolatedDecoder` keeps one long-lived child process per DoFn instance and sends it one
+file at a time over a pipe. When a file takes longer than the timeout the child is killed and a
+new one is started for the next file; when the child dies, the file is reported as a crash. The
+child routes pydicom's logging and warnings itself (they can quote tag values), and only counts
+them.
+
+The child is started with the ``spawn`` method: it imports what it needs and nothing of the parent
+(no torch threads or Beam state copied by ``fork``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeOutcome:
+    """What decoding one file gave: pixels, or a reason and a message written by our code."""
+
+    pixels: Any = None
+    reason: str | None = None
+    message: str | None = None
+    warnings: int = 0
+
+
+def decode_bytes(data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
+    """Decode one DICOM file held in memory; every failure becomes an outcome, never an exception."""
+    import io
+
+    from epee.images import DicomLimits, DicomRejected, DicomUnsupported, read_dicom
+
+    route_pydicom_logs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pixels = read_dicom(io.BytesIO(data), frame_policy=frame_policy, limits=DicomLimits(max_pixel_bytes))
+        except (DicomRejected, DicomUnsupported) as exc:
+            return DecodeOutcome(reason=exc.reason, message=str(exc), warnings=len(caught))
+        except MemoryError:
+            return DecodeOutcome(reason="out_of_memory", message="decoding ran out of memory", warnings=len(caught))
+        except Exception as exc:  # noqa: BLE001 - one file must never stop the job; the text may quote values
+            return DecodeOutcome(reason="decode_error", message=f"unexpected {type(exc).__name__} while decoding",
+                                 warnings=len(caught))
+    return DecodeOutcome(pixels=pixels, warnings=len(caught))
+
+
+class _CountingHandler(logging.Handler):
+    """Swallows pydicom's log records (they can quote tag values) and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+_PYDICOM_SINK = _CountingHandler()
+
+
+def route_pydicom_logs() -> None:
+    """Route the whole ``pydicom`` logger tree (its decoders log ERROR records with tracebacks)
+    into a counting sink instead of the process's log handlers. Idempotent; stays in force for
+    the worker, since toggling global logger state per file would race between threads."""
+    logger = logging.getLogger("pydicom")
+    if _PYDICOM_SINK not in logger.handlers:
+        logger.addHandler(_PYDICOM_SINK)
+    logger.propagate = False
+
+
+def _resolve(path: str) -> Callable[..., DecodeOutcome]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child_main(conn, decode_path: str) -> None:  # pragma: no cover - runs in the child process
+    logging.getLogger().handlers[:] = [logging.NullHandler()]  # the child never writes logs anywhere
+    decode = _resolve(decode_path)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        conn.send(decode(*job))
+
+
+class IsolatedDecoder:
+    """Decode files in a child process with a per-file timeout.
+
+    ``decode_path`` names the decode function as ``"module:function"`` (importable in the child);
+    tests pass their own to simulate a hang or a crash.
+    """
+
+    def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes") -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s ({timeout_s!r}) must be > 0")
+        self.timeout_s, self.decode_path = timeout_s, decode_path
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, args=(child, self.decode_path), daemon=True,
+                                       name="epee-dicom-decoder")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+        self.restarts += 1
+
+    def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        try:
+            self._conn.send((data, frame_policy, max_pixel_bytes))
+            if self._conn.poll(self.timeout_s):
+                return self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self._kill()
+            return DecodeOutcome(reason="decoder_crashed",
+                                 message="the decoder process died while decoding this file (crash or out of memory)")
+        self._kill()
+        return DecodeOutcome(reason="decode_timeout",
+                             message=f"decoding took longer than the {self.timeout_s:g} s per-file timeout; stopped")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(2)
+            except (OSError, BrokenPipeError):
+                pass
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(2)
+        self._proc = self._conn = None
