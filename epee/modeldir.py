@@ -106,12 +106,34 @@ def update_model_dir(directory: str | os.PathLike, policy: ExitPolicyConfig | No
     os.replace(tmp, out / EPEE_CONFIG_NAME)
 
 
-def _fetch_remote(uri: str, target: Path, skip: tuple[str, ...] = ()) -> None:
+def _transport_params(uri: str, s3_client_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """smart-open transport parameters for one directory fetch.
+
+    ``s3://``: one boto3 client for every file of the fetch, from a fresh session (boto3's default
+    session is not thread-safe, and a pipeline loads the model and the preprocessor on different
+    threads). ``s3_client_kwargs`` are that client's keyword arguments (``endpoint_url``,
+    ``aws_access_key_id``, ``aws_secret_access_key``, ``region_name``, ...); ``None`` values are
+    dropped, and whatever is not given comes from boto3's own chain: the ``AWS_*`` environment
+    variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` included), then ``~/.aws``.
+    """
+    if not uri.startswith("s3://"):
+        return {}
+    import boto3
+    from botocore.config import Config
+
+    kwargs = {k: v for k, v in (s3_client_kwargs or {}).items() if v is not None}
+    kwargs.setdefault("config", Config(retries={"max_attempts": 6, "mode": "adaptive"}))
+    return {"client": boto3.session.Session().client("s3", **kwargs)}
+
+
+def _fetch_remote(uri: str, target: Path, skip: tuple[str, ...] = (),
+                  s3_client_kwargs: dict[str, Any] | None = None) -> None:
     """Copy a remote model directory file by file, as listed in its epee_config.json."""
     from smart_open import open as smart_open
 
     base = uri.rstrip("/")
-    with smart_open(f"{base}/{EPEE_CONFIG_NAME}", "rb") as fh:
+    params = _transport_params(uri, s3_client_kwargs)
+    with smart_open(f"{base}/{EPEE_CONFIG_NAME}", "rb", transport_params=params) as fh:
         raw = fh.read()
     doc = json.loads(raw)
     (target / EPEE_CONFIG_NAME).write_bytes(raw)
@@ -122,17 +144,19 @@ def _fetch_remote(uri: str, target: Path, skip: tuple[str, ...] = ()) -> None:
             raise ValueError(f"model directory lists an unsafe file name: {name!r}")
         dest = target / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with smart_open(f"{base}/{name}", "rb") as src, open(dest, "wb") as dst:
+        with smart_open(f"{base}/{name}", "rb", transport_params=params) as src, open(dest, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def load_model_dir(uri: str | os.PathLike, device: str = "cpu") -> ModelBundle:
+def load_model_dir(uri: str | os.PathLike, device: str = "cpu",
+                   s3_client_kwargs: dict[str, Any] | None = None) -> ModelBundle:
     """Load a model directory from a local path or an ``s3://`` / ``gs://`` URI; no network
-    beyond that storage, safetensors only."""
+    beyond that storage, safetensors only. ``s3_client_kwargs``: boto3 S3 client arguments
+    (endpoint, credentials) for ``s3://``; unset ones come from the ``AWS_*`` environment."""
     uri = str(uri)
     if "://" in uri and not uri.startswith("file://"):
         with tempfile.TemporaryDirectory(prefix="epee-model-") as tmp:
-            _fetch_remote(uri, Path(tmp))
+            _fetch_remote(uri, Path(tmp), s3_client_kwargs=s3_client_kwargs)
             bundle = _load_local(Path(tmp), device)
         bundle.uri = uri
         return bundle
@@ -166,13 +190,14 @@ def _load_local(directory: Path, device: str) -> ModelBundle:
                        sections=sections, uri=str(directory))
 
 
-def load_preprocessor(uri: str | os.PathLike) -> tuple[TextPreprocessor | ImagePreprocessor, str]:
+def load_preprocessor(uri: str | os.PathLike, s3_client_kwargs: dict[str, Any] | None = None,
+                      ) -> tuple[TextPreprocessor | ImagePreprocessor, str]:
     """Only the preprocessor of a model directory (tokenizer or image settings), no weights:
     what a preparation step needs on every worker. Returns (preprocessor, data task)."""
     uri = str(uri)
     if "://" in uri and not uri.startswith("file://"):
         with tempfile.TemporaryDirectory(prefix="epee-prep-") as tmp:
-            _fetch_remote(uri, Path(tmp), skip=(WEIGHTS_NAME,))
+            _fetch_remote(uri, Path(tmp), skip=(WEIGHTS_NAME,), s3_client_kwargs=s3_client_kwargs)
             return _load_preprocessor_local(Path(tmp))
     return _load_preprocessor_local(Path(uri.removeprefix("file://")))
 

@@ -12,7 +12,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.handler import EarlyExitModelHandler
+from transforms.handler import EarlyExitModelHandler, s3_client_kwargs
 from transforms.inference import EarlyExitInference
 from transforms.readers import DEAD, ReadDicom, ReadNotes
 from transforms.writers import ExitStatsFn, WriteOutputs
@@ -82,19 +82,25 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
         return {}
     options = PipelineOptions(argv)
     opts = options.view_as(EpeeOptions)
+    # validate() and summarize() use Beam's file systems outside the pipeline, which only sets
+    # them up in its constructor: without this, s3:// has no client (and would see a previous run's options).
+    FileSystems.set_options(options)
     doc = validate(opts, pipeline)
     run_id = opts.run_id or default_run_id()
     task = PIPELINE_TASKS[pipeline]
     handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
-                                    device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc))
+                                    device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc),
+                                    s3_client_kwargs=s3_client_kwargs(options))
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     with beam.Pipeline(options=options) as p:
         if pipeline == "dicom":
-            read = p | "ReadDicom" >> ReadDicom(opts.input, opts.frame_policy, run_id)
+            read = p | "ReadDicom" >> ReadDicom(opts.input, opts.frame_policy, run_id, max_file_bytes=opts.max_file_bytes,
+                                                max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout)
         else:
-            read = p | "ReadNotes" >> ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id)
+            read = p | "ReadNotes" >> ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id,
+                                                max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes)
         predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
         dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
         (predictions, dead) | "Write" >> WriteOutputs(opts.output, stats_fn)

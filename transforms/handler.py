@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from epee.config import EngineConfig, ExitPolicyConfig
 from epee.engine import EarlyExitEngine, ExitPrediction
@@ -28,6 +29,30 @@ from .records import PredictionRecord, PreparedInput
 
 log = logging.getLogger(__name__)
 NAMESPACE = "epee"
+
+
+# Beam's S3Options -> boto3 S3 client arguments, as Beam's own S3 client maps them
+# (apache_beam/io/aws/clients/s3/boto3_client.py).
+_S3_OPTION_TO_CLIENT_ARG = {
+    "s3_endpoint_url": "endpoint_url", "s3_access_key_id": "aws_access_key_id",
+    "s3_secret_access_key": "aws_secret_access_key", "s3_session_token": "aws_session_token",
+    "s3_region_name": "region_name", "s3_api_version": "api_version", "s3_verify": "verify",
+}
+
+
+def s3_client_kwargs(options: PipelineOptions) -> dict[str, Any]:
+    """The boto3 S3 client arguments that Beam's S3 options set (``--s3_endpoint_url``,
+    ``--s3_access_key_id``, ...), so the model directory is fetched from the same S3 as the
+    inputs and outputs. Only options given on the command line appear; the rest come from
+    boto3's own chain (``AWS_*`` environment variables, ``~/.aws``)."""
+    s3 = options.view_as(S3Options)
+    kwargs: dict[str, Any] = {arg: getattr(s3, opt) for opt, arg in _S3_OPTION_TO_CLIENT_ARG.items()
+                              if getattr(s3, opt) is not None}
+    if isinstance(kwargs.get("verify"), str) and kwargs["verify"].lower() in ("true", "false"):
+        kwargs["verify"] = kwargs["verify"].lower() == "true"  # else: a CA bundle path, as boto3 takes it
+    if s3.s3_disable_ssl:
+        kwargs["use_ssl"] = False
+    return kwargs
 
 
 class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelBundle]):
@@ -41,9 +66,12 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         device: str = "cpu",
         large_model: bool = False,
         policy: ExitPolicyConfig | None = None,
+        s3_client_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model_uri = model_uri
+        # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
+        self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
         self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device)
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
@@ -53,7 +81,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
 
     def load_model(self) -> ModelBundle:
         started = time.perf_counter()
-        bundle = load_model_dir(self.model_uri, device=self.device)
+        bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         return bundle
 

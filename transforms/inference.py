@@ -17,8 +17,10 @@ class Prepare(beam.DoFn):
     """InputRecord -> PreparedInput (tokenised windows or normalised pixels) with the model
     directory's own preprocessor; records it cannot encode become dead letters."""
 
-    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25, max_windows: int = 0) -> None:
+    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25, max_windows: int = 0,
+                 s3_client_kwargs: dict | None = None) -> None:
         self.model_uri, self.run_id, self.overlap = model_uri, run_id, window_overlap
+        self.s3_client_kwargs = dict(s3_client_kwargs or {})  # s3:// models: endpoint, credentials
         self.max_windows = max_windows  # 0: cover the whole note; N: keep the first N windows (explicit truncation)
         self.preprocessor = None
         self.task = ""
@@ -26,7 +28,7 @@ class Prepare(beam.DoFn):
     def setup(self) -> None:
         from epee.modeldir import load_preprocessor
 
-        self.preprocessor, self.task = load_preprocessor(self.model_uri)
+        self.preprocessor, self.task = load_preprocessor(self.model_uri, s3_client_kwargs=self.s3_client_kwargs)
 
     def process(self, record: InputRecord) -> Iterator:
         from epee.data import Example
@@ -77,7 +79,8 @@ class EarlyExitInference(beam.PTransform):
         self.handler, self.run_id, self.overlap, self.max_windows = handler, run_id, window_overlap, max_windows
 
     def expand(self, records):
-        prepared = records | "Prepare" >> beam.ParDo(Prepare(self.handler.model_uri, self.run_id, self.overlap, self.max_windows)).with_outputs(
+        prepared = records | "Prepare" >> beam.ParDo(Prepare(
+            self.handler.model_uri, self.run_id, self.overlap, self.max_windows, self.handler.s3_client_kwargs)).with_outputs(
             DEAD, main="prepared")
         predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
         failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, self.run_id)
