@@ -87,6 +87,8 @@ def _resolve(path: str) -> Callable[..., DecodeOutcome]:
 def _child_main(conn, decode_path: str) -> None:  # pragma: no cover - runs in the child process
     logging.getLogger().handlers[:] = [logging.NullHandler()]  # the child never writes logs anywhere
     decode = _resolve(decode_path)
+    importlib.import_module("epee.images")  # the heavy imports happen before "ready", not on the clock
+    conn.send("ready")
     while True:
         try:
             job = conn.recv()
@@ -104,6 +106,8 @@ class IsolatedDecoder:
     tests pass their own to simulate a hang or a crash.
     """
 
+    STARTUP_TIMEOUT_S = 300.0
+
     def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes") -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s!r}) must be > 0")
@@ -120,6 +124,9 @@ class IsolatedDecoder:
         self._proc.start()
         child.close()
         self._conn = parent
+        # start-up (imports) is not on a file's clock; a child that cannot start is a crash
+        if not parent.poll(self.STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+            raise OSError("the decoder process did not start")
 
     def _kill(self) -> None:
         if self._proc is not None:
@@ -131,9 +138,9 @@ class IsolatedDecoder:
         self.restarts += 1
 
     def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
-        if self._proc is None or not self._proc.is_alive():
-            self._start()
         try:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
             self._conn.send((data, frame_policy, max_pixel_bytes))
             if self._conn.poll(self.timeout_s):
                 return self._conn.recv()
