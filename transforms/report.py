@@ -1,0 +1,417 @@
+"""A run report for people: one self-contained HTML page written next to a run's Parquet outputs.
+
+``write_report(output, manifest)`` reads ``{output}/predictions-*.parquet``,
+``{output}/dead_letters-*.parquet`` and ``{output}/exit_stats-*.parquet`` (through Beam's
+``FileSystems``, so ``s3://`` and ``gs://`` prefixes work as local ones do) and writes
+``{output}/report.html``. ``build_report_html`` does the same from plain rows, without files.
+
+The page holds no JavaScript and no external URL: CSS is inline and the plots are matplotlib PNGs
+embedded as base64 data URIs, so the file can be mailed or archived on its own.
+
+What reaches the page: ids of the run and model, the task, labels, exit layers, exit reasons,
+scores, dead-letter stages and error types, and counts and timings. Only the columns listed in
+``*_COLUMNS`` below are read; a dead letter's ``message`` and ``source_uri`` and every
+prediction's ``record_id``/``source_uri`` are never read, so no note text, DICOM tag value or path
+can reach the page. Every string from the data is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+PREDICTION_COLUMNS = ("run_id", "model_id", "task", "label", "score", "exit_layer", "num_layers", "exit_reason",
+                      "event_spans")
+DEAD_LETTER_COLUMNS = ("run_id", "stage", "error_type")  # never "message" nor "source_uri"
+EXIT_STATS_COLUMNS = ("run_id", "model_id", "task", "records", "num_layers", "wall_seconds")
+REPORT_NAME = "report.html"
+MAX_TABLE_ROWS = 50  # a run with thousands of labels keeps a readable page; the rest is counted
+MAX_CHART_BARS = 30
+SCORE_BINS = 20
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    label: str
+    count: int
+    mean_exit_layer: float
+    speedup: float  # num_layers / mean exit layer of this label's records
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: could not be checked
+    detail: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Every number the page shows, computed once from the rows (tests read it directly too)."""
+
+    run_ids: tuple[str, ...]
+    model_ids: tuple[str, ...]
+    tasks: tuple[str, ...]
+    predictions: int
+    dead_letters: int
+    records_in: int  # predictions + dead letters
+    num_layers: int
+    exits_per_layer: tuple[int, ...]  # index i: records that exited at layer i + 1
+    mean_exit_layer: float | None  # None when there are no predictions
+    layer_speedup: float | None
+    labels: tuple[LabelRow, ...]  # most frequent first
+    exit_reasons: tuple[tuple[str, int], ...]
+    scores: tuple[float, ...]
+    dead_by_reason: tuple[tuple[str, str, int], ...]  # (stage, error_type, count), most frequent first
+    wall_seconds: float | None
+    wall_source: str  # where wall_seconds came from
+    records_per_second: float | None
+    timings: tuple[tuple[str, float], ...]  # numeric entries of the manifest's "timings"
+    checks: tuple[Check, ...]
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+def label_of(row: dict) -> str:
+    """The label a prediction is counted under; the same rule as transforms.writers.ExitStatsFn
+    (event extraction has no label: its records count as "events" or "no_event")."""
+    if row.get("label") is not None:
+        return str(row["label"])
+    return "events" if row.get("event_spans") else "no_event"
+
+
+def _distinct(values: Iterable[Any]) -> tuple[str, ...]:
+    return tuple(sorted({str(v) for v in values if v not in (None, "")}))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def summarize_rows(predictions: list[dict], dead_letters: list[dict], exit_stats: list[dict],
+                   manifest: dict | None = None) -> RunSummary:
+    """Count and average the rows of one run's outputs. ``manifest`` is optional; of it only
+    ``run_id``, ``model_id``, ``task``, ``records_in`` (top level or under ``counts``) and the numeric
+    entries of ``timings`` (``wall_seconds`` among them) are used, each only when present."""
+    manifest = manifest if isinstance(manifest, dict) else {}
+    n_pred, n_dead = len(predictions), len(dead_letters)
+
+    def ids(key: str) -> tuple[str, ...]:
+        found = _distinct([r.get(key) for r in (*predictions, *dead_letters, *exit_stats)])
+        extra = manifest.get(key)
+        return found if found or not isinstance(extra, str) else (extra,)
+
+    layers = [int(r["exit_layer"]) for r in predictions]
+    num_layers = max([int(r.get("num_layers") or 0) for r in (*predictions, *exit_stats)] + layers + [0])
+    exits = [0] * num_layers
+    for layer in layers:
+        if layer >= 1:  # 1-based; a 0 would otherwise land silently in the last bar
+            exits[layer - 1] += 1
+    mean = sum(layers) / n_pred if n_pred else None
+
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for r in predictions:
+        by_label[label_of(r)].append(int(r["exit_layer"]))
+    labels = sorted(
+        (LabelRow(k, len(v), sum(v) / len(v), num_layers / (sum(v) / len(v))) for k, v in by_label.items()),
+        key=lambda row: (-row.count, row.label),
+    )
+    reasons = sorted(Counter(str(r.get("exit_reason")) for r in predictions).items(), key=lambda kv: (-kv[1], kv[0]))
+    scores = tuple(s for s in (_number(r.get("score")) for r in predictions) if s is not None)
+    dead = sorted(Counter((str(d.get("stage")), str(d.get("error_type"))) for d in dead_letters).items(),
+                  key=lambda kv: (-kv[1], kv[0]))
+
+    timings_doc = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
+    timings = tuple((str(k), v) for k, v in ((k, _number(v)) for k, v in timings_doc.items()) if v is not None)
+    wall, source = _number(timings_doc.get("wall_seconds")), "manifest timings (whole run)"
+    if wall is None:
+        stats_walls = [w for w in (_number(s.get("wall_seconds")) for s in exit_stats) if w is not None]
+        wall = max(stats_walls) if stats_walls else None
+        source = "exit statistics (pipeline start until the statistics were computed)" if wall is not None else "not recorded"
+    records_in = n_pred + n_dead
+    rate = records_in / wall if wall and wall > 0 else None
+
+    checks = []
+    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
+    counted = manifest.get("records_in", counts.get("records_in"))
+    if isinstance(counted, int) and not isinstance(counted, bool):
+        checks.append(Check("records in = predictions + dead letters", counted == records_in,
+                            f"{counted} read; {n_pred} + {n_dead} = {records_in} written"))
+    else:
+        checks.append(Check("records in = predictions + dead letters", None,
+                            f"{n_pred} + {n_dead} = {records_in}; the manifest gives no independent count of records read"))
+    stats_records = [int(s["records"]) for s in exit_stats if s.get("records") is not None]
+    if stats_records:
+        checks.append(Check("exit statistics count every prediction", sum(stats_records) == n_pred,
+                            f"{sum(stats_records)} in exit statistics, {n_pred} predictions"))
+    else:
+        checks.append(Check("exit statistics count every prediction", None, "no exit statistics found"))
+    run_ids = ids("run_id")
+    checks.append(Check("outputs hold one run", len(run_ids) <= 1, f"{len(run_ids)} run id(s) in the outputs"))
+
+    return RunSummary(
+        run_ids=run_ids, model_ids=ids("model_id"), tasks=ids("task"), predictions=n_pred, dead_letters=n_dead,
+        records_in=records_in, num_layers=num_layers, exits_per_layer=tuple(exits), mean_exit_layer=mean,
+        layer_speedup=num_layers / mean if mean else None, labels=tuple(labels), exit_reasons=tuple(reasons),
+        scores=scores, dead_by_reason=tuple((s, e, c) for (s, e), c in dead), wall_seconds=wall, wall_source=source,
+        records_per_second=rate, timings=timings, checks=tuple(checks),
+    )
+
+
+# -- plots -----------------------------------------------------------------------------------------
+BLUE, ORANGE, RED = "#3465a4", "#f57900", "#cc0000"
+DPI = 110  # with 8-inch figures: about 880 px, the width of the page's column
+
+
+def _chart_text(s: str, limit: int = 40) -> str:
+    """A label safe for matplotlib: shortened, and a "$" is not taken as the start of mathtext."""
+    s = s if len(s) <= limit else s[: limit - 1] + "\u2026"
+    return s.replace("$", r"\$")
+
+
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float, integer_axis: str = "y"):
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
+    (ax.yaxis if integer_axis == "y" else ax.xaxis).set_major_locator(MaxNLocator(integer=True))  # counts
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="both", alpha=0.25)
+    ax.set_axisbelow(True)
+    return fig, ax
+
+
+def plot_exit_layers(exits: tuple[int, ...]) -> str:
+    fig, ax = _figure(8, 3)
+    layers = list(range(1, len(exits) + 1))
+    bars = ax.bar(layers, exits, color=BLUE, width=0.7)
+    if len(exits) <= 24:
+        ax.bar_label(bars, labels=[str(c) for c in exits], fontsize=9, padding=2)
+    ax.set_xticks(layers if len(layers) <= 24 else layers[:: math.ceil(len(layers) / 24)])
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("records")
+    ax.margins(y=0.15)
+    return _png(fig)
+
+
+def plot_labels(labels: tuple[LabelRow, ...], num_layers: int) -> str:
+    shown = labels[:MAX_CHART_BARS]
+    fig, ax = _figure(8, 1.0 + 0.35 * len(shown), integer_axis="x")
+    y = list(range(len(shown)))[::-1]
+    bars = ax.barh(y, [r.mean_exit_layer for r in shown], color=BLUE, height=0.6)
+    ax.bar_label(bars, labels=[f"{r.mean_exit_layer:.2f}  (n={r.count})" for r in shown], fontsize=9, padding=3)
+    ax.set_yticks(y, [_chart_text(r.label) for r in shown], fontsize=9)
+    ax.set_xlim(0, num_layers * 1.2)
+    if num_layers <= 24:
+        ax.set_xticks(range(num_layers + 1))
+    ax.set_xlabel(f"mean exit layer (of {num_layers})")
+    return _png(fig)
+
+
+def plot_scores(scores: tuple[float, ...]) -> str:
+    fig, ax = _figure(8, 2.8)
+    low = min(0.0, min(scores))
+    ax.hist(scores, bins=SCORE_BINS, range=(low, max(1.0, max(scores))), color=ORANGE, edgecolor="white")
+    ax.set_xlabel("score (probability of the predicted class)")
+    ax.set_ylabel("records")
+    return _png(fig)
+
+
+def plot_dead_letters(rows: tuple[tuple[str, str, int], ...]) -> str:
+    shown = rows[:MAX_CHART_BARS]
+    fig, ax = _figure(8, 1.0 + 0.35 * len(shown), integer_axis="x")
+    y = list(range(len(shown)))[::-1]
+    bars = ax.barh(y, [c for _, _, c in shown], color=RED, height=0.6)
+    ax.bar_label(bars, labels=[str(c) for _, _, c in shown], fontsize=9, padding=3)
+    ax.set_yticks(y, [_chart_text(f"{s} / {e}") for s, e, _ in shown], fontsize=9)
+    ax.margins(x=0.15)
+    ax.set_xlabel("dead letters")
+    return _png(fig)
+
+
+# -- page ------------------------------------------------------------------------------------------
+CSS = """
+body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Arial, sans-serif; color: #222; margin: 0;
+       background: #f6f6f4; }
+main { max-width: 1000px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
+h1 { font-size: 1.6em; margin: 0 0 4px; }
+h2 { font-size: 1.2em; margin: 32px 0 8px; padding-bottom: 4px; border-bottom: 2px solid #e4e4e0; }
+.sub { color: #666; margin: 0 0 16px; overflow-wrap: anywhere; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 12px; margin-bottom: 12px; }
+.card { border: 1px solid #e4e4e0; border-radius: 6px; padding: 10px 14px; }
+.card .v { font-size: 1.5em; font-weight: 600; }
+.card .k { color: #666; font-size: 0.85em; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
+th, td { padding: 4px 12px; border-bottom: 1px solid #e4e4e0; text-align: left; overflow-wrap: anywhere; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f0f0ec; }
+img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
+.ok { color: #2e7d32; font-weight: 600; } .bad { color: #c62828; font-weight: 600; } .na { color: #888; }
+.empty { color: #666; font-style: italic; }
+footer { margin-top: 40px; color: #888; font-size: 0.85em; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(head: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
+    def cells(tag: str, values: list[Any]) -> str:
+        return "".join(f'<{tag}{" class=n" if i in numeric else ""}>{_e(v)}</{tag}>' for i, v in enumerate(values))
+
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><thead><tr>{cells('th', head)}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{src}" alt="{_e(alt)}">'
+
+
+def _more(total: int, shown: int, what: str) -> str:
+    return f'<p class="empty">{total - shown} more {_e(what)}.</p>' if total > shown else ""
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_stats: list[dict],
+                      manifest: dict | None = None, generated_at: str | None = None) -> str:
+    """The report page for one run, from plain rows (dicts keyed like the Parquet columns)."""
+    s = summarize_rows(predictions, dead_letters, exit_stats, manifest)
+    generated_at = generated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    run = ", ".join(s.run_ids) or "unknown"
+    part: list[str] = []
+    add = part.append
+
+    add(f"<h1>epee run report</h1><p class=sub>run <b>{_e(run)}</b> &middot; model <b>{_e(', '.join(s.model_ids) or 'unknown')}</b>"
+        f" &middot; task <b>{_e(', '.join(s.tasks) or 'unknown')}</b></p>")
+
+    # Summary
+    cards = [("records in", f"{s.records_in}"), ("predictions", f"{s.predictions}"), ("dead letters", f"{s.dead_letters}"),
+             (f"mean exit layer (of {s.num_layers})" if s.num_layers else "mean exit layer", _fmt(s.mean_exit_layer)),
+             ("layer speedup", _fmt(s.layer_speedup, suffix="x")),
+             ("records / s", _fmt(s.records_per_second, ".1f"))]
+    add('<h2 id="summary">Summary</h2><div class=cards>'
+        + "".join(f'<div class=card><div class=v>{_e(v)}</div><div class=k>{_e(k)}</div></div>' for k, v in cards)
+        + "</div>")
+    if not s.predictions:
+        add('<p class="empty" id="no-predictions">No predictions in this run'
+            + (f": all {s.dead_letters} records became dead letters." if s.dead_letters else
+               ": the outputs hold no predictions and no dead letters.") + "</p>")
+    mark = {True: '<span class=ok>ok</span>', False: '<span class=bad>MISMATCH</span>', None: '<span class=na>not checked</span>'}
+    add("<table><tbody>" + "".join(f"<tr><td>{mark[c.ok]}</td><td>{_e(c.name)}</td><td>{_e(c.detail)}</td></tr>"
+                                   for c in s.checks) + "</tbody></table>")
+
+    # Exit layers
+    add('<h2 id="exit-layers">Exit layers</h2>')
+    if s.predictions:
+        add(f"<p>Mean exit layer <b>{_fmt(s.mean_exit_layer)}</b> of {s.num_layers}: layer speedup "
+            f"<b>{_fmt(s.layer_speedup, suffix='x')}</b> (layers run at full depth / layers run).</p>")
+        add(_img(plot_exit_layers(s.exits_per_layer), "exit-layer histogram"))
+        add(_table(["exit layer", "records", "share"],
+                   [[i + 1, c, f"{c / s.predictions:.1%}"] for i, c in enumerate(s.exits_per_layer)], {0, 1, 2}))
+    else:
+        add('<p class="empty">No predictions in this run: no exit layers to show.</p>')
+
+    # Per label
+    add('<h2 id="labels">Per label</h2>')
+    if s.labels:
+        add(_table(["label", "count", "mean exit layer", "speedup"],
+                   [[r.label, r.count, f"{r.mean_exit_layer:.2f}", f"{r.speedup:.2f}x"] for r in s.labels[:MAX_TABLE_ROWS]],
+                   {1, 2, 3}))
+        add(_more(len(s.labels), MAX_TABLE_ROWS, "labels (the least frequent) left out of the table"))
+        add(_img(plot_labels(s.labels, s.num_layers), "mean exit layer per label"))
+        add(_more(len(s.labels), MAX_CHART_BARS, "labels (the least frequent) left out of the chart"))
+    else:
+        add('<p class="empty">No predictions in this run: no labels to show.</p>')
+
+    # Exit reasons
+    add('<h2 id="exit-reasons">Exit reasons</h2>')
+    if s.exit_reasons:
+        add(_table(["reason", "records", "share"], [[k, c, f"{c / s.predictions:.1%}"] for k, c in s.exit_reasons], {1, 2}))
+    else:
+        add('<p class="empty">No predictions in this run: no exit reasons to show.</p>')
+
+    # Scores
+    add('<h2 id="scores">Score distribution</h2>')
+    if s.scores:
+        below = sum(1 for x in s.scores if x < 0.5)
+        add(f"<p>{len(s.scores)} scores; median {_fmt(sorted(s.scores)[len(s.scores) // 2], '.3f')}; "
+            f"{below} ({below / len(s.scores):.1%}) below 0.5.</p>")
+        add(_img(plot_scores(s.scores), "score histogram"))
+    else:
+        add('<p class="empty">No predictions in this run: no scores to show.</p>')
+
+    # Dead letters
+    add('<h2 id="dead-letters">Dead letters</h2>')
+    if s.dead_by_reason:
+        add(_table(["stage", "error type", "count"], [list(r) for r in s.dead_by_reason[:MAX_TABLE_ROWS]], {2}))
+        add(_more(len(s.dead_by_reason), MAX_TABLE_ROWS, "reasons (the least frequent) left out of the table"))
+        add(_img(plot_dead_letters(s.dead_by_reason), "dead letters by stage and error type"))
+        add(_more(len(s.dead_by_reason), MAX_CHART_BARS, "reasons (the least frequent) left out of the chart"))
+    else:
+        add('<p class="empty">No dead letters: every record became a prediction.</p>')
+
+    # Throughput
+    add('<h2 id="throughput">Throughput</h2>')
+    if s.records_per_second is not None:
+        add(f"<p><b>{s.records_per_second:.1f} records/s</b>: {s.records_in} records in {s.wall_seconds:.2f} s "
+            f"(wall time from {_e(s.wall_source)}).</p>")
+    else:
+        add(f'<p class="empty">Wall time {_e(s.wall_source)}: throughput unknown.</p>')
+    if s.timings:
+        add(_table(["timing", "seconds"], [[k, f"{v:.2f}"] for k, v in s.timings], {1}))
+
+    add(f"<footer>Generated {_e(generated_at)} by transforms/report.py from the Parquet outputs of the run. "
+        "Shows counts, labels, scores and error types only: no note text, tag values or record-level messages.</footer>")
+    title = f"epee run report: {run}"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+            f"<body><main>{''.join(part)}</main></body></html>\n")
+
+
+# -- files -----------------------------------------------------------------------------------------
+def read_rows(output: str, name: str, columns: tuple[str, ...]) -> list[dict]:
+    """Rows of ``{output}/{name}-*.parquet``, only ``columns`` (those the file has)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    rows: list[dict] = []
+    for meta in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
+        with FileSystems.open(meta.path) as fh:
+            pf = pq.ParquetFile(fh)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            rows.extend(pf.read(columns=present).to_pylist())
+    return rows
+
+
+def write_report(output: str, manifest: dict | None = None) -> str:
+    """Write ``{output}/report.html`` for the run whose outputs are under ``output``; returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    page = build_report_html(read_rows(output, "predictions", PREDICTION_COLUMNS),
+                             read_rows(output, "dead_letters", DEAD_LETTER_COLUMNS),
+                             read_rows(output, "exit_stats", EXIT_STATS_COLUMNS), manifest)
+    path = f"{output.rstrip('/')}/{REPORT_NAME}"
+    with FileSystems.create(path, mime_type="text/html") as fh:
+        fh.write(page.encode("utf-8"))
+    return path
