@@ -6,7 +6,7 @@ Pure torch + transformers; the Beam side lives in ``transforms/``.
 from .config import EarlyExitConfig, EngineConfig, ExitPolicyConfig
 from .engine import EarlyExitEngine, EngineStats, ExitPrediction, RunResult
 from .inputs import Batch, EncodedSample, collate
-from .modeling import AllLayerOutput, EarlyExitModel
+from .modeling import AllLayerOutput, EarlyExitModel, PickleWeightsRefused
 from .policies import ExitPolicy, ScheduledExit, exit_signal, normalised_entropy
 from .reference import run_reference
 
@@ -22,6 +22,7 @@ __all__ = [
     "ExitPolicy",
     "ExitPolicyConfig",
     "ExitPrediction",
+    "PickleWeightsRefused",
     "RunResult",
     "ScheduledExit",
     "collate",

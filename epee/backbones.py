@@ -222,14 +222,20 @@ def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
     return model_cls(config, **kwargs)
 
 
-def load_backbone(path: str | os.PathLike) -> PreTrainedModel:
-    """Pretrained backbone weights from a local transformers directory; never touches the network."""
+def load_backbone(path: str | os.PathLike, allow_pickle: bool = False) -> PreTrainedModel:
+    """Pretrained backbone weights from a local transformers directory; never touches the network.
+
+    Safetensors only unless ``allow_pickle`` (then transformers may read ``pytorch_model.bin``,
+    which it does with ``torch.load(weights_only=True)``); see :mod:`epee.weights`."""
     from transformers import AutoConfig
 
+    from .weights import refuse_pickle_backbone
+
+    refuse_pickle_backbone(path, allow_pickle)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     family = family_of(config)
     _, model_cls, _, kwargs = FAMILIES[family]
-    return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    return model_cls.from_pretrained(path, local_files_only=True, use_safetensors=None if allow_pickle else True, **kwargs)
 
 
 def make_adapter(model: nn.Module) -> BackboneAdapter:

@@ -3,6 +3,7 @@
     epee train      --task sequence --train notes.jsonl --dev dev.jsonl --backbone DIR --output MODEL
     epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0]
     epee evaluate   --model MODEL --data test.jsonl
+    epee convert    --model MODEL        (pickle weights -> model.safetensors, once)
 
 See the README ("Training a model") for every data format with an example.
 """
@@ -149,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     )
     torch.manual_seed(args.seed)
     if args.backbone:
-        model = EarlyExitModel.from_backbone(args.backbone, config)
+        model = EarlyExitModel.from_backbone(args.backbone, config, allow_pickle=args.allow_pickle_weights)
     else:
         model = EarlyExitModel.from_config(_architecture_config(args), config)
     if task == "image":
@@ -225,7 +226,7 @@ def _architecture_config(args: argparse.Namespace):
 def _bundle_and_data(args: argparse.Namespace, part_default: str):
     from .modeldir import load_model_dir
 
-    bundle = load_model_dir(args.model)
+    bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
     training = bundle.sections.get("training", {}).get("data", {})
     fields = _fields(args, training.get("fields"))
     neg = bundle.model.config.negative_label
@@ -324,6 +325,22 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     }
 
 
+# -- convert ---------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> dict:
+    from .modeldir import convert_pickle_weights
+
+    if "://" in args.model:
+        raise SystemExit("convert rewrites the model directory: give a local path")
+    return convert_pickle_weights(args.model)
+
+
+def _add_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="load a model directory whose weights are a pickle file (pytorch_model.bin, model.pt) "
+                        "instead of model.safetensors, through PyTorch's restricted unpickler (weights_only=True); "
+                        "refused without this flag. `epee convert` turns such a directory into safetensors once")
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epee", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--architecture", choices=["bert", "albert", "gpt2", "vit"], help="train from scratch")
     src.add_argument("--backbone-config", help="JSON (or a JSON file) of config values for --architecture")
     src.add_argument("--tokenizer", help="tokenizer directory (text tasks from scratch)")
+    src.add_argument("--allow-pickle-weights", action="store_true",
+                     help="let --backbone load pytorch_model.bin when it has no *.safetensors (read by transformers "
+                          "with torch.load weights_only=True); refused without this flag")
     src.add_argument("--image-size", type=int, default=28, help="vit from scratch: input side in pixels")
     src.add_argument("--channels", type=int, default=1, choices=[1, 3])
     src.add_argument("--mean", type=float, nargs="+", help="image normalisation mean per channel (default 0.5)")
@@ -374,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)
     _add_data_args(c)
+    _add_pickle_arg(c)
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="score a model directory on labelled data with its stored policy")
@@ -386,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=float)
     e.add_argument("--patience", type=int)
     _add_data_args(e)
+    _add_pickle_arg(e)
     e.set_defaults(func=cmd_evaluate)
+
+    v = sub.add_parser("convert", help="rewrite a model directory's pickle weights as model.safetensors")
+    v.add_argument("--model", required=True, help="local model directory holding pytorch_model.bin or model.pt")
+    v.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -397,7 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    result = args.func(args)
+    from .weights import PickleWeightsRefused
+
+    try:
+        result = args.func(args)
+    except PickleWeightsRefused as exc:  # a refusal, not a crash: the message says what to do
+        raise SystemExit(f"epee {args.command}: {exc}") from None
     print(json.dumps(result, indent=2, default=float))
     return 0
 

@@ -9,6 +9,10 @@ file from ``s3://`` or ``gs://`` without listing a bucket)::
                             "calibration": {...}, "training": {...}, "files": [...]}
     model.safetensors      backbone + exit-head weights
     tokenizer.json, ...    text models: the tokenizer, saved by transformers
+
+A directory whose weights are a pickle file instead (``pytorch_model.bin``, ``model.pt``, ...) is
+refused unless the caller passes ``allow_pickle=True``; :func:`convert_pickle_weights` turns it
+into a safetensors directory once.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ import torch
 
 from .config import ExitPolicyConfig
 from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings
-from .modeling import EPEE_CONFIG_NAME, WEIGHTS_NAME, EarlyExitModel
+from .modeling import EPEE_CONFIG_NAME, EarlyExitModel
+from .weights import (
+    PICKLE_SUFFIXES,
+    PICKLE_WEIGHTS_NAMES,
+    WEIGHTS_NAME,
+    PickleWeightsRefused,
+    is_pickle_weights,
+    weights_path,
+)
 
 log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 @dataclass
@@ -57,8 +67,13 @@ def _file_list(directory: Path) -> list[str]:
 
 
 def weights_digest(directory: str | os.PathLike) -> str:
+    """sha256 of the weights file the directory's model loads from (model.safetensors, else its
+    pickle weights file); the model_id is ``{directory name}@{first 12 hex digits}``."""
+    path = weights_path(directory)
+    if path is None:
+        raise FileNotFoundError(f"model directory {directory} has no {WEIGHTS_NAME}")
     h = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_NAME, "rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -106,6 +121,32 @@ def update_model_dir(directory: str | os.PathLike, policy: ExitPolicyConfig | No
     os.replace(tmp, out / EPEE_CONFIG_NAME)
 
 
+def convert_pickle_weights(directory: str | os.PathLike) -> dict[str, str]:
+    """Replace a local model directory's pickle weights by ``model.safetensors``, once, where the
+    file is trusted.
+
+    The pickle is read as ``allow_pickle=True`` reads it (PyTorch's restricted unpickler, so no
+    code in it runs) and loaded strictly into the model, so every tensor must fit; then
+    ``model.safetensors`` is written, the pickle file removed, and ``files`` and ``model_id`` in
+    epee_config.json updated (the id's digest is that of the new file). Returns what changed.
+    """
+    out = Path(directory)
+    if not (out / EPEE_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{out} is not an epee model directory (no {EPEE_CONFIG_NAME})")
+    src = weights_path(out)
+    if src is None or not is_pickle_weights(src.name):
+        raise ValueError(f"{out}: nothing to convert, the weights are " + (src.name if src else "missing"))
+    model = EarlyExitModel.from_pretrained(out, allow_pickle=True)
+    model.save_weights(out / WEIGHTS_NAME)
+    src.unlink()
+    previous = str(json.loads((out / EPEE_CONFIG_NAME).read_text()).get("model_id", ""))
+    model_id = f"{previous.split('@')[0] or out.name}@{weights_digest(out)[:12]}"
+    update_model_dir(out, model_id=model_id)
+    log.info("converted %s to %s in %s", src.name, WEIGHTS_NAME, out)
+    return {"model": str(out), "removed": src.name, "written": WEIGHTS_NAME, "model_id": model_id,
+            "previous_model_id": previous}
+
+
 def _transport_params(uri: str, s3_client_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """smart-open transport parameters for one directory fetch.
 
@@ -149,27 +190,35 @@ def _fetch_remote(uri: str, target: Path, skip: tuple[str, ...] = (),
 
 
 def load_model_dir(uri: str | os.PathLike, device: str = "cpu",
-                   s3_client_kwargs: dict[str, Any] | None = None) -> ModelBundle:
+                   s3_client_kwargs: dict[str, Any] | None = None, allow_pickle: bool = False) -> ModelBundle:
     """Load a model directory from a local path or an ``s3://`` / ``gs://`` URI; no network
-    beyond that storage, safetensors only. ``s3_client_kwargs``: boto3 S3 client arguments
-    (endpoint, credentials) for ``s3://``; unset ones come from the ``AWS_*`` environment."""
+    beyond that storage. ``s3_client_kwargs``: boto3 S3 client arguments
+    (endpoint, credentials) for ``s3://``; unset ones come from the ``AWS_*`` environment.
+
+    Weights come from model.safetensors. A directory with only pickle weights raises
+    :class:`~epee.modeling.PickleWeightsRefused` unless ``allow_pickle=True``, which loads them
+    through PyTorch's restricted unpickler (no code in the file is executed; see
+    :meth:`EarlyExitModel.from_pretrained`)."""
     uri = str(uri)
     if "://" in uri and not uri.startswith("file://"):
         with tempfile.TemporaryDirectory(prefix="epee-model-") as tmp:
             _fetch_remote(uri, Path(tmp), s3_client_kwargs=s3_client_kwargs)
-            bundle = _load_local(Path(tmp), device)
+            try:
+                bundle = _load_local(Path(tmp), device, allow_pickle)
+            except PickleWeightsRefused as exc:  # name the URI, not the temporary copy
+                raise PickleWeightsRefused(str(exc).replace(tmp, uri.rstrip("/"))) from None
         bundle.uri = uri
         return bundle
-    return _load_local(Path(uri.removeprefix("file://")), device)
+    return _load_local(Path(uri.removeprefix("file://")), device, allow_pickle)
 
 
-def _load_local(directory: Path, device: str) -> ModelBundle:
+def _load_local(directory: Path, device: str, allow_pickle: bool = False) -> ModelBundle:
     if not (directory / EPEE_CONFIG_NAME).is_file():
         pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES] if directory.is_dir() else []
         hint = f"; found pickle checkpoint(s) {pickles}, which are never loaded" if pickles else ""
         raise FileNotFoundError(f"{directory} is not an epee model directory (no {EPEE_CONFIG_NAME}){hint}")
     doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
-    model = EarlyExitModel.from_pretrained(directory, device=device)
+    model = EarlyExitModel.from_pretrained(directory, device=device, allow_pickle=allow_pickle)
     prep = doc.get("preprocessing", {})
     if prep.get("input") == "image":
         from .images import ImageSettings
@@ -197,7 +246,7 @@ def load_preprocessor(uri: str | os.PathLike, s3_client_kwargs: dict[str, Any] |
     uri = str(uri)
     if "://" in uri and not uri.startswith("file://"):
         with tempfile.TemporaryDirectory(prefix="epee-prep-") as tmp:
-            _fetch_remote(uri, Path(tmp), skip=(WEIGHTS_NAME,), s3_client_kwargs=s3_client_kwargs)
+            _fetch_remote(uri, Path(tmp), skip=(WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES), s3_client_kwargs=s3_client_kwargs)
             return _load_preprocessor_local(Path(tmp))
     return _load_preprocessor_local(Path(uri.removeprefix("file://")))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,18 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from .backbones import BackboneAdapter, build_backbone, load_backbone, make_adapter
 from .config import EarlyExitConfig
 from .inputs import Batch
+from .weights import (  # noqa: F401 - re-exported: the model directory's weights rules live there
+    WEIGHTS_NAME,
+    PickleWeightsRefused,
+    is_pickle_weights,
+    load_pickle_state_dict,
+    pickle_refusal_message,
+    weights_path,
+)
+
+log = logging.getLogger(__name__)
 
 EPEE_CONFIG_NAME = "epee_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -106,9 +116,10 @@ class EarlyExitModel(nn.Module):
         return cls(build_backbone(backbone_config), config)
 
     @classmethod
-    def from_backbone(cls, path: str | os.PathLike, config: EarlyExitConfig) -> "EarlyExitModel":
-        """Pretrained backbone from a local transformers directory, new exit heads."""
-        return cls(load_backbone(path), config)
+    def from_backbone(cls, path: str | os.PathLike, config: EarlyExitConfig, allow_pickle: bool = False) -> "EarlyExitModel":
+        """Pretrained backbone from a local transformers directory (safetensors unless
+        ``allow_pickle``), new exit heads."""
+        return cls(load_backbone(path, allow_pickle), config)
 
     def save_pretrained(self, directory: str | os.PathLike, sections: dict | None = None) -> None:
         """Write config.json (backbone), epee_config.json and model.safetensors.
@@ -116,27 +127,56 @@ class EarlyExitModel(nn.Module):
         ``sections`` are extra top-level entries of epee_config.json (preprocessing,
         calibration, training record); see :mod:`epee.modeldir`.
         """
-        from safetensors.torch import save_file
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.config.save_pretrained(out)
         doc = {"model": self.config.to_dict(), "backbone": self.adapter.family, **(sections or {})}
         (out / EPEE_CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+        self.save_weights(out / WEIGHTS_NAME)
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """Backbone + exit-head weights as one safetensors file (written whole, then renamed)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str = "cpu") -> "EarlyExitModel":
-        """Load a model directory written by :meth:`save_pretrained` (safetensors only)."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False
+    ) -> "EarlyExitModel":
+        """Load a model directory written by :meth:`save_pretrained`.
+
+        Weights come from ``model.safetensors``, which always wins when present. A directory
+        whose weights are only a pickle file (``pytorch_model.bin``, ``model.pt``, ``*.pth``,
+        ``*.ckpt``, ...) raises :class:`PickleWeightsRefused` unless ``allow_pickle=True``; then
+        the file is read with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler:
+        even with the flag, code hidden in a malicious pickle is NOT executed (such a file is
+        refused too), and a warning is logged.
+        """
         from safetensors.torch import load_file
 
         src = Path(directory)
-        for name in ("config.json", EPEE_CONFIG_NAME, WEIGHTS_NAME):
+        for name in ("config.json", EPEE_CONFIG_NAME):
             if not (src / name).is_file():
                 raise FileNotFoundError(f"model directory {src} has no {name}")
+        weights = weights_path(src)
+        if weights is None:
+            raise FileNotFoundError(f"model directory {src} has no {WEIGHTS_NAME}")
+        if is_pickle_weights(weights.name) and not allow_pickle:
+            raise PickleWeightsRefused(pickle_refusal_message(f"model directory {src}", weights.name))
         backbone_config = AutoConfig.from_pretrained(src, local_files_only=True)
         config = EarlyExitConfig.from_dict(json.loads((src / EPEE_CONFIG_NAME).read_text())["model"])
         model = cls.from_config(backbone_config, config)
-        model.load_state_dict(load_file(str(src / WEIGHTS_NAME), device=device), strict=True)
+        if is_pickle_weights(weights.name):
+            state = load_pickle_state_dict(weights, device)
+            log.warning("loaded pickle weights %s (restricted unpickler, weights_only=True); convert them to %s "
+                        "with `epee convert`", weights.name, WEIGHTS_NAME)
+        else:
+            state = load_file(str(weights), device=device)
+        model.load_state_dict(state, strict=True)
         return model.to(device).eval()
+

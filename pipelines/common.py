@@ -53,10 +53,31 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     if task != PIPELINE_TASKS[pipeline]:
         raise StartupError(f"--model {opts.model} is a {task!r} model; the {pipeline} pipeline needs a "
                            f"{PIPELINE_TASKS[pipeline]!r} model")
+    check_weights_file(opts, doc)
     matched = FileSystems.match([opts.input])[0].metadata_list
     if not matched:
         raise StartupError(f"--input {opts.input}: no file matches this pattern")
     return doc
+
+
+def check_weights_file(opts: EpeeOptions, doc: dict) -> None:
+    """Pickle weights (no model.safetensors in the directory) need --allow_pickle_weights: refused
+    here, before any worker starts, rather than on every worker. A local directory is listed as the
+    loader will see it; a remote one by its epee_config.json "files", which is what gets fetched."""
+    import os
+
+    from epee.weights import choose_weights_file, is_pickle_weights, pickle_refusal_message
+
+    local = opts.model.removeprefix("file://") if "://" not in opts.model or opts.model.startswith("file://") else None
+    names = os.listdir(local) if local and os.path.isdir(local) else doc.get("files", [])
+    try:
+        name = choose_weights_file(names)
+    except ValueError as exc:
+        raise StartupError(f"--model {opts.model}: {exc}") from None
+    if name and is_pickle_weights(name):
+        if not opts.allow_pickle_weights:
+            raise StartupError(pickle_refusal_message(f"--model {opts.model}", name))
+        log.warning("--allow_pickle_weights: loading pickle weights %s through PyTorch's restricted unpickler", name)
 
 
 def policy_override(opts: EpeeOptions, doc: dict):
@@ -91,7 +112,8 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
                                     device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc),
-                                    s3_client_kwargs=s3_client_kwargs(options))
+                                    s3_client_kwargs=s3_client_kwargs(options),
+                                    allow_pickle_weights=opts.allow_pickle_weights)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     with beam.Pipeline(options=options) as p:

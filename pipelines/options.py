@@ -43,6 +43,10 @@ class EpeeOptions(PipelineOptions):
                        help="DICOM: seconds one file may take to decode; decoding runs in a child process that is "
                             "killed past it (decode_timeout). 0: decode in the worker itself, no timeout")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+        g.add_argument("--allow_pickle_weights", action="store_true",
+                       help="load a model directory whose weights are a pickle file (pytorch_model.bin, model.pt) "
+                            "instead of model.safetensors, through PyTorch's restricted unpickler (weights_only=True); "
+                            "refused at start-up without this flag. `epee convert --model DIR` converts it once")
         g.add_argument("--large_model", action="store_true",
                        help="share one model copy across worker processes (Beam's multi-process sharing)")
         g.add_argument("--exit_policy", default="stored", choices=["stored", "none", "entropy", "patience", "epee"],

@@ -67,9 +67,12 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         large_model: bool = False,
         policy: ExitPolicyConfig | None = None,
         s3_client_kwargs: dict[str, Any] | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__()
         self.model_uri = model_uri
+        # pickle weights (pytorch_model.bin) only when the user asked (--allow_pickle_weights); see epee.weights
+        self.allow_pickle_weights = allow_pickle_weights
         # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
@@ -81,7 +84,8 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
 
     def load_model(self) -> ModelBundle:
         started = time.perf_counter()
-        bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs)
+        bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs,
+                                allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         return bundle
 
