@@ -10,13 +10,15 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from transforms.handler import EarlyExitModelHandler, s3_client_kwargs
 from transforms.inference import EarlyExitInference
-from transforms.readers import DEAD, ReadDicom, ReadNotes
+from transforms.privacy import KeySource, PseudonymKeyError
+from transforms.readers import DEAD, INPUTS, ReadDicom, ReadNotes
 from transforms.writers import ExitStatsFn, WriteOutputs
 
+from . import outputs
 from .options import PIPELINE_TASKS, EpeeOptions, default_run_id, help_parser
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,9 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
                            f"{PIPELINE_TASKS[pipeline]!r} model")
     check_weights_file(opts, doc)
     matched = FileSystems.match([opts.input])[0].metadata_list
-    if not matched:
+    if not matched and opts.view_as(StandardOptions).streaming:
+        log.warning("--input %s matches no file yet; streaming mode watches it for new files", opts.input)
+    elif not matched:
         raise StartupError(f"--input {opts.input}: no file matches this pattern")
     return doc
 
@@ -95,6 +99,16 @@ def policy_override(opts: EpeeOptions, doc: dict):
     )
 
 
+def make_reader(pipeline: str, opts: EpeeOptions, task: str, run_id: str, **extra) -> ReadNotes | ReadDicom:
+    """The reader of --input (streaming mode reuses its per-file DoFn with continuous matching).
+    ``extra``: ``previous`` (--skip_processed inputs table) and ``key_source`` (--pseudonymize_ids)."""
+    if pipeline == "dicom":
+        return ReadDicom(opts.input, opts.frame_policy, run_id, max_file_bytes=opts.max_file_bytes,
+                         max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout, **extra)
+    return ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id,
+                     max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes, **extra)
+
+
 def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     """Run one pipeline to completion; returns a summary (also printed by the launcher)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -116,17 +130,63 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     allow_pickle_weights=opts.allow_pickle_weights)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
-    with beam.Pipeline(options=options) as p:
-        if pipeline == "dicom":
-            read = p | "ReadDicom" >> ReadDicom(opts.input, opts.frame_policy, run_id, max_file_bytes=opts.max_file_bytes,
-                                                max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout)
-        else:
-            read = p | "ReadNotes" >> ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id,
-                                                max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes)
-        predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
-        dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
-        (predictions, dead) | "Write" >> WriteOutputs(opts.output, stats_fn)
-    return summarize(opts.output, run_id, time.time() - started)
+    key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None
+    if key_source is not None:
+        try:
+            key_source.load()  # fail at start-up, not on every worker
+        except PseudonymKeyError as exc:
+            raise StartupError(str(exc)) from None
+    previous = None
+    if opts.skip_processed:
+        try:
+            previous = outputs.manifest_inputs_pattern(opts.skip_processed)
+        except FileNotFoundError as exc:
+            raise StartupError(str(exc)) from None
+    reader = make_reader(pipeline, opts, task, run_id, previous=previous, key_source=key_source)
+    if options.view_as(StandardOptions).streaming:  # watch --input, write per window: pipelines/streaming.py
+        from .streaming import run_streaming
+
+        return run_streaming(options, reader, handler, stats_fn, started)
+    staging = outputs.staging_dir(opts.output, run_id)
+    try:
+        with beam.Pipeline(options=options) as p:
+            read = p | type(reader).__name__ >> reader
+            predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
+            dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
+            (predictions, dead, read[INPUTS]) | "Write" >> WriteOutputs(staging, stats_fn, opts.num_shards, key_source)
+    except BaseException:
+        outputs.discard(staging)  # a failed run leaves nothing where the next step reads
+        raise
+    pipeline_done = time.time()
+    files = outputs.commit(opts.output, staging)
+    summary = summarize(opts.output, run_id, time.time() - started)
+    inputs = outputs.inputs_summary(opts.output)
+    manifest = {
+        "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
+        "model": {"uri": opts.model, "model_id": doc.get("model_id"),
+                  "weights_sha256": outputs.model_weights_sha256(opts.model, doc)},
+        "code_version": outputs.code_version(),
+        "options": outputs.public_options(options),
+        "inputs": {"pattern": opts.input, **{k: inputs[k] for k in ("matched", "processed", "skipped")},
+                   "skip_processed": opts.skip_processed},
+        "records_in": inputs["records_in"],
+        "counts": {"records_in": inputs["records_in"], "predictions": summary["predictions"],
+                   "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
+        "pseudonymized_ids": bool(opts.pseudonymize_ids),
+        "outputs": files + ["report.html"],
+        "timings": {"started_at": outputs.now_iso(started), "finished_at": outputs.now_iso(),
+                    "pipeline_seconds": round(pipeline_done - started, 3), "wall_seconds": round(time.time() - started, 3)},
+    }
+    try:
+        from transforms.report import write_report
+
+        write_report(opts.output, manifest)
+    except Exception as exc:  # noqa: BLE001 - the report is for people; its failure must not fail the run
+        log.warning("run report not written (%s)", type(exc).__name__)
+        manifest["outputs"].remove("report.html")
+    outputs.write_manifest(opts.output, manifest)  # last: its presence says the outputs are complete
+    summary.update(records_in=inputs["records_in"], files_skipped=inputs["skipped"])
+    return summary
 
 
 def summarize(output: str, run_id: str, wall: float) -> dict:

@@ -53,7 +53,29 @@ class EpeeOptions(PipelineOptions):
                        help="stored: the model directory's calibrated policy; none: full depth; or another kind")
         g.add_argument("--entropy_threshold", type=float, default=None, help="with --exit_policy: τ (default: stored)")
         g.add_argument("--patience", type=int, default=None, help="with --exit_policy: P (default: stored)")
+        g.add_argument("--num_shards", type=int, default=1,
+                       help="Parquet files per output kind; rows are assigned to shards by a stable hash of their "
+                            "record id and sorted inside each, so reruns give identical files")
+        g.add_argument("--pseudonymize_ids", action="store_true",
+                       help="replace record ids and URIs in every output by a keyed HMAC-SHA256; the key comes from "
+                            "the environment variable EPEE_PSEUDONYM_KEY or --pseudonym_key_file, never the command line")
+        g.add_argument("--pseudonym_key_file", default=None,
+                       help="with --pseudonymize_ids: a secret file (local, s3://, gs://) holding the HMAC key")
+        g.add_argument("--skip_processed", default=None, metavar="MANIFEST_OR_OUTPUT",
+                       help="process only input files that are new or changed (by URI and SHA-256) since the run "
+                            "whose manifest.json (or output prefix) is given")
         g.add_argument("--run_id", default=None, help="run identifier written to every output row (default: UTC time)")
+        # Streaming mode is Beam's own --streaming flag (StandardOptions); these only shape it.
+        s = parser.add_argument_group("epee-beam streaming (with Beam's --streaming flag)")
+        s.add_argument("--poll_interval", type=float, default=10.0,
+                       help="streaming: seconds between two matches of --input; a new file is read once, "
+                            "at the first match that finds it")
+        s.add_argument("--window_seconds", type=int, default=60,
+                       help="streaming: length of the fixed windows; each window's predictions, dead letters and "
+                            "exit statistics go to their own Parquet files, named by the window")
+        s.add_argument("--stop_after", type=float, default=None,
+                       help="streaming: stop watching --input this many seconds after the start, then finish "
+                            "the open windows and exit (default: watch until the job is cancelled)")
 
 
 def default_run_id() -> str:

@@ -8,6 +8,7 @@ Every record that the reader attempts ends up either as an :class:`InputRecord` 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -79,7 +80,85 @@ def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int
         yield n, (None if skipping or len(buf) > max_line else buf)
 
 
-class ParseNoteFile(beam.DoFn):
+INPUTS = "inputs"
+
+
+def file_digest(readable: fileio.ReadableFile, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with readable.open() as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _FileReader(beam.DoFn):
+    """What both readers do per file besides parsing: the ``inputs`` table row (URI, size,
+    SHA-256, records it gave, processed or skipped) and ``--skip_processed``: a file whose URI and
+    content hash equal a previous run's is skipped (no records, an ``inputs`` row saying so).
+
+    ``previous``: the previous run's inputs table (Parquet glob) or None. ``key_source``: with
+    ``--pseudonymize_ids``, URIs in the inputs table are HMACs (see transforms.privacy).
+    """
+
+    previous: str | None = None
+    key_source = None
+
+    def setup(self) -> None:
+        self._seen: dict[str, str] = {}
+        self._pz = None
+        if self.key_source is not None:
+            from .privacy import Pseudonymizer
+
+            self._pz = Pseudonymizer(self.key_source.load())
+        if self.previous:
+            self._seen = load_processed(self.previous)
+
+    def _uri_key(self, uri: str) -> str:
+        return self._pz(uri) if self._pz else uri
+
+    def process(self, readable: fileio.ReadableFile) -> Iterator:
+        uri = readable.metadata.path
+        digest = None
+        if self._seen:
+            try:
+                digest = file_digest(readable)
+            except Exception:  # noqa: BLE001 - unreadable: let the parser report it
+                digest = None
+            if digest is not None and self._seen.get(self._uri_key(uri)) == digest:
+                Metrics.counter(NAMESPACE, "files_skipped_unchanged").inc()
+                yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest, "skipped", 0))
+                return
+        records = 0
+        self._digest = None
+        for out in self.read_file(readable):
+            if not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD):
+                records += 1
+            yield out
+        yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest or self._digest, "processed", records))
+
+    def _input_row(self, uri, readable, digest, status, records) -> dict:
+        return {"uri": self._uri_key(uri), "size": int(readable.metadata.size_in_bytes or 0), "sha256": digest,
+                "status": status, "records": records, "run_id": self.run_id}
+
+    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
+        raise NotImplementedError
+
+
+def load_processed(pattern: str) -> dict[str, str]:
+    """{uri: sha256} of the files a previous run processed, from its inputs table."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    seen: dict[str, str] = {}
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(meta.path) as fh:
+            for row in pq.read_table(fh, columns=["uri", "sha256", "status"]).to_pylist():
+                if row["status"] == "processed" and row["sha256"]:
+                    seen[row["uri"]] = row["sha256"]
+    return seen
+
+
+class ParseNoteFile(_FileReader):
     """ReadableFile -> InputRecord per note, DeadLetter (tagged ``dead_letters``) per bad one.
 
     JSONL and Parquet files are streamed (an archive file can be larger than memory); a plain-text
@@ -91,7 +170,8 @@ class ParseNoteFile(beam.DoFn):
 
     def __init__(self, task: str, text_field: str = "text", id_field: str | None = None,
                  file_format: str = "auto", run_id: str = "", max_note_bytes: int = 1 << 20,
-                 max_file_bytes: int = 1 << 30) -> None:
+                 max_file_bytes: int = 1 << 30, previous: str | None = None, key_source=None) -> None:
+        self.previous, self.key_source = previous, key_source
         self.task, self.text_field, self.id_field = task, text_field, id_field
         self.file_format, self.run_id = file_format, run_id
         self.max_note_bytes, self.max_file_bytes = max_note_bytes, max_file_bytes
@@ -106,7 +186,7 @@ class ParseNoteFile(beam.DoFn):
         return self._dead(uri, rid, "note_too_large", f"{what} is over the {self.max_note_bytes}-byte note limit "
                                                       "(--max_note_bytes); not read")
 
-    def process(self, readable: fileio.ReadableFile) -> Iterator:
+    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
         uri = readable.metadata.path
         fmt = note_format(uri, self.file_format)
         if fmt is None:
@@ -287,12 +367,12 @@ class ReadNotes(beam.PTransform):
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(self.parse).with_outputs(DEAD, main="records")
+            | "Parse" >> beam.ParDo(self.parse).with_outputs(DEAD, INPUTS, main="records")
         )
 
 
 # -- DICOM -----------------------------------------------------------------------------------------
-class DecodeDicomFile(beam.DoFn):
+class DecodeDicomFile(_FileReader):
     """ReadableFile -> InputRecord with decoded pixels (middle frame, or one per frame).
 
     Before anything is decoded: files over ``max_file_bytes`` are refused unread, and
@@ -304,7 +384,9 @@ class DecodeDicomFile(beam.DoFn):
 
     def __init__(self, frame_policy: str = "middle", run_id: str = "", max_file_bytes: int = 1 << 30,
                  max_pixel_bytes: int = 1 << 30, decode_timeout_s: float = 120.0,
-                 decode_path: str = "transforms.decode_worker:decode_bytes") -> None:
+                 decode_path: str = "transforms.decode_worker:decode_bytes", previous: str | None = None,
+                 key_source=None) -> None:
+        self.previous, self.key_source = previous, key_source
         self.frame_policy, self.run_id = frame_policy, run_id
         self.max_file_bytes, self.max_pixel_bytes = max_file_bytes, max_pixel_bytes
         self.decode_timeout_s, self.decode_path = decode_timeout_s, decode_path
@@ -312,6 +394,7 @@ class DecodeDicomFile(beam.DoFn):
         self.decoder = None
 
     def setup(self) -> None:
+        super().setup()
         route_pydicom_logs()
         if self.decode_timeout_s > 0:
             self.decoder = IsolatedDecoder(self.decode_timeout_s, self.decode_path)
@@ -325,7 +408,7 @@ class DecodeDicomFile(beam.DoFn):
         Metrics.counter(NAMESPACE, f"dead_letters_{kind}").inc()
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, uri, stage, kind, message, self.run_id))
 
-    def process(self, readable: fileio.ReadableFile) -> Iterator:
+    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
         uri = readable.metadata.path
         limit = self.max_file_bytes
         if limit and (readable.metadata.size_in_bytes or 0) > limit:
@@ -341,6 +424,7 @@ class DecodeDicomFile(beam.DoFn):
         if limit and len(data) > limit:
             yield self._dead(uri, "file_too_large", f"file is over the {limit}-byte limit (--max_file_bytes)", "read")
             return
+        self._digest = hashlib.sha256(data).hexdigest()
         if self.decoder is not None:
             outcome = self.decoder.decode(data, self.frame_policy, self.max_pixel_bytes)
         else:
@@ -370,5 +454,5 @@ class ReadDicom(beam.PTransform):
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
             | "Open" >> fileio.ReadMatches()
-            | "Decode" >> beam.ParDo(self.decode).with_outputs(DEAD, main="records")
+            | "Decode" >> beam.ParDo(self.decode).with_outputs(DEAD, INPUTS, main="records")
         )

@@ -118,3 +118,11 @@ EXIT_STATS_SCHEMA = pa.schema([
     ("exit_reason_counts", pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))),
     ("wall_seconds", pa.float64()),
 ])
+
+
+INPUTS_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("size", pa.int64()), ("sha256", pa.string()), ("status", pa.string()),
+    ("records", pa.int64()), ("run_id", pa.string()),
+])
+"""One row per input file: status ``processed`` (``records`` = predictions + dead letters it gave)
+or ``skipped`` (unchanged since the run given to ``--skip_processed``)."""

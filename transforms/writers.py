@@ -1,15 +1,22 @@
-"""Writing predictions, dead letters and per-run exit statistics to Parquet."""
+"""Writing predictions, dead letters and exit statistics to Parquet: per run (batch) or per window (streaming)."""
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections import Counter
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.parquetio import WriteToParquet
+from apache_beam.options.value_provider import StaticValueProvider
+from apache_beam.transforms.window import IntervalWindow
 
 from .records import (
-    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
+    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
 )
 
 
@@ -54,23 +61,211 @@ class ExitStatsFn(beam.CombineFn):
         ).to_row()
 
 
-class WriteOutputs(beam.PTransform):
-    """predictions -> {prefix}/predictions-*.parquet, dead letters -> {prefix}/dead_letters-*.parquet,
-    exit statistics -> {prefix}/exit_stats-*.parquet."""
+def shard_of(row: dict, num_shards: int) -> int:
+    """A stable shard for a row (zlib.crc32, not Python's per-process salted hash)."""
+    key = row.get("record_id") or row.get("source_uri") or row.get("uri") or ""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
 
-    def __init__(self, output: str, stats_fn: ExitStatsFn) -> None:
+
+def row_sort_key(row: dict) -> tuple:
+    return tuple("" if row.get(k) is None else str(row[k])
+                 for k in ("record_id", "source_uri", "uri", "stage", "error_type", "message"))
+
+
+class WriteSortedShards(beam.PTransform):
+    """Rows -> ``{directory}/{kind}-SSSSS-of-NNNNN.parquet``, deterministic: rows go to a shard by a
+    stable hash of their id and are sorted within it, so the same inputs give byte-identical row
+    order whatever the runner's bundling. Every shard file is written, empty ones included. A
+    shard's rows are held in memory by one worker while it is sorted (predictions are small rows:
+    about 300 bytes each). ``key_source``: pseudonymise id fields on the way out."""
+
+    def __init__(self, directory: str, kind: str, schema, num_shards: int = 1, key_source=None) -> None:
+        super().__init__()
+        self.directory, self.kind, self.schema = directory.rstrip("/"), kind, schema
+        self.num_shards, self.key_source = num_shards, key_source
+
+    def expand(self, rows):
+        n = self.num_shards
+        keyed = rows | "Shard" >> beam.Map(lambda r: (shard_of(r, n), r))
+        every = rows.pipeline | "AllShards" >> beam.Create([(i, None) for i in range(n)])
+        return ((keyed, every) | "WithEmpty" >> beam.Flatten() | "Group" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(_WriteShard(self.directory, self.kind, self.schema, n, self.key_source)))
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, directory, kind, schema, num_shards, key_source) -> None:
+        self.directory, self.kind, self.schema, self.num_shards, self.key_source = directory, kind, schema, num_shards, key_source
+
+    def setup(self) -> None:
+        self.pz = None
+        if self.key_source is not None:
+            from .privacy import Pseudonymizer
+
+            self.pz = Pseudonymizer(self.key_source.load())
+
+    def process(self, keyed):
+        from apache_beam.io.filesystems import FileSystems
+
+        shard, rows = keyed
+        rows = [r for r in rows if r is not None]
+        if self.pz is not None:
+            rows = [self.pz.row(r) for r in rows]
+        rows.sort(key=row_sort_key)
+        path = f"{self.directory}/{self.kind}-{shard:05d}-of-{self.num_shards:05d}.parquet"
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        with FileSystems.create(path) as fh:
+            pq.write_table(table, fh)
+        yield path
+
+
+class WriteOutputs(beam.PTransform):
+    """predictions -> {directory}/predictions-*.parquet, dead letters -> dead_letters-*.parquet,
+    exit statistics -> exit_stats-*.parquet, and, when given, the inputs table -> inputs-*.parquet.
+
+    The batch pipeline points ``directory`` at a staging directory and moves the files into
+    place only after the whole run succeeded (pipelines.outputs.commit), so a failed run never
+    leaves partial files where the next step reads.
+    """
+
+    def __init__(self, output: str, stats_fn: ExitStatsFn, num_shards: int = 1, key_source=None) -> None:
         super().__init__()
         self.output, self.stats_fn = output.rstrip("/"), stats_fn
+        self.num_shards, self.key_source = num_shards, key_source
 
     def expand(self, pcolls):
-        predictions, dead = pcolls
-        rows = predictions | "PredictionRows" >> beam.Map(PredictionRecord.to_row)
-        rows | "WritePredictions" >> WriteToParquet(f"{self.output}/predictions", PREDICTION_SCHEMA,
-                                                    file_name_suffix=".parquet", num_shards=1)
+        predictions, dead, *inputs = pcolls
+        d, n, k = self.output, self.num_shards, self.key_source
+        (predictions | "PredictionRows" >> beam.Map(PredictionRecord.to_row)
+                     | "WritePredictions" >> WriteSortedShards(d, "predictions", PREDICTION_SCHEMA, n, k))
         (dead | "DeadRows" >> beam.Map(DeadLetter.to_row)
-              | "WriteDeadLetters" >> WriteToParquet(f"{self.output}/dead_letters", DEAD_LETTER_SCHEMA,
-                                                     file_name_suffix=".parquet", num_shards=1))
+              | "WriteDeadLetters" >> WriteSortedShards(d, "dead_letters", DEAD_LETTER_SCHEMA, n, k))
         (predictions | "ExitStats" >> beam.CombineGlobally(self.stats_fn)
-                     | "WriteExitStats" >> WriteToParquet(f"{self.output}/exit_stats", EXIT_STATS_SCHEMA,
-                                                          file_name_suffix=".parquet", num_shards=1))
+                     | "WriteExitStats" >> WriteSortedShards(d, "exit_stats", EXIT_STATS_SCHEMA, 1))
+        if inputs:  # URIs are pseudonymised by the reader already (it compares them with --skip_processed)
+            inputs[0] | "WriteInputs" >> WriteSortedShards(d, "inputs", INPUTS_SCHEMA, 1)
         return pcolls
+
+
+# -- streaming: Parquet files per fixed window -----------------------------------------------------
+OUTPUT_SCHEMAS = {"predictions": PREDICTION_SCHEMA, "dead_letters": DEAD_LETTER_SCHEMA, "exit_stats": EXIT_STATS_SCHEMA,
+                  "inputs": INPUTS_SCHEMA}
+
+
+class ParquetFileSink(fileio.FileSink):
+    """A ``fileio.FileSink`` that writes ``(kind, row)`` elements as one Parquet file of ``schema``.
+
+    ``WriteToFiles`` calls ``flush`` once, right before it closes the file, and a Parquet file is
+    only valid once its footer is written; so rows are buffered and written as one table there.
+    A file holds one window's rows of one kind from one bundle.
+    """
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._fh = None
+        self._rows: list[dict] = []
+
+    def create_metadata(self, destination: str, full_file_name: str) -> fileio.FileMetadata:
+        return fileio.FileMetadata(mime_type="application/vnd.apache.parquet",
+                                   compression_type=CompressionTypes.UNCOMPRESSED)
+
+    def open(self, fh) -> None:
+        self._fh, self._rows = fh, []
+
+    def write(self, element: tuple[str, dict]) -> None:
+        self._rows.append(element[1])
+
+    def flush(self) -> None:
+        if self._fh is None:
+            raise RuntimeError("ParquetFileSink.flush() called twice: a Parquet file cannot be appended to")
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=self.schema), self._fh)
+        self._fh, self._rows = None, []
+
+
+def parquet_sink_for(kind: str) -> ParquetFileSink:
+    return ParquetFileSink(OUTPUT_SCHEMAS[kind])
+
+
+def output_kind(element: tuple[str, dict]) -> str:
+    return element[0]
+
+
+def _utc(ts) -> str:
+    return ts.to_utc_datetime().strftime("%Y%m%dT%H%M%SZ")
+
+
+def window_file_name(window, pane, shard_index, total_shards, compression, destination) -> str:
+    """``{kind}-{window start}-{window end}-{shard}-of-{shards}.parquet``, times in UTC
+    (``predictions-20261122T101500Z-20261122T101600Z-00000-of-00002.parquet``): the files of one
+    window sort together, and ``{kind}-*.parquet`` matches every window."""
+    span = f"{_utc(window.start)}-{_utc(window.end)}" if isinstance(window, IntervalWindow) else "global"
+    return f"{destination}-{span}-{int(shard_index):05d}-of-{int(total_shards):05d}.parquet"
+
+
+def _prediction_row(p: PredictionRecord) -> tuple[str, dict]:
+    return "predictions", p.to_row()
+
+
+def _dead_letter_row(d: DeadLetter) -> tuple[str, dict]:
+    return "dead_letters", d.to_row()
+
+
+def _exit_stats_row(row: dict) -> tuple[str, dict]:
+    return "exit_stats", row
+
+
+def _inputs_row(row: dict) -> tuple[str, dict]:
+    return "inputs", row
+
+
+class _PseudonymizeRows(beam.DoFn):
+    """``(kind, row)`` -> the same with record ids and URIs replaced by their keyed HMAC
+    (``--pseudonymize_ids``); the key is read on the worker, never carried in the graph."""
+
+    def __init__(self, key_source) -> None:
+        self.key_source = key_source
+
+    def setup(self) -> None:
+        from .privacy import Pseudonymizer
+
+        self.pz = Pseudonymizer(self.key_source.load())
+
+    def process(self, element: tuple[str, dict]):
+        kind, row = element
+        yield kind, self.pz.row(row)
+
+
+class WriteWindowedOutputs(beam.PTransform):
+    """Windowed predictions, dead letters and (optionally) the readers' inputs table -> Parquet
+    files per window under ``output``: ``predictions-*``, ``dead_letters-*``, ``exit_stats-*``
+    (one statistics row per window that has predictions) and ``inputs-*``, named by
+    :func:`window_file_name`. ``key_source``: pseudonymise record ids and URIs on the way out
+    (the inputs table's URIs are pseudonymised by the reader already).
+
+    Beam's ``WriteToFiles`` writes each bundle's rows to a temporary file under ``temp_directory``
+    and, once the window's watermark has passed, moves them to their final names, so a reader
+    never sees a half-written file. Same schemas as the batch :class:`WriteOutputs`.
+    """
+
+    def __init__(self, output: str, stats_fn: ExitStatsFn, temp_directory: str, key_source=None) -> None:
+        super().__init__()
+        self.output, self.stats_fn, self.temp_directory = output.rstrip("/"), stats_fn, temp_directory
+        self.key_source = key_source
+
+    def expand(self, pcolls):
+        predictions, dead, *inputs = pcolls
+        # without_defaults: a window with no prediction gets no statistics row (there is no
+        # global "empty" default in non-global windows).
+        stats = predictions | "ExitStats" >> beam.CombineGlobally(self.stats_fn).without_defaults()
+        record_rows = (
+            predictions | "PredictionRows" >> beam.Map(_prediction_row),
+            dead | "DeadRows" >> beam.Map(_dead_letter_row),
+        ) | "RecordRows" >> beam.Flatten()
+        if self.key_source is not None:
+            record_rows = record_rows | "Pseudonymize" >> beam.ParDo(_PseudonymizeRows(self.key_source))
+        parts = [record_rows, stats | "ExitStatsRows" >> beam.Map(_exit_stats_row)]
+        if inputs:
+            parts.append(inputs[0] | "InputsRows" >> beam.Map(_inputs_row))
+        rows = tuple(parts) | "AllRows" >> beam.Flatten()
+        return rows | "WriteWindows" >> fileio.WriteToFiles(
+            path=self.output, file_naming=window_file_name, destination=output_kind, sink=parquet_sink_for,
+            temp_directory=StaticValueProvider(str, self.temp_directory))
