@@ -91,6 +91,21 @@ def file_digest(readable: fileio.ReadableFile, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class _HashingReader:
+    """A binary reader that hashes what passes through it (one pass for parsing and hashing)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.h = fh, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.fh.read(n)
+        self.h.update(block)
+        return block
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
 class _FileReader(beam.DoFn):
     """What both readers do per file besides parsing: the ``inputs`` table row (URI, size,
     SHA-256, records it gave, processed or skipped) and ``--skip_processed``: a file whose URI and
@@ -203,13 +218,17 @@ class ParseNoteFile(_FileReader):
         try:
             with readable.open() as fh:
                 if fmt == "jsonl":
-                    yield from self._jsonl(uri, fh)
+                    hashing = _HashingReader(fh)
+                    yield from self._jsonl(uri, hashing)
+                    self._digest = hashing.hexdigest()
                     return
                 if fmt == "parquet":
                     yield from self._parquet(uri, fh)
+                    self._digest = file_digest(readable)
                     return
                 limit = self.max_note_bytes if fmt == "txt" else self.max_file_bytes
                 data = fh.read(limit + 1) if limit else fh.read()
+                self._digest = hashlib.sha256(data).hexdigest()
         except Exception as exc:  # noqa: BLE001 - storage errors: the file (or its rest) is one unreadable record
             yield self._dead(uri, None, "read_error", f"could not read file ({type(exc).__name__})")
             return
