@@ -56,7 +56,7 @@ def plant(ds, file_no: int) -> list[str]:
                 value = f"ZQX{file_no:02d}{i:03d}QZ"
             setattr(ds, kw, value)
             planted.append(value)
-    if "file_meta" in ds:
+    if getattr(ds, "file_meta", None) is not None:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return planted
 

@@ -16,7 +16,7 @@ def test_sample_job_end_to_end(tmp_path, monkeypatch):
     assert notes["records_in"] == 84 == notes["predictions"] + notes["dead_letters"]
     assert notes["dead_letters_by_reason"] == {"empty_note": 1, "invalid_utf8": 1, "malformed_json": 1}
     assert dicom["records_in"] == dicom["predictions"] + dicom["dead_letters"] and dicom["predictions"] > 40
-    assert dicom["dead_letters_by_reason"].get("no_pixel_data", 0) >= 5  # SR / RT objects in pydicom's test files
+    assert dicom["dead_letters_by_reason"].get("non_image_sop_class", 0) >= 5  # SR / RT objects in pydicom's test files
     assert 1.0 <= notes["mean_exit_layer"] <= 6.0 and notes["layer_speedup"] >= 1.0
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["notes"]["predictions"] == notes["predictions"]
     assert (tmp_path / "models" / "notes" / "calibration" / "frontier.png").is_file()

