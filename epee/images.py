@@ -106,6 +106,7 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.200.": "protocol",
     "1.2.840.10008.5.1.4.1.1.66": "raw data",
 }
+RT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.1"  # RT Image (portal images): an image, decoded
 
 
 @dataclass(frozen=True)
@@ -675,7 +676,7 @@ def check_dicom(ds: Dataset, frame_policy: str = "middle", limits: DicomLimits |
     limits = limits or DicomLimits()
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
     for prefix, kind in NON_IMAGE_SOP_CLASSES.items():
-        if sop.startswith(prefix):
+        if sop.startswith(prefix) and sop != RT_IMAGE_STORAGE:
             name = UID(sop).name if UID(sop).name != sop else "unnamed"
             raise DicomRejected("non_image_sop_class", f"SOP class {sop} ({name}) is a {kind}, not an image: skipped")
     keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
