@@ -85,7 +85,7 @@ def _encode_all(preprocessor, examples) -> tuple[list, list, list, int]:
 
 def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
     """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
-    from .metrics import primary_metric, task_scores
+    from .metrics import primary_metric
 
     metric_task = "sequence" if data_task == "image" else data_task
     metric = primary_metric(metric_task, negative_label)

@@ -147,7 +147,7 @@ class TextPreprocessor:
         # insert from the right so earlier offsets stay valid; remember where the openers land
         inserts = sorted([(s1, 0, f" {o1} "), (e1, 1, f" {c1} "), (s2, 2, f" {o2} "), (e2, 3, f" {c2} ")],
                          key=lambda x: (x[0], x[1] in (1, 3), x[1]))
-        text, opener_at, shift = ex.text, {}, 0
+        text, opener_at = ex.text, {}
         pieces, pos = [], 0
         for at, kind, marker in inserts:
             pieces.append(ex.text[pos:at])

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .config import ExitPolicyConfig
 from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, EngineConfig, ExitPolicy, ExitPolicyConfig, collate
+from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, EngineConfig, ExitPolicy, ExitPolicyConfig
 from epee.text import encode_texts
 from epee.training import fit_heads_as_probes
 

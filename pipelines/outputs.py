@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import secrets
 import subprocess
@@ -151,7 +150,3 @@ def manifest_inputs_pattern(path: str) -> str:
 
 def now_iso(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
-
-
-__all__ = ["commit", "discard", "staging_dir", "write_manifest", "code_version", "model_weights_sha256",
-           "public_options", "inputs_summary", "manifest_inputs_pattern", "MANIFEST_NAME", "os"]

@@ -74,7 +74,7 @@ def train_notes_model(out: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from epee import EarlyExitConfig, EarlyExitModel, ExitPolicyConfig
+    from epee import EarlyExitConfig, EarlyExitModel
     from epee.cli import main as epee_main
     from epee.data import Example
     from epee.encoding import TextPreprocessor, TextSettings

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.parquetio import WriteToParquet
 from apache_beam.options.value_provider import StaticValueProvider
 from apache_beam.transforms.window import IntervalWindow
 
