@@ -75,6 +75,17 @@ class BackboneAdapter:
         """Token-level exit-head input: (N, T, H) -> (N, T, H)."""
         return hidden
 
+    def mean_pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean of the real tokens' states (N, T, H) -> (N, H), as sentence-transformers pool.
+
+        Padding is masked out, so the result does not depend on how much padding a batch carries.
+        """
+        states = self.token_states(hidden)
+        if attention_mask is None:
+            return states.mean(dim=1)
+        mask = attention_mask.to(states.dtype).unsqueeze(-1)  # (N, T, 1)
+        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
     def stock_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The unmodified transformers forward: (pooled (N, H), token states (N, T, H)).
 

@@ -146,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     model_task = "sequence" if task == "image" else task
     config = EarlyExitConfig(
         task=model_task, label_names=label_names, negative_label=neg if task == "relation" else None,
+        pooling=args.pooling,
         policy=ExitPolicyConfig(kind="epee", entropy_threshold=args.tau, patience=args.patience),
     )
     torch.manual_seed(args.seed)
@@ -368,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--negative-label", help="relation task: the no-relation class (DDI: negative)")
     t.add_argument("--max-length", type=int, default=256, help="tokens per input")
+    t.add_argument("--pooling", choices=["default", "mean"], default="default",
+                   help="sequence/image exit-head input: the family's pooled vector ([CLS] via the pooler, "
+                        "GPT-2 last token, ViT CLS) or the mean of the real tokens (sentence-transformers "
+                        "backbones such as all-MiniLM were trained with mean pooling)")
     h = t.add_argument_group("training")
     h.add_argument("--epochs", type=int, default=3)
     h.add_argument("--batch-size", type=int, default=16)

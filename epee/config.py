@@ -12,6 +12,7 @@ from typing import Any
 
 POLICY_KINDS = ("entropy", "patience", "epee", "none")
 TASKS = ("sequence", "relation", "token")
+POOLINGS = ("default", "mean")
 BACKBONES = ("bert", "albert", "gpt2", "vit")
 
 
@@ -68,6 +69,10 @@ class EarlyExitConfig:
     policy: ExitPolicyConfig = field(default_factory=ExitPolicyConfig)
     head_dropout: float = 0.1  # dropout before each exit head, active in training only
     negative_label: str | None = None  # relation task: the "no relation" class, left out of micro-F1
+    # sequence task: "default" is the family's own pooled vector (BERT/ALBERT [CLS] through the
+    # pooler, GPT-2 last token, ViT CLS); "mean" averages the real tokens' states, the pooling that
+    # sentence-transformers backbones such as all-MiniLM were trained with.
+    pooling: str = "default"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -83,6 +88,10 @@ class EarlyExitConfig:
             raise ValueError(f"head_dropout ({self.head_dropout}) must lie in [0, 1)")
         if isinstance(self.policy, dict):
             object.__setattr__(self, "policy", ExitPolicyConfig(**self.policy))
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling ({self.pooling!r}) must be one of {POOLINGS}")
+        if self.pooling != "default" and self.task != "sequence":
+            raise ValueError(f"pooling {self.pooling!r} applies to task 'sequence' only, not {self.task!r}")
         if self.negative_label is not None and self.negative_label not in self.label_names:
             raise ValueError(f"negative_label ({self.negative_label!r}) is not one of the labels {self.label_names}")
 
@@ -97,11 +106,12 @@ class EarlyExitConfig:
             "policy": self.policy.to_dict(),
             "head_dropout": self.head_dropout,
             "negative_label": self.negative_label,
+            "pooling": self.pooling,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
-        known = {"task", "label_names", "policy", "head_dropout", "negative_label"}
+        known = {"task", "label_names", "policy", "head_dropout", "negative_label", "pooling"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown early-exit config keys: {sorted(unknown)}")
@@ -111,6 +121,7 @@ class EarlyExitConfig:
             policy=ExitPolicyConfig(**data.get("policy", {})),
             head_dropout=float(data.get("head_dropout", 0.1)),
             negative_label=data.get("negative_label"),
+            pooling=data.get("pooling", "default"),
         )
 
 

@@ -73,6 +73,8 @@ class EarlyExitModel(nn.Module):
     ) -> torch.Tensor:
         task = self.config.task
         if task == "sequence":
+            if self.config.pooling == "mean":
+                return self.adapter.mean_pooled(hidden, attention_mask)  # (N, H)
             return self.adapter.pooled(hidden, attention_mask)  # (N, H)
         if task == "token":
             return self.adapter.token_states(hidden)  # (N, T, H)

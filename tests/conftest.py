@@ -46,14 +46,14 @@ def tiny_backbone_config(family: str, layers: int = 4):
 
 def tiny_model(
     family: str, task: str = "sequence", layers: int = 4, policy: ExitPolicyConfig | None = None,
-    num_labels: int = 3, seed: int = 0, head_std: float | None = None,
+    num_labels: int = 3, seed: int = 0, head_std: float | None = None, pooling: str = "default",
 ) -> EarlyExitModel:
     """A tiny random model; exit heads get a wide init so that probabilities are far from uniform
     and the exit layers of different samples differ."""
     torch.manual_seed(seed)
     config = EarlyExitConfig(
         task=task, label_names=tuple(f"c{i}" for i in range(num_labels)),
-        policy=policy or ExitPolicyConfig(kind="none"),
+        policy=policy or ExitPolicyConfig(kind="none"), pooling=pooling,
     )
     model = EarlyExitModel.from_config(tiny_backbone_config(family, layers), config)
     if head_std is None:  # ViT's final LayerNorm gives CLS features a larger norm

@@ -122,3 +122,40 @@ def test_eager_attention_masks_match_stock_forward(family):
     preds = EarlyExitEngine(model, EngineConfig(batch_size=3)).run(samples).predictions
     got = torch.stack([torch.from_numpy(p.probs) for p in preds])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "albert", "gpt2", "vit"])
+def test_mean_pooling_equals_mean_of_stock_states(family):
+    """pooling="mean": the last head reads the masked mean of the stock forward's token states,
+    whatever padding and batching the engine applies."""
+    model = tiny_model(family, "sequence", pooling="mean", head_std=0.25 if family == "vit" else 1.0)
+    samples = make_samples(family, "sequence", n=10)
+    batch = collate(samples, model.adapter.pad_token_id)
+    with torch.inference_mode():
+        _, states = model.adapter.stock_forward(batch)
+        # stock states are already through GPT-2's ln_f / ViT's layernorm, as token_states gives
+        mask = batch.attention_mask
+        if mask is None:
+            pooled = states.mean(dim=1)
+        else:
+            m = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * m).sum(1) / m.sum(1)
+        expected = torch.softmax(model.exit_heads[-1](pooled), -1)
+    result = EarlyExitEngine(model, EngineConfig(batch_size=3)).run(samples)
+    for i, pred in enumerate(result.predictions):
+        torch.testing.assert_close(torch.from_numpy(pred.probs), expected[i], atol=1e-5, rtol=0)
+    # padding does not move the pooled vector: each sample alone gives the same probabilities
+    for i, s in enumerate(samples[:3]):
+        alone = EarlyExitEngine(model, EngineConfig(batch_size=1)).run([s]).predictions[0]
+        torch.testing.assert_close(torch.from_numpy(alone.probs), expected[i], atol=1e-5, rtol=0)
+
+
+def test_mean_pooling_round_trips_and_is_validated(tmp_path):
+    model = tiny_model("bert", "sequence", pooling="mean")
+    model.save_pretrained(tmp_path / "m")
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.pooling == "mean"
+    with pytest.raises(ValueError, match="pooling"):
+        EarlyExitConfig(task="sequence", label_names=("a", "b"), pooling="max")
+    with pytest.raises(ValueError, match="only"):
+        EarlyExitConfig(task="token", label_names=("O", "B-x"), pooling="mean")
