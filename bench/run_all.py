@@ -1,0 +1,384 @@
+"""Every real corpus, every system, same weights, same held-out records: docs/benchmarks.md.
+
+Not a test. For each corpus in ``../shared/data`` it takes the model directory that
+``bench.real_models`` trains (trained here first if missing), splits the held-out (dev) set the
+model records into two fixed halves, **calibrates on the first half** (entropy-only, patience-only
+and EPEE, each the fastest setting within ``--tolerance`` points of full depth) and measures on the
+second half only:
+
+* full depth, entropy, patience, EPEE: task score, mean exit layer, layer speedup (from the exit
+  heads' outputs) and records/s of the batched engine running that policy (inputs pre-tokenised);
+* ``beam_stock``: Beam's ``RunInference`` with its stock ``PytorchModelHandlerKeyedTensor`` running
+  the same weights at full depth (inputs padded to the model's max length, as that handler needs),
+  read from the same file, tokenised in a DoFn, predictions written to Parquet;
+* ``reference_bs1``: the published EPEE/PABEE style, batch size 1, exit per sample, EPEE policy;
+* ``pipeline_epee`` / ``pipeline_full``: our Beam pipeline end to end on the DirectRunner (read,
+  tokenise, infer, write Parquet, manifest, report), with the half-1 EPEE setting or at full depth,
+  on the same file (``--max_windows 1``: the same 128 tokens the stock handler sees). PneumoniaMNIST
+  is also wrapped as DICOM files and sent through the DICOM pipeline.
+
+    .venv/bin/python -m bench.run_all                    # every corpus
+    .venv/bin/python -m bench.run_all --only ddi --max-test 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+from torch import nn
+
+CORPORA = {  # name -> (pipeline, what)
+    "medical_abstracts": ("notes", "5-class medical abstract classification (accuracy)"),
+    "ddi": ("relations", "DDI 2013 drug-drug interactions (micro-F1 over positive relations)"),
+    "chemprot": ("relations", "ChemProt chemical-protein relations, 13 types (micro-F1)"),
+    "phee": ("events", "PHEE pharmacovigilance events, token tags (token macro-F1)"),
+    "pneumoniamnist": ("dicom", "PneumoniaMNIST chest X-rays, wrapped as DICOM (accuracy)"),
+}
+KINDS = ("none", "entropy", "patience", "epee")
+
+
+# -- the stock Beam system -------------------------------------------------------------------------
+class StockFullDepth(nn.Module):
+    """Our model at full depth as a plain module taking stacked tensors: what Beam's stock PyTorch
+    handler can run. Returns the last exit head's probabilities."""
+
+    def __init__(self, model_dir: str) -> None:
+        super().__init__()
+        from epee.modeldir import load_model_dir
+
+        self.model = load_model_dir(model_dir).model
+
+    def forward(self, **kw) -> torch.Tensor:
+        from epee.inputs import Batch
+
+        batch = Batch(input_ids=kw.get("input_ids"), token_type_ids=kw.get("token_type_ids"),
+                      attention_mask=kw.get("attention_mask"), pixel_values=kw.get("pixel_values"),
+                      entity_positions=kw.get("entity_positions"), token_mask=kw.get("token_mask"))
+        return torch.softmax(self.model(batch).logits[-1], dim=-1)
+
+
+def padded(sample, max_length: int) -> dict[str, torch.Tensor]:
+    """One EncodedSample as fixed-shape tensors (the stock handler stacks them)."""
+    if sample.pixel_values is not None:
+        return {"pixel_values": sample.pixel_values}
+    n = int(sample.input_ids.numel())
+    pad = max_length - n
+
+    def right(t, value=0):
+        return torch.nn.functional.pad(t, (0, pad), value=value)
+
+    out = {"input_ids": right(sample.input_ids), "attention_mask": right(torch.ones(n, dtype=torch.long))}
+    if sample.token_type_ids is not None:
+        out["token_type_ids"] = right(sample.token_type_ids)
+    if sample.entity_positions is not None:
+        out["entity_positions"] = torch.tensor(sample.entity_positions, dtype=torch.long)
+    if sample.token_mask is not None:
+        out["token_mask"] = right(sample.token_mask, False)
+    return out
+
+
+def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_dicom: bool) -> float:
+    import apache_beam as beam
+    import pyarrow as pa
+    from apache_beam.io import fileio
+    from apache_beam.io.parquetio import WriteToParquet
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
+
+    state_path = os.path.join(tempfile.mkdtemp(), "stock.pth")
+    torch.save(StockFullDepth(model_dir).state_dict(), state_path)  # a file we made ourselves
+    handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path, model_class=StockFullDepth,
+                                             model_params={"model_dir": model_dir}, min_batch_size=1,
+                                             max_batch_size=batch_size)
+
+    class Encode(beam.DoFn):
+        def setup(self):
+            from epee.modeldir import load_preprocessor
+
+            self.pre, self.task = load_preprocessor(model_dir)
+
+        def process(self, item):
+            from epee.data import Example
+
+            if is_dicom:
+                from epee.images import read_dicom
+
+                ex = Example(id=item.metadata.path, image=read_dicom(item.open()))
+            else:
+                row = json.loads(item)
+                ents = ((row["e1_start"], row["e1_end"]), (row["e2_start"], row["e2_end"])) if "e1_start" in row else None
+                ex = Example(id=row["id"], text=row["text"], entities=ents)
+            yield padded(self.pre.encode(ex).sample, getattr(getattr(self.pre, "settings", None), "max_length", 0))
+
+    def row(r):
+        probs = r.inference
+        return {"label": int(probs.reshape(-1, probs.shape[-1]).argmax(-1)[0]), "score": float(probs.max())}
+
+    schema = pa.schema([("label", pa.int64()), ("score", pa.float64())])
+    t0 = time.perf_counter()
+    with beam.Pipeline() as p:
+        src = (p | fileio.MatchFiles(input_glob) | fileio.ReadMatches()) if is_dicom else (p | beam.io.ReadFromText(input_glob))
+        (src | beam.ParDo(Encode()) | RunInference(handler) | beam.Map(row)
+             | WriteToParquet(f"{output}/stock", schema, file_name_suffix=".parquet", num_shards=1))
+    return time.perf_counter() - t0
+
+
+# -- one corpus ------------------------------------------------------------------------------------
+def held_out(model_dir: str):
+    from epee.cli import _bundle_and_data, build_parser
+
+    args = build_parser().parse_args(["evaluate", "--model", model_dir])
+    bundle, examples, _, _ = _bundle_and_data(args, "dev")
+    return bundle, examples
+
+
+def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
+    """The test half as the pipelines read it; returns (input glob, record id -> gold index)."""
+    d.mkdir(parents=True)
+    gold = {}
+    if bundle.data_task == "image":
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+        for i, ex in enumerate(examples):
+            img = np.asarray(ex.image, dtype=np.uint8)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+            ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = "OT", 1, "MONOCHROME2"
+            ds.Rows, ds.Columns = img.shape[:2]
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit, ds.PixelRepresentation = 7, 0
+            ds.PixelData = img.tobytes()
+            path = d / f"{i:05d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            gold[str(path)] = i
+        return str(d / "*.dcm"), gold
+    rows = []
+    for i, ex in enumerate(examples):
+        row = {"id": f"r{i:05d}", "text": ex.text}
+        if ex.entities is not None:
+            (s1, e1), (s2, e2) = ex.entities
+            row.update(e1_start=s1, e1_end=e1, e2_start=s2, e2_end=e2)
+        rows.append(row)
+        gold[row["id"]] = i
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d / "test.jsonl"), gold
+
+
+def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, batch_size: int) -> dict:
+    from epee.calibration import choose, collect_layer_outputs, simulate, sweep
+    from epee.cli import score_function
+    from epee.config import EngineConfig, ExitPolicyConfig
+    from epee.engine import EarlyExitEngine
+    from epee.policies import ExitPolicy
+    from epee.reference import run_reference
+    from pipelines.common import run as run_pipeline
+
+    bundle, examples = held_out(model_dir)
+    model = bundle.model
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    calib = [examples[i] for i in order[0::2]]
+    test = [examples[i] for i in order[1::2]][:max_test]
+    metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
+
+    def encoded(exs):
+        """(samples, gold, examples kept): examples that cannot be encoded are left out of every system."""
+        samples, gold, kept = [], [], []
+        for ex in exs:
+            try:
+                enc = bundle.preprocessor.encode(ex)
+            except ValueError:
+                continue
+            samples.append(enc.sample)
+            gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
+            kept.append(ex)
+        return samples, gold, kept
+
+    c_samples, c_gold, _ = encoded(calib)
+    t_samples, t_gold, test = encoded(test)
+    L = model.num_layers
+    c_points = sweep(collect_layer_outputs(model, c_samples), lambda p: fn(c_gold, p), L)
+    c_full = next(p for p in c_points if p.kind == "none")
+    chosen = {"none": ExitPolicyConfig(kind="none")}
+    for kind in ("entropy", "patience", "epee"):
+        chosen[kind] = choose(c_points, c_full.score, tolerance / 100, kind).policy_config()
+    t_outputs = collect_layer_outputs(model, t_samples)
+    t_points = sweep(t_outputs, lambda p: fn(t_gold, p), L)
+    result = {"name": name, "metric": metric, "num_layers": L, "calibration_records": len(c_samples),
+              "test_records": len(t_samples), "policies": {}, "systems": {}, "sweep_test": [p.to_dict() for p in t_points]}
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=32))
+    for kind, cfg in chosen.items():
+        policy = ExitPolicy(cfg, L)
+        sim = simulate(t_outputs, policy)
+        t0 = time.perf_counter()
+        engine.run(t_samples, policy)
+        secs = time.perf_counter() - t0
+        result["policies"][kind] = {"setting": cfg.to_dict(), "score": fn(t_gold, sim.predictions),
+                                    "mean_exit_layer": sim.mean_exit_layer, "layer_speedup": L / sim.mean_exit_layer,
+                                    "engine_records_per_s": len(t_samples) / secs}
+    n_ref = min(len(t_samples), 200)
+    t0 = time.perf_counter()
+    run_reference(model, t_samples[:n_ref], ExitPolicy(chosen["epee"], L))
+    result["systems"]["reference_bs1"] = n_ref / (time.perf_counter() - t0)
+    result["systems"]["engine_epee"] = result["policies"]["epee"]["engine_records_per_s"]
+    result["systems"]["engine_full"] = result["policies"]["none"]["engine_records_per_s"]
+
+    input_glob, gold_index = write_inputs(bundle, test, work / name / "input")
+    is_dicom = bundle.data_task == "image"
+    n = len(gold_index)
+    pipeline = CORPORA[name][0]
+    base = ["--input", input_glob, "--model", model_dir, "--max_batch_size", str(batch_size)]
+    if not is_dicom:
+        base += ["--id_field", "id", "--max_windows", "1"]
+    epee = chosen["epee"]
+    for sysname, extra in (("pipeline_epee", ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
+                                              "--patience", str(epee.patience)]),
+                           ("pipeline_full", ["--exit_policy", "none"])):
+        out = work / name / sysname
+        t0 = time.perf_counter()
+        summary = run_pipeline(pipeline, base + ["--output", str(out)] + extra)
+        result["systems"][sysname] = n / (time.perf_counter() - t0)
+        result[f"{sysname}_summary"] = {k: summary.get(k) for k in ("records", "predictions", "dead_letters", "mean_exit_layer")}
+        if bundle.data_task != "token":
+            import pyarrow.parquet as pq
+
+            rows = [r for f in sorted(out.glob("predictions-*.parquet")) for r in pq.read_table(f).to_pylist()]
+            names = list(model.config.label_names)
+            preds = {gold_index[r["record_id"]]: names.index(r["label"]) for r in rows}
+            gold_list = [t_gold[i] for i in sorted(preds)]
+            result[f"{sysname}_score"] = fn(gold_list, [preds[i] for i in sorted(preds)]) if preds else None
+    secs = run_stock(input_glob, model_dir, str(work / name / "stock"), batch_size, is_dicom)
+    result["systems"]["beam_stock"] = n / secs
+    s = result["systems"]
+    result["pipeline_epee_vs_beam_stock"] = s["pipeline_epee"] / s["beam_stock"]
+    result["epee_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee"]["score"])
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------
+def plots(results: dict, figs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, r in results.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        ax = axes[0]
+        for kind, colour in (("entropy", "tab:blue"), ("patience", "tab:green"), ("epee", "tab:red")):
+            pts = sorted((p["mean_exit_layer"], 100 * p["score"]) for p in r["sweep_test"] if p["kind"] == kind)
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=6, alpha=0.35, color=colour)
+            c = r["policies"][kind]
+            ax.scatter([c["mean_exit_layer"]], [100 * c["score"]], s=70, color=colour, edgecolor="black", label=f"{kind} (calibrated)")
+        full = r["policies"]["none"]
+        ax.axhline(100 * full["score"], color="grey", ls="--", lw=1, label="full depth")
+        ax.set_xlabel("mean exit layer (test half)")
+        ax.set_ylabel(f"{r['metric']} x 100")
+        ax.set_title(f"{name}: score vs mean exit layer")
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        systems = r["systems"]
+        names = list(systems)
+        ax.barh(names, [systems[k] for k in names], color="tab:purple")
+        for i, k in enumerate(names):
+            ax.text(systems[k], i, f" {systems[k]:.0f}", va="center", fontsize=8)
+        ax.set_xlabel("records/s")
+        ax.set_title("throughput per system")
+        fig.tight_layout()
+        fig.savefig(figs / f"bench_{name}.png", dpi=90)
+        plt.close(fig)
+
+
+def render(results: dict, meta: dict, path: Path) -> None:
+    lines = ["# Benchmarks on the real corpora", "",
+             f"Generated by `{meta['command']}` on {meta['date']}: {meta['machine']}, torch {meta['torch']}, "
+             f"{meta['threads']} threads, no GPU. Every figure is measured on the second half of each corpus' "
+             "held-out (dev) set; the entropy, patience and EPEE settings were calibrated on the first half "
+             f"(fastest within {meta['tolerance']} point of full depth there). Text pipelines read at most one "
+             "128-token window per record (`--max_windows 1`), the same text the stock handler sees.", ""]
+    for name, r in results.items():
+        p, s = r["policies"], r["systems"]
+        lines += [f"## {name}", "", CORPORA[name][1] + f"; test half: {r['test_records']} records, "
+                  f"calibration half: {r['calibration_records']}.", "",
+                  f"| policy | setting | {r['metric']} | mean exit layer | layer speedup | engine records/s |",
+                  "|---|---|---|---|---|---|"]
+        for kind in KINDS:
+            c = p[kind]
+            st = c["setting"]
+            setting = {"none": "-", "entropy": f"τ={st.get('entropy_threshold', 0):.3g}", "patience": f"P={st.get('patience')}",
+                       "epee": f"τ={st.get('entropy_threshold', 0):.3g}, P={st.get('patience')}"}[kind]
+            lines.append(f"| {kind} | {setting} | {c['score']:.4f} | {c['mean_exit_layer']:.2f} | {c['layer_speedup']:.2f}x | "
+                         f"{c['engine_records_per_s']:.1f} |")
+        lines += ["", "| system | records/s | vs Beam stock |", "|---|---|---|"]
+        for k, v in s.items():
+            lines.append(f"| {k} | {v:.1f} | {v / s['beam_stock']:.2f}x |")
+        extra = []
+        for k in ("pipeline_epee", "pipeline_full"):
+            if f"{k}_score" in r and r[f"{k}_score"] is not None:
+                extra.append(f"{k} {r['metric']} from its Parquet output: {r[f'{k}_score']:.4f}")
+        if extra:
+            lines += ["", "; ".join(extra) + "."]
+        lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost; our EPEE pipeline "
+                  f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference.", "",
+                  f"![{name}](figures/bench_{name}.png)", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", choices=list(CORPORA))
+    p.add_argument("--models", default="models")
+    p.add_argument("--docs", default="docs")
+    p.add_argument("--max-test", type=int, default=500, help="records in the measured half (at most)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="calibration tolerance in points")
+    p.add_argument("--batch-size", type=int, default=64, help="RunInference max batch size (both Beam systems)")
+    args = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    docs = Path(args.docs)
+    raw_path = docs / "benchmarks.json"
+    results = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
+    work = Path(tempfile.mkdtemp(prefix="epee-bench-all-"))
+    for name in CORPORA:
+        if args.only and name not in args.only:
+            continue
+        model_dir = Path(args.models) / name
+        if not (model_dir / "epee_config.json").is_file():
+            from bench import real_models
+
+            real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
+        t0 = time.time()
+        results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size)
+        results[name]["seconds"] = round(time.time() - t0, 1)
+        raw_path.write_text(json.dumps(results, indent=2, default=float))
+        print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
+    meta = {"command": ".venv/bin/python -m bench.run_all", "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "tolerance": args.tolerance}
+    figs = docs / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    ordered = {k: results[k] for k in CORPORA if k in results}
+    plots(ordered, figs)
+    render(ordered, meta, docs / "benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Scaling: throughput and peak memory of the notes pipeline for 1k, 10k and 100k notes, with 1
+and 2 workers on the DirectRunner. Not a test; prints one JSON line per run and a table.
+
+Notes are generated (``pipelines.sample_data``) with a realistic, long-tailed length: each note
+joins a log-normal number of generated sentences (median 6, 1% above about 60), so some notes
+span several 128-token windows. They are written as 20 JSONL files, as a nightly archive would
+be. Each run is a fresh process; memory is its peak RSS (and, with 2 worker processes, the largest
+worker's). The archive is never held in memory: JSONL is streamed per file, and only prediction
+rows (a few hundred bytes each) are grouped for the sorted Parquet shards.
+
+    .venv/bin/python -m bench.scaling                       # 1k, 10k, 100k x 1, 2 workers
+    .venv/bin/python -m bench.scaling --sizes 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from pipelines.common import run
+t0 = time.perf_counter()
+s = run("notes", sys.argv[1:])
+print(json.dumps({"seconds": time.perf_counter() - t0, "records": s["records"], "predictions": s["predictions"],
+                  "dead_letters": s["dead_letters"], "mean_exit_layer": s["mean_exit_layer"],
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "largest_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def write_archive(n: int, d: Path, files: int = 20, seed: int = 5) -> dict:
+    from pipelines.sample_data import generate_notes
+
+    d.mkdir(parents=True)
+    rng = random.Random(seed)
+    pool = [note.text for note in generate_notes(5000, seed=seed)]
+    handles = [open(d / f"part-{i:03d}.jsonl", "w") for i in range(files)]
+    words = 0
+    for i in range(n):
+        k = max(1, int(rng.lognormvariate(1.8, 0.9)))
+        text = " ".join(rng.choice(pool) for _ in range(k))
+        words += len(text.split())
+        handles[i % files].write(json.dumps({"id": f"n{i}", "text": text}) + "\n")
+    for h in handles:
+        h.close()
+    return {"notes": n, "mean_words": round(words / n, 1), "bytes": sum(p.stat().st_size for p in d.iterdir())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--model", help="model directory (default: the sample notes model)")
+    args = p.parse_args(argv)
+    from pipelines.sample_job import ensure_models
+
+    model = args.model or str(ensure_models()[0])
+    work = Path(tempfile.mkdtemp(prefix="epee-scaling-"))
+    rows = []
+    for n in args.sizes:
+        archive = write_archive(n, work / f"in_{n}")
+        for w in args.workers:
+            mode = ["--direct_num_workers", str(w), "--direct_running_mode", "multi_processing"] if w > 1 else []
+            argv_ = ["--input", str(work / f"in_{n}" / "*.jsonl"), "--model", model, "--id_field", "id",
+                     "--output", str(work / f"out_{n}_{w}"), *mode]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            done = subprocess.run([sys.executable, "-c", CHILD, *argv_], capture_output=True, text=True, env=env,
+                                  cwd=Path(__file__).resolve().parent.parent)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            row = {**archive, "workers": w, "records_per_s": round(n / r["seconds"], 1), **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print("| notes | mean words | workers | records/s | seconds | mean exit layer | peak RSS MiB (driver) | largest worker RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['notes']} | {r['mean_words']} | {r['workers']} | {r['records_per_s']} | {r['seconds']} | "
+              f"{r['mean_exit_layer']:.2f} | {r['peak_rss_mib']:.0f} | {r['largest_child_rss_mib']:.0f} |")
+    print(f"\nmachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+
+
+if __name__ == "__main__":
+    main()
