@@ -3,7 +3,7 @@
 Not a test. Run from the repository root (CPU, a few minutes per dataset):
 
     .venv/bin/python -m bench.real_models                  # all three
-    .venv/bin/python -m bench.real_models --only ddi       # one of: medical_abstracts, ddi, pneumoniamnist
+    .venv/bin/python -m bench.real_models --only ddi       # one of: medical_abstracts, ddi, chemprot, phee, pneumoniamnist
 
 Models go to ``models/<name>/`` (git-ignored); the figures go to ``docs/training.md`` and
 ``docs/figures/<name>_frontier.png``. Every run is seeded; subsampling is stated in the table.
@@ -42,7 +42,7 @@ def runs() -> dict[str, dict]:
             "train": ["--task", "sequence", "--train", f"{d}/medical_abstracts/train.csv",
                       "--dev", f"{d}/medical_abstracts/dev.csv", "--text-field", "medical_abstract",
                       "--label-field", "condition_label", "--label-names", f"{d}/medical_abstracts/labels.csv",
-                      "--backbone", minilm(), "--max-length", "128", "--epochs", "3", "--batch-size", "16",
+                      "--pooling", "mean", "--backbone", minilm(), "--max-length", "128", "--epochs", "3", "--batch-size", "16",
                       "--lr", "8e-5", "--head-lr", "2e-3"],
             "eval_data": f"{d}/medical_abstracts/dev.csv",
         },
@@ -53,6 +53,20 @@ def runs() -> dict[str, dict]:
                       "--epochs", "2", "--batch-size", "16", "--lr", "8e-5", "--head-lr", "2e-3",
                       "--max-train", "3000", "--negative-ratio", "1.0", "--max-dev", "1500"],
             "eval_data": None,  # the recorded dev split
+        },
+        "chemprot": {
+            "what": "ChemProt chemical-protein relations (13 types, inline markers), MiniLM-L6 (pretrained)",
+            "train": ["--task", "relation", "--train", f"{d}/chemprot/train.jsonl", "--dev", f"{d}/chemprot/dev.jsonl",
+                      "--backbone", minilm(), "--max-length", "128", "--epochs", "2", "--batch-size", "16",
+                      "--lr", "8e-5", "--head-lr", "2e-3", "--max-train", "3000", "--max-dev", "1000"],
+            "eval_data": None,
+        },
+        "phee": {
+            "what": "PHEE pharmacovigilance event extraction (trigger + Subject/Treatment/Effect tags), MiniLM-L6 (pretrained)",
+            "train": ["--task", "token", "--train", f"{d}/phee/train.jsonl", "--dev", f"{d}/phee/dev.jsonl",
+                      "--backbone", minilm(), "--max-length", "128", "--epochs", "3", "--batch-size", "16",
+                      "--lr", "8e-5", "--head-lr", "2e-3", "--max-train", "2000", "--max-dev", "500"],
+            "eval_data": None,
         },
         "pneumoniamnist": {
             "what": "PneumoniaMNIST chest X-ray (normal / pneumonia), small ViT trained from scratch",
