@@ -100,7 +100,7 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
     state_path = os.path.join(tempfile.mkdtemp(), "stock.pth")
     torch.save(StockFullDepth(model_dir).state_dict(), state_path)  # a file we made ourselves
     handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path, model_class=StockFullDepth,
-                                             model_params={"model_dir": model_dir}, min_batch_size=1,
+                                             model_params={"model_dir": model_dir}, min_batch_size=batch_size,
                                              max_batch_size=batch_size)
 
     class Encode(beam.DoFn):
@@ -181,7 +181,8 @@ def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
     return str(d / "test.jsonl"), gold
 
 
-def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, batch_size: int) -> dict:
+def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, batch_size: int,
+                 repeat: int = 1) -> dict:
     from epee.calibration import choose, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
@@ -226,6 +227,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     result = {"name": name, "metric": metric, "num_layers": L, "calibration_records": len(c_samples),
               "test_records": len(t_samples), "policies": {}, "systems": {}, "sweep_test": [p.to_dict() for p in t_points]}
     engine = EarlyExitEngine(model, EngineConfig(batch_size=32))
+    engine.run(t_samples[:64], ExitPolicy(chosen["none"], L))  # warm-up: first calls pay for allocator and kernels
     for kind, cfg in chosen.items():
         policy = ExitPolicy(cfg, L)
         sim = simulate(t_outputs, policy)
@@ -257,7 +259,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     is_dicom = bundle.data_task == "image"
     n = len(gold_index)
     pipeline = CORPORA[name][0]
-    base = ["--input", input_glob, "--model", model_dir, "--max_batch_size", str(batch_size)]
+    base = ["--model", model_dir, "--min_batch_size", str(batch_size), "--max_batch_size", str(batch_size)]
     if not is_dicom:
         base += ["--id_field", "id", "--max_windows", "1"]
     epee = chosen["epee"]
@@ -266,7 +268,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
                            ("pipeline_full", ["--exit_policy", "none"])):
         out = work / name / sysname
         t0 = time.perf_counter()
-        summary = run_pipeline(pipeline, base + ["--output", str(out)] + extra)
+        summary = run_pipeline(pipeline, base + ["--input", input_glob, "--output", str(out)] + extra)
         result["systems"][sysname] = n / (time.perf_counter() - t0)
         result[f"{sysname}_summary"] = {k: summary.get(k) for k in ("records", "predictions", "dead_letters", "mean_exit_layer")}
         if bundle.data_task != "token":
@@ -281,6 +283,30 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     result["systems"]["beam_stock"] = n / secs
     s = result["systems"]
     result["pipeline_epee_vs_beam_stock"] = s["pipeline_epee"] / s["beam_stock"]
+    if repeat > 1 and not is_dicom:
+        # Steady state: a run over a few hundred records is half start-up (Beam, model load,
+        # Parquet, report); a nightly archive is not. The same records K times, new ids.
+        steady_dir = work / name / "steady"
+        steady_dir.mkdir()
+        lines = Path(input_glob).read_text().splitlines()
+        with open(steady_dir / "test.jsonl", "w") as f:
+            for k in range(repeat):
+                for line in lines:
+                    row = json.loads(line)
+                    row["id"] = f"{row['id']}-{k}"
+                    f.write(json.dumps(row) + "\n")
+        steady_glob, m = str(steady_dir / "test.jsonl"), n * repeat
+        steady = {}
+        for sysname, extra in (("pipeline_epee", ["--exit_policy", "epee", "--entropy_threshold",
+                                                  str(epee.entropy_threshold), "--patience", str(epee.patience)]),
+                               ("pipeline_full", ["--exit_policy", "none"])):
+            t0 = time.perf_counter()
+            run_pipeline(pipeline, base + ["--input", steady_glob, "--output", str(work / name / f"steady_{sysname}")] + extra)
+            steady[sysname] = m / (time.perf_counter() - t0)
+        steady["beam_stock"] = m / run_stock(steady_glob, model_dir, str(work / name / "steady_stock"), batch_size, False)
+        result["steady_records"] = m
+        result["steady_systems"] = steady
+        result["steady_pipeline_epee_vs_beam_stock"] = steady["pipeline_epee"] / steady["beam_stock"]
     result["epee_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee"]["score"])
     return result
 
@@ -325,7 +351,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
              f"{meta['threads']} threads, no GPU. Every figure is measured on the second half of each corpus' "
              "held-out (dev) set; the entropy, patience and EPEE settings were calibrated on the first half "
              f"(fastest within {meta['tolerance']} point of full depth there). Text pipelines read at most one "
-             "128-token window per record (`--max_windows 1`), the same text the stock handler sees.", ""]
+             "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Both Beam "
+             "systems get the same RunInference batching (min = max batch size); the engine columns run "
+             "pre-tokenised inputs in-process with a warm-up first.", ""]
     for name, r in results.items():
         p, s = r["policies"], r["systems"]
         lines += [f"## {name}", "", CORPORA[name][1] + f"; test half: {r['test_records']} records, "
@@ -342,6 +370,10 @@ def render(results: dict, meta: dict, path: Path) -> None:
         lines += ["", "| system | records/s | vs Beam stock |", "|---|---|---|"]
         for k, v in s.items():
             lines.append(f"| {k} | {v:.1f} | {v / s['beam_stock']:.2f}x |")
+        if "steady_systems" in r:
+            st = r["steady_systems"]
+            lines += ["", f"Steady state, the test half repeated to {r['steady_records']} records: "
+                      + ", ".join(f"{k} {v:.1f} records/s ({v / st['beam_stock']:.2f}x Beam stock)" for k, v in st.items()) + "."]
         extra = []
         for k in ("pipeline_epee", "pipeline_full"):
             if f"{k}_score" in r and r[f"{k}_score"] is not None:
@@ -359,7 +391,38 @@ def render(results: dict, meta: dict, path: Path) -> None:
         lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost; our EPEE pipeline "
                   f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference.", "",
                   f"![{name}](figures/bench_{name}.png)", ""]
+    lines += scaling_section(path.parent / "scaling.json")
+    lines += ["## GPU", "", "Not measured: no GPU machine was lent to the session that produced these figures "
+              "(`bench.engine --device cuda` and `bench.pipeline` are the commands to run on one).", ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def scaling_section(path: Path) -> list[str]:
+    """The table ``bench.scaling`` records, if it has run."""
+    if not path.is_file():
+        return ["## Scaling", "", "Not run yet: `.venv/bin/python -m bench.scaling`.", ""]
+    data = json.loads(path.read_text())
+    lines = ["## Scaling: 1k, 10k, 100k notes", "",
+             f"Generated by `{data['command']}` on {data['date']} ({data['machine']}). {data['what']}", "",
+             "| notes | archive MB | mean words | workers | records/s | seconds | mean exit layer | "
+             "peak RSS MiB (driver) | largest worker RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['notes']} | {r['bytes'] / 1e6:.1f} | {r['mean_words']} | {r['workers']} | {r['records_per_s']} | "
+                     f"{r['seconds']} | {r['mean_exit_layer']:.2f} | {r['peak_rss_mib']:.0f} | {r['largest_child_rss_mib']:.0f} |")
+    return lines + [""]
+
+
+def render_saved(docs: Path) -> None:
+    """Re-render docs/benchmarks.md from docs/benchmarks.json (and scaling.json) without measuring."""
+    results = json.loads((docs / "benchmarks.json").read_text()) if (docs / "benchmarks.json").is_file() else {}
+    ordered = {k: results[k] for k in CORPORA if k in results}
+    render(ordered, results.get("_meta") or run_meta(1.0), docs / "benchmarks.md")
+
+
+def run_meta(tolerance: float) -> dict:
+    return {"command": ".venv/bin/python -m bench.run_all", "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "tolerance": tolerance}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,7 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", default="docs")
     p.add_argument("--max-test", type=int, default=500, help="records in the measured half (at most)")
     p.add_argument("--tolerance", type=float, default=1.0, help="calibration tolerance in points")
-    p.add_argument("--batch-size", type=int, default=64, help="RunInference max batch size (both Beam systems)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="RunInference batch size, min = max, for both Beam systems (stock and ours)")
+    p.add_argument("--repeat", type=int, default=4,
+                   help="text corpora: also time the Beam systems on the test half repeated K times (steady state)")
     args = p.parse_args(argv)
     import logging
 
@@ -387,15 +453,16 @@ def main(argv: list[str] | None = None) -> None:
 
             real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
         t0 = time.time()
-        results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size)
+        results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size,
+                                     args.repeat)
         results[name]["seconds"] = round(time.time() - t0, 1)
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
-    meta = {"command": ".venv/bin/python -m bench.run_all", "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "tolerance": args.tolerance}
+    meta = run_meta(args.tolerance)
     figs = docs / "figures"
     figs.mkdir(parents=True, exist_ok=True)
+    results["_meta"] = meta
+    raw_path.write_text(json.dumps(results, indent=2, default=float))
     ordered = {k: results[k] for k in CORPORA if k in results}
     plots(ordered, figs)
     render(ordered, meta, docs / "benchmarks.md")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", help="model directory (default: the sample notes model)")
+    p.add_argument("--docs", default="docs", help="writes scaling.json there and re-renders benchmarks.md")
     args = p.parse_args(argv)
     from pipelines.sample_job import ensure_models
 
@@ -87,6 +89,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['notes']} | {r['mean_words']} | {r['workers']} | {r['records_per_s']} | {r['seconds']} | "
               f"{r['mean_exit_layer']:.2f} | {r['peak_rss_mib']:.0f} | {r['largest_child_rss_mib']:.0f} |")
     print(f"\nmachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "scaling.json").write_text(json.dumps({
+        "command": ".venv/bin/python -m bench.scaling" + (f" --sizes {' '.join(map(str, args.sizes))}" if argv else ""),
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "what": ("Generated notes with log-normal lengths (a few notes span several 128-token windows) in 20 "
+                 "JSONL files; the sample notes model (pretrained MiniLM-L6, exit heads fitted as probes on generated notes) with its calibrated EPEE policy; one fresh "
+                 "process per run; 2 workers = DirectRunner multi_processing. Peak RSS is the driver's and the "
+                 "largest child process's."),
+        "rows": rows}, indent=2))
+    from bench.run_all import render_saved
+
+    render_saved(docs)
 
 
 if __name__ == "__main__":
