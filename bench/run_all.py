@@ -238,14 +238,14 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
                                     "mean_exit_layer": sim.mean_exit_layer, "layer_speedup": L / sim.mean_exit_layer,
                                     "engine_records_per_s": len(t_samples) / secs}
         # where the engine's time goes: rows per layer call at each depth (batch fill) and padding
-        fill = [r / (c * 32) if c else 0.0 for r, c in zip(stats.rows_per_layer, stats.calls_per_layer)]
+        fill = [r / (c * stats.batch_size) if c else 0.0 for r, c in zip(stats.rows_per_layer, stats.calls_per_layer)]
         result["policies"][kind]["engine_profile"] = {
             "batch_fill_per_layer": fill, "mean_batch_fill": stats.mean_batch_fill,
             "padding_fraction": stats.padding_fraction, "rows_per_layer": list(stats.rows_per_layer)}
     if t_samples[0].pixel_values is None:
         lengths = [int(s.input_ids.numel()) for s in t_samples]
         result["profile"] = {"tokenise_records_per_s": encode_per_s, "mean_tokens": sum(lengths) / len(lengths),
-                             "stock_padded_tokens": getattr(getattr(bundle.preprocessor, "settings", None), "max_length", None)}
+                             "stock_padded_tokens": bundle.preprocessor.settings.max_length}
     else:
         result["profile"] = {"decode_records_per_s": encode_per_s}
     n_ref = min(len(t_samples), 200)
@@ -263,9 +263,10 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     if not is_dicom:
         base += ["--id_field", "id", "--max_windows", "1"]
     epee = chosen["epee"]
-    for sysname, extra in (("pipeline_epee", ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
-                                              "--patience", str(epee.patience)]),
-                           ("pipeline_full", ["--exit_policy", "none"])):
+    variants = {"pipeline_epee": ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
+                                  "--patience", str(epee.patience)],
+                "pipeline_full": ["--exit_policy", "none"]}
+    for sysname, extra in variants.items():
         out = work / name / sysname
         t0 = time.perf_counter()
         summary = run_pipeline(pipeline, base + ["--input", input_glob, "--output", str(out)] + extra)
@@ -297,9 +298,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
                     f.write(json.dumps(row) + "\n")
         steady_glob, m = str(steady_dir / "test.jsonl"), n * repeat
         steady = {}
-        for sysname, extra in (("pipeline_epee", ["--exit_policy", "epee", "--entropy_threshold",
-                                                  str(epee.entropy_threshold), "--patience", str(epee.patience)]),
-                               ("pipeline_full", ["--exit_policy", "none"])):
+        for sysname, extra in variants.items():
             t0 = time.perf_counter()
             run_pipeline(pipeline, base + ["--input", steady_glob, "--output", str(work / name / f"steady_{sysname}")] + extra)
             steady[sysname] = m / (time.perf_counter() - t0)
@@ -385,7 +384,7 @@ def render(results: dict, meta: dict, path: Path) -> None:
             cost = (f"tokenisation alone {prof['tokenise_records_per_s']:.0f} records/s; mean {prof['mean_tokens']:.0f} tokens "
                     f"per record (the stock handler pads every record to {prof['stock_padded_tokens']})"
                     if "tokenise_records_per_s" in prof else f"DICOM decoding alone {prof['decode_records_per_s']:.0f} records/s")
-            lines += ["", f"Profile: {cost}; EPEE engine batch fill per layer (rows per call / 32): "
+            lines += ["", f"Profile: {cost}; EPEE engine batch fill per layer (rows per layer call / engine batch size): "
                       + " ".join(f"{x:.2f}" for x in ep["batch_fill_per_layer"])
                       + f"; padding {100 * ep['padding_fraction']:.0f}% of token slots."]
         lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost; our EPEE pipeline "
