@@ -21,7 +21,10 @@ class EpeeOptions(PipelineOptions):
                        help="note files: format (auto: by extension; .txt = one note per file, its path the id)")
         g.add_argument("--text_field", default="text", help="note tables: field holding the text")
         g.add_argument("--id_field", default=None, help="note tables: field holding the record id (default: file#row)")
-        g.add_argument("--min_batch_size", type=int, default=1, help="RunInference: smallest batch")
+        g.add_argument("--min_batch_size", type=int, default=None,
+                       help="RunInference: smallest batch (default: --engine_batch_size, capped at --max_batch_size). "
+                            "Beam's adaptive batching starting at 1 hands the engine calls of a few records, "
+                            "which leaves it little to regroup; a batch is still flushed at each bundle's end")
         g.add_argument("--max_batch_size", type=int, default=256,
                        help="RunInference: largest batch; the engine regroups inside each batch")
         g.add_argument("--engine_batch_size", type=int, default=32, help="rows per layer call inside the engine")

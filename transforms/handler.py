@@ -61,7 +61,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         model_uri: str,
         run_id: str = "",
         engine_batch_size: int = 32,
-        min_batch_size: int = 1,
+        min_batch_size: int | None = None,
         max_batch_size: int = 256,
         device: str = "cpu",
         large_model: bool = False,
@@ -77,6 +77,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
         self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device)
+        # Beam's adaptive batching starting at 1 hands the engine calls of a few records, which
+        # leaves it little to regroup: by default a RunInference batch holds at least one engine
+        # call's worth (bundle ends still flush smaller batches).
+        if min_batch_size is None:
+            min_batch_size = min(engine_batch_size, max_batch_size)
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
         self.device = device
         self.large_model = large_model

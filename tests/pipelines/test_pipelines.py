@@ -148,6 +148,9 @@ def test_startup_errors_are_clear(models, tmp_path):
         run("dicom", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o")])
     with pytest.raises(StartupError, match="missing --output"):
         run("notes", ["--input", "x", "--model", "y"])
+    with pytest.raises(StartupError, match="--min_batch_size"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--min_batch_size", "64", "--max_batch_size", "8"])
 
 
 def test_help_documents_options(capsys):

@@ -25,6 +25,10 @@ def test_batch_elements_kwargs_and_load(notes_model):
     h = EarlyExitModelHandler(notes_model, min_batch_size=4, max_batch_size=64)
     assert h.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 64}
     assert h.load_model().model.num_layers == 3
+    # default: at least one engine call's worth per RunInference batch, never above the maximum
+    assert EarlyExitModelHandler(notes_model, engine_batch_size=16).batch_elements_kwargs()["min_batch_size"] == 16
+    assert EarlyExitModelHandler(notes_model, engine_batch_size=32, max_batch_size=8).batch_elements_kwargs() == {
+        "min_batch_size": 8, "max_batch_size": 8}
 
 
 def test_windows_fold_into_one_record_with_mean_probabilities(notes_model):
