@@ -35,8 +35,10 @@ __all__ = [
 from .calibration import (  # noqa: E402
     LayerOutputs,
     SimulatedRun,
+    RobustChoice,
     SweepPoint,
     choose,
+    choose_robust,
     collect_layer_outputs,
     frontier,
     simulate,
@@ -47,8 +49,10 @@ from .metrics import primary_metric, task_scores  # noqa: E402
 __all__ += [
     "LayerOutputs",
     "SimulatedRun",
+    "RobustChoice",
     "SweepPoint",
     "choose",
+    "choose_robust",
     "collect_layer_outputs",
     "frontier",
     "primary_metric",

@@ -13,6 +13,7 @@ sample at exactly the layer the batched engine will, up to float noise between b
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -326,6 +327,90 @@ def choose(points: Sequence[SweepPoint], full_score: float, tolerance: float, ki
         "no %s setting scores within %.4f of %.4f; taking the most accurate one", kind, tolerance, full_score
     )
     return min(pool, key=lambda p: (-p.score,) + _speed_first(p))
+
+
+@dataclass(frozen=True)
+class RobustChoice:
+    """A setting chosen by :func:`choose_robust`, with the bootstrap evidence behind it."""
+
+    point: SweepPoint
+    drop_quantile: float  # the ``confidence`` quantile of the resampled drop (full minus setting), a fraction
+    mean_drop: float  # mean resampled drop
+    candidates_tested: int  # settings tested before (and including) this one
+
+
+def choose_robust(
+    outputs: LayerOutputs,
+    points: Sequence[SweepPoint],
+    gold: Sequence,
+    score_fn: Callable[[list, list], float],
+    tolerance: float,
+    kind: str = "epee",
+    confidence: float = 0.9,
+    resamples: int = 200,
+    seed: int = 0,
+) -> RobustChoice:
+    """The fastest setting of ``kind`` whose score drop stays within ``tolerance`` under resampling.
+
+    :func:`choose` takes the fastest setting whose score on the dev set is within tolerance. Among
+    hundreds of settings, that is the one whose dev-set noise happened to favour it most (the
+    winner's curse): on new records it loses more than the tolerance. Here each candidate is
+    compared with full depth on ``resamples`` paired bootstrap resamples of the dev set (the same
+    records for both, the same resamples for every candidate); it qualifies when the
+    ``confidence`` quantile of its drop, ``score_fn(full) - score_fn(setting)``, is at most
+    ``tolerance``. Candidates are that kind's settings that pass the plain test, fastest first
+    (settings with the same exit schedule are resampled once); the first that qualifies is
+    returned. If none does, the candidate with the smallest drop quantile is.
+
+    ``score_fn(gold, predictions)`` scores any subset; ``gold`` is in the same order as ``outputs``.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence ({confidence}) must be in (0, 1)")
+    if resamples < 1:
+        raise ValueError(f"resamples ({resamples}) must be >= 1")
+    n = outputs.num_samples
+    if len(gold) != n:
+        raise ValueError(f"gold has {len(gold)} entries, outputs have {n} samples")
+    full_point = next((p for p in points if p.kind == "none"), None)
+    if full_point is None:
+        raise ValueError("points need the full-depth ('none') setting")
+    num_layers = outputs.num_layers
+    trace = _trace(outputs)
+    full_preds = _predictions_at(trace, outputs, torch.full((n,), num_layers, dtype=torch.long))
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, n, size=n) for _ in range(resamples)]
+    gold_draws = [[gold[i] for i in d] for d in draws]
+    full_scores = np.array([score_fn(g, [full_preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
+    floor = full_point.score - tolerance - 1e-12
+    candidates = sorted((p for p in points if p.kind == kind and p.score >= floor), key=_speed_first)
+    tested: dict[bytes, tuple[float, float]] = {}
+    best: RobustChoice | None = None  # the smallest drop quantile seen, should none qualify
+
+    def drop_stats(p: SweepPoint) -> tuple[float, float]:
+        exit_layers = _exit_layers(trace, ExitPolicy(p.policy_config(), num_layers))
+        key = exit_layers.numpy().tobytes()
+        if key not in tested:
+            preds = _predictions_at(trace, outputs, exit_layers)
+            drops = full_scores - np.array([score_fn(g, [preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
+            tested[key] = (float(np.quantile(drops, confidence)), float(drops.mean()))
+        return tested[key]
+
+    for count, p in enumerate(candidates, start=1):
+        q, mean = drop_stats(p)
+        if q <= tolerance + 1e-12:
+            return RobustChoice(p, q, mean, count)
+        if best is None or q < best.drop_quantile:
+            best = RobustChoice(p, q, mean, count)
+    logger.warning("no %s setting keeps its drop within %.4f at confidence %.2f; taking the safest one",
+                   kind, tolerance, confidence)
+    if best is not None:
+        return dataclasses.replace(best, candidates_tested=len(candidates))
+    pool = [p for p in points if p.kind == kind]
+    if not pool:
+        raise ValueError(f"no sweep points of kind {kind!r}")
+    safest = min(pool, key=lambda p: (-p.score,) + _speed_first(p))
+    q, mean = drop_stats(safest)
+    return RobustChoice(safest, q, mean, 0)
 
 
 CSV_FIELDS = ("kind", "entropy_threshold", "patience", "min_exit_layer", "score", "mean_exit_layer", "layer_speedup")

@@ -1,7 +1,7 @@
 """The ``epee`` command: train, calibrate and evaluate early-exit model directories.
 
     epee train      --task sequence --train notes.jsonl --dev dev.jsonl --backbone DIR --output MODEL
-    epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0]
+    epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0] [--confidence 0.9]
     epee evaluate   --model MODEL --data test.jsonl
     epee convert    --model MODEL        (pickle weights -> model.safetensors, once)
 
@@ -249,12 +249,16 @@ def _bundle_and_data(args: argparse.Namespace, part_default: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict:
-    from .calibration import choose, collect_layer_outputs, plot_frontier, render_table_markdown, sweep, write_sweep_table
+    from .calibration import (
+        choose, choose_robust, collect_layer_outputs, plot_frontier, render_table_markdown, sweep, write_sweep_table,
+    )
     from .config import ExitPolicyConfig
     from .modeldir import update_model_dir
 
     if "://" in args.model:
         raise SystemExit("calibrate writes into the model directory: give a local path")
+    if not 0.0 <= args.confidence < 1.0 or args.resamples < 1:
+        raise SystemExit("--confidence must be in [0, 1) and --resamples >= 1")
     bundle, examples, uri, part = _bundle_and_data(args, "dev")
     model = bundle.model
     samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
@@ -263,7 +267,16 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size)
     points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=args.min_exit_layer)
     full = next(p for p in points if p.kind == "none")
-    chosen = choose(points, full.score, args.tolerance / 100.0, kind="epee")
+    if args.confidence:
+        robust = choose_robust(outputs, points, gold, fn, args.tolerance / 100.0, kind="epee",
+                               confidence=args.confidence, resamples=args.resamples)
+        chosen = robust.point
+        selection = {"rule": "paired bootstrap", "confidence": args.confidence, "resamples": args.resamples,
+                     "drop_quantile": robust.drop_quantile, "mean_drop": robust.mean_drop,
+                     "candidates_tested": robust.candidates_tested}
+    else:
+        chosen = choose(points, full.score, args.tolerance / 100.0, kind="epee")
+        selection = {"rule": "point estimate"}
     out = Path(args.model) / "calibration"
     out.mkdir(exist_ok=True)
     write_sweep_table(points, out / "sweep.csv")
@@ -281,6 +294,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     record = {
         "metric": metric, "tolerance_points": args.tolerance, "data": uri, "part": part, "examples": len(samples),
         "skipped_unencodable": skipped, "full_depth_score": full.score, "per_layer_scores": per_layer,
+        "selection": selection,
         "chosen": {"kind": "epee", "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
                    "score": chosen.score, "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup},
         "files": ["calibration/sweep.csv", "calibration/frontier.md", "calibration/frontier.png"],
@@ -395,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="labelled dev data (default: the dev set recorded at training)")
     c.add_argument("--part", default="all", choices=["all", "train", "dev"], help="with --dev-fraction: which part")
     c.add_argument("--tolerance", type=float, default=1.0, help="score points below full depth allowed (1.0 = 1 point)")
+    c.add_argument("--confidence", type=float, default=0.9,
+                   help="take the fastest setting whose score drop stays within tolerance at this bootstrap "
+                        "confidence (guards against picking a setting for its luck on the dev set); "
+                        "0 takes the fastest within tolerance on the dev set itself")
+    c.add_argument("--resamples", type=int, default=200, help="bootstrap resamples for --confidence")
     c.add_argument("--min-exit-layer", type=int, default=1)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)

@@ -12,6 +12,7 @@ from epee.calibration import (
     LayerOutputs,
     SweepPoint,
     choose,
+    choose_robust,
     collect_layer_outputs,
     default_thresholds,
     frontier,
@@ -290,6 +291,70 @@ class TestChoose:
         config = HAND_POINTS[5].policy_config()
         assert (config.kind, config.entropy_threshold, config.patience) == ("epee", 0.4, 1)
         assert HAND_POINTS[7].policy_config().kind == "entropy"
+
+
+def swap_outputs(n=200, swapped=20, agree=False):
+    """Two layers, gold all 0. Full depth (layer 2) is right on 3/4 of the records. Layer 1 is
+    confident everywhere; with ``agree`` it predicts as layer 2 does, otherwise it breaks
+    ``swapped`` right records and fixes ``swapped`` wrong ones: the same dev accuracy, by luck."""
+    right = n * 3 // 4
+    full = torch.tensor([0] * right + [1] * (n - right))
+    early = full.clone()
+    if not agree:
+        early[:swapped] = 1
+        early[right : right + swapped] = 0
+    layer1 = torch.where(early.unsqueeze(1) == 0, torch.tensor([0.999, 0.001]), torch.tensor([0.001, 0.999]))
+    layer2 = torch.where(full.unsqueeze(1) == 0, torch.tensor([0.7, 0.3]), torch.tensor([0.3, 0.7]))
+    return LayerOutputs(probs=[layer1, layer2]), [0] * n
+
+
+class TestChooseRobust:
+    def test_lucky_early_setting_rejected(self):
+        outputs, gold = swap_outputs()
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        full = next(p for p in points if p.kind == "none")
+        plain = choose(points, full.score, 0.01)
+        assert plain.score == full.score and plain.mean_exit_layer == 1.0  # the plain rule takes the lucky one
+        robust = choose_robust(outputs, points, gold, accuracy, 0.01, confidence=0.9, resamples=300)
+        assert robust.point.mean_exit_layer == 2.0  # 40 changed predictions are too many to trust
+        assert robust.drop_quantile <= 0.01
+        assert robust.candidates_tested >= 2
+
+    def test_faithful_early_setting_kept(self):
+        outputs, gold = swap_outputs(agree=True)
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        robust = choose_robust(outputs, points, gold, accuracy, 0.01)
+        assert robust.point.mean_exit_layer == 1.0
+        assert robust.drop_quantile == 0.0 and robust.mean_drop == 0.0
+        assert robust.candidates_tested == 1
+
+    def test_few_swaps_within_a_loose_tolerance_kept(self):
+        outputs, gold = swap_outputs(swapped=2)
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        robust = choose_robust(outputs, points, gold, accuracy, 0.05)
+        assert robust.point.mean_exit_layer == 1.0 and 0.0 < robust.drop_quantile <= 0.05
+
+    def test_same_seed_same_choice(self):
+        outputs, gold = swap_outputs(swapped=6)
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        a = choose_robust(outputs, points, gold, accuracy, 0.02, seed=3)
+        b = choose_robust(outputs, points, gold, accuracy, 0.02, seed=3)
+        assert a == b
+
+    @pytest.mark.parametrize("kwargs, match", [
+        ({"confidence": 1.0}, "confidence"), ({"confidence": 0.0}, "confidence"), ({"resamples": 0}, "resamples"),
+    ])
+    def test_arguments_checked(self, kwargs, match):
+        outputs, gold = swap_outputs()
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        with pytest.raises(ValueError, match=match):
+            choose_robust(outputs, points, gold, accuracy, 0.01, **kwargs)
+
+    def test_gold_length_checked(self):
+        outputs, gold = swap_outputs()
+        points = sweep(outputs, lambda pred: accuracy(gold, pred), 2)
+        with pytest.raises(ValueError, match="gold has 3 entries"):
+            choose_robust(outputs, points, gold[:3], accuracy, 0.01)
 
 
 class TestReports:

@@ -32,14 +32,21 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def check_calibrated_and_evaluated(capsys, model_dir, data):
-    cal = run(capsys, "calibrate", "--model", model_dir, "--tolerance", "1.0")
+def check_calibrated_and_evaluated(capsys, model_dir, data, *extra):
+    cal = run(capsys, "calibrate", "--model", model_dir, "--tolerance", "1.0", *extra)
     assert cal["chosen"]["score"] >= cal["full_depth_score"] - 0.01 - 1e-9
     assert 1.0 <= cal["chosen"]["mean_exit_layer"] <= 3.0 and len(cal["per_layer_scores"]) == 3
     cfg = json.loads((model_dir_path := __import__("pathlib").Path(model_dir) / "epee_config.json").read_text())
     assert cfg["model"]["policy"]["kind"] == "epee"
     assert cfg["model"]["policy"]["entropy_threshold"] == pytest.approx(cal["chosen"]["entropy_threshold"])
     assert cfg["calibration"]["chosen"] == cal["chosen"]
+    sel = cal["selection"]  # the default guards against a lucky pick on the dev set
+    if "--confidence" in extra:  # 0: the fastest setting within tolerance on the dev set itself
+        assert sel == {"rule": "point estimate"}
+        return cal, run(capsys, "evaluate", "--model", model_dir, "--data", data)
+    assert sel["rule"] == "paired bootstrap" and sel["confidence"] == 0.9 and sel["candidates_tested"] >= 1
+    if sel["drop_quantile"] <= 0.01 + 1e-12:  # qualified: no faster setting passes the plain test and the bootstrap
+        assert sel["mean_drop"] <= sel["drop_quantile"] + 1e-12
     png = model_dir_path.parent / "calibration" / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (model_dir_path.parent / "calibration" / "sweep.csv").stat().st_size > 0
@@ -47,6 +54,12 @@ def check_calibrated_and_evaluated(capsys, model_dir, data):
     assert ev["mean_exit_layer"] == pytest.approx(cal["chosen"]["mean_exit_layer"], abs=1e-3)  # calibration predicts the engine
     assert ev["samples_per_s"] > 0 and ev["layer_speedup"] >= 1.0
     return cal, ev
+
+
+@pytest.mark.parametrize("flag", [["--confidence", "1.0"], ["--confidence", "-0.1"], ["--resamples", "0"]])
+def test_calibrate_rejects_bad_selection_arguments(tmp_path, flag):
+    with pytest.raises(SystemExit, match="--confidence must be in"):
+        main(["calibrate", "--model", str(tmp_path), *flag])
 
 
 def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
@@ -133,7 +146,7 @@ def test_image_classification_npz_and_resume(tmp_path, capsys):
     assert (tmp_path / "model" / "checkpoint" / "state.json").is_file()
     res = run(capsys, *common)  # resumes
     assert res["full_depth_dev_score"] >= 0.9
-    check_calibrated_and_evaluated(capsys, out, data + "")
+    check_calibrated_and_evaluated(capsys, out, data + "", "--confidence", "0")
 
 
 def test_missing_backbone_source_is_explained(tmp_path, capsys):
