@@ -67,6 +67,20 @@ class BackboneAdapter:
         """Run transformer layer ``i`` (0-based): (N, T, H) -> (N, T, H)."""
         raise NotImplementedError
 
+    def layer_module(self, i: int) -> nn.Module:
+        """The module that :meth:`layer` runs for layer ``i`` (ALBERT: a shared group)."""
+        raise NotImplementedError
+
+    def word_embeddings(self) -> nn.Embedding:
+        """The token embedding table (text families); soft prompts live in its space."""
+        raise NotImplementedError(f"{self.family} has no token embeddings")
+
+    def embed_with_prompts(self, batch: Batch, prompts: torch.Tensor, position: int) -> torch.Tensor:
+        """:meth:`embed`, with the word embeddings of positions ``position .. position + K - 1``
+        replaced by the K soft prompt vectors ``prompts`` (K, H) before position embeddings and
+        normalisation, as prompt tuning does. The preprocessor reserves those positions."""
+        raise NotImplementedError(f"soft prompts are not supported for {self.family}")
+
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Sequence-level exit-head input: (N, T, H) -> (N, H)."""
         raise NotImplementedError
@@ -102,8 +116,21 @@ class BertAdapter(BackboneAdapter):
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.model.embeddings(input_ids=batch.input_ids, token_type_ids=batch.token_type_ids)
 
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings.word_embeddings
+
+    def embed_with_prompts(self, batch: Batch, prompts: torch.Tensor, position: int) -> torch.Tensor:
+        words = _with_prompts(self.word_embeddings()(batch.input_ids), prompts, position)
+        return self._embed_words(words, batch)
+
+    def _embed_words(self, words: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.model.embeddings(inputs_embeds=words, token_type_ids=batch.token_type_ids)
+
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.model.encoder.layer[i](hidden, bias)
+
+    def layer_module(self, i: int) -> nn.Module:
+        return self.model.encoder.layer[i]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler(hidden)  # takes hidden[:, 0] itself
@@ -124,10 +151,17 @@ class AlbertAdapter(BertAdapter):
         embedded = self.model.embeddings(batch.input_ids, token_type_ids=batch.token_type_ids)  # (N, T, E)
         return self.model.encoder.embedding_hidden_mapping_in(embedded)  # (N, T, H)
 
+    def _embed_words(self, words: torch.Tensor, batch: Batch) -> torch.Tensor:
+        embedded = self.model.embeddings(inputs_embeds=words, token_type_ids=batch.token_type_ids)  # (N, T, E)
+        return self.model.encoder.embedding_hidden_mapping_in(embedded)
+
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.layer_module(i)(hidden, bias)
+
+    def layer_module(self, i: int) -> nn.Module:
         # Same group arithmetic as AlbertTransformer.forward.
         group = int(i / (self.config.num_hidden_layers / self.config.num_hidden_groups))
-        return self.model.encoder.albert_layer_groups[group](hidden, bias)
+        return self.model.encoder.albert_layer_groups[group]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler_activation(self.model.pooler(hidden[:, 0]))
@@ -139,9 +173,18 @@ class GPT2Adapter(BackboneAdapter):
     family = "gpt2"
 
     def embed(self, batch: Batch) -> torch.Tensor:
+        return self._embed_words(self.model.wte(batch.input_ids), batch)
+
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.wte
+
+    def embed_with_prompts(self, batch: Batch, prompts: torch.Tensor, position: int) -> torch.Tensor:
+        return self._embed_words(_with_prompts(self.model.wte(batch.input_ids), prompts, position), batch)
+
+    def _embed_words(self, words: torch.Tensor, batch: Batch) -> torch.Tensor:
         n, t = batch.input_ids.shape
         positions = torch.arange(t, device=batch.input_ids.device).unsqueeze(0)  # (1, T)
-        hidden = self.model.wte(batch.input_ids) + self.model.wpe(positions)
+        hidden = words + self.model.wpe(positions)
         if batch.token_type_ids is not None:
             hidden = hidden + self.model.wte(batch.token_type_ids)
         return self.model.drop(hidden)
@@ -158,6 +201,9 @@ class GPT2Adapter(BackboneAdapter):
 
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.model.h[i](hidden, None, bias, use_cache=False)
+
+    def layer_module(self, i: int) -> nn.Module:
+        return self.model.h[i]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         n, t, _ = hidden.shape
@@ -197,6 +243,9 @@ class ViTAdapter(BackboneAdapter):
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.model.layers[i](hidden, bias)
 
+    def layer_module(self, i: int) -> nn.Module:
+        return self.model.layers[i]
+
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.layernorm(hidden[:, 0])
 
@@ -206,6 +255,18 @@ class ViTAdapter(BackboneAdapter):
     def stock_forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(pixel_values=batch.pixel_values)
         return out.last_hidden_state[:, 0], out.last_hidden_state
+
+
+def _with_prompts(words: torch.Tensor, prompts: torch.Tensor, position: int) -> torch.Tensor:
+    """(N, T, H) word embeddings with positions ``position .. position + K - 1`` set to the
+    prompts (K, H); a new tensor, so gradients reach the prompts and not the table."""
+    k = prompts.shape[0]
+    if words.shape[1] < position + k:
+        raise ValueError(f"inputs of {words.shape[1]} tokens cannot hold {k} prompt positions from {position}: "
+                         "encode them with the model directory's preprocessor, which reserves them")
+    n = words.shape[0]
+    return torch.cat([words[:, :position], prompts.to(words.dtype).unsqueeze(0).expand(n, -1, -1),
+                      words[:, position + k :]], dim=1)
 
 
 # family -> (config class, model class, adapter class, extra model kwargs)

@@ -3,6 +3,7 @@
     epee train      --task sequence --train notes.jsonl --dev dev.jsonl --backbone DIR --output MODEL
     epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0] [--confidence 0.9]
     epee evaluate   --model MODEL --data test.jsonl
+    epee sparsify   --model MODEL --output SPARSE --sparsity 0.75 [--dense-epochs 1] [--num-prompts 8]
     epee convert    --model MODEL        (pickle weights -> model.safetensors, once)
 
 See the README ("Training a model") for every data format with an example.
@@ -337,7 +338,129 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         "samples_per_s": round(n / t_run, 2) if t_run else None,
         "samples_per_s_with_preprocessing": round(n / (t_run + t_encode), 2) if t_run else None,
         "exits_per_layer": result.stats.exits_per_layer, "mean_batch_fill": round(result.stats.mean_batch_fill, 4),
+        "macs_per_record": result.stats.macs / n if n else 0.0,
+        "dense_full_macs_per_record": result.stats.dense_full_macs / n if n else 0.0,
+        **{f"macs_{k}": round(v, 6) for k, v in result.stats.mac_savings.items()},
     }
+
+
+# -- sparsify --------------------------------------------------------------------------------------
+def cmd_sparsify(args: argparse.Namespace) -> dict:
+    """Prune, train sparse (masks enforced), optionally fine-tune dense (masks released); soft
+    prompts optional. MediSwift's recipe on a trained early-exit model directory."""
+    import torch
+
+    from .data import subsample
+    from .encoding import TextPreprocessor
+    from .modeldir import load_model_dir, save_model_dir
+    from .sparsity import MaskEnforcer, SparsityConfig, measured_sparsity
+    from .training import TrainConfig, train
+
+    for name in ("epochs", "dense_epochs", "num_prompts"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
+    try:
+        sparse_cfg = SparsityConfig(sparsity=args.sparsity, scope=args.scope, pattern=args.pattern,
+                                    gradual_steps=args.gradual_steps)
+    except ValueError as exc:
+        raise SystemExit(f"epee sparsify: {exc}") from None
+    if args.freeze_backbone and not args.num_prompts:
+        raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
+    bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
+    model, pre = bundle.model, bundle.preprocessor
+    recorded = bundle.sections.get("training", {}).get("data", {})
+    fields = _fields(args, recorded.get("fields"))
+    task = bundle.data_task
+    neg = model.config.negative_label
+    train_uri = args.train or recorded.get("train")
+    if not train_uri:
+        raise SystemExit("give --train FILE (the model directory records no training data)")
+    train_ex = _load(train_uri, task, fields, neg)
+    dev_uri = args.dev or recorded.get("dev")
+    if dev_uri:
+        dev_ex = _load(dev_uri, task, {**fields, "npz_split": recorded.get("dev_npz_split") or fields["npz_split"]}, neg)
+    elif fields.get("dev_fraction"):
+        from .data import split_examples
+
+        train_ex, dev_ex = split_examples(train_ex, fields["dev_fraction"], fields["split_seed"])
+    else:
+        raise SystemExit("give --dev FILE (the model directory records no dev set)")
+    max_train = args.max_train if args.max_train is not None else recorded.get("max_train")
+    ratio = recorded.get("negative_ratio") if task == "relation" else None
+    train_ex = subsample(train_ex, max_train, args.seed, neg if task == "relation" else None, ratio)
+    dev_ex = subsample(dev_ex, args.max_dev if args.max_dev is not None else recorded.get("max_dev"), args.seed)
+
+    torch.manual_seed(args.seed)
+    if args.num_prompts:
+        if not isinstance(pre, TextPreprocessor):
+            raise SystemExit("soft prompts are for text models; this model directory reads images")
+        if model.prompts is not None:
+            raise SystemExit(f"the model already has {model.config.num_prompts} soft prompts")
+        pre = TextPreprocessor(pre.tokenizer, pre.task, pre.label_names, pre.settings, num_prompts=args.num_prompts)
+        model = model.with_prompts(args.num_prompts, pre.prompt_position)
+    if args.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    train_s, train_t, _, _ = _encode_all(pre, train_ex)
+    dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
+    metric, fn = score_function(task, model.config.label_names, neg)
+    source_id = bundle.model_id or str(args.model)
+    before = measured_sparsity(model)
+
+    def stage(epochs: int, hook) -> dict:
+        tcfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=10**9)
+        started = time.time()
+        history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, metric=metric, device=args.device,
+                        progress=not args.no_progress, step_hook=hook)
+        model.to("cpu")
+        last = history.epochs[-1].dev_scores_per_layer if history.epochs else []
+        return {"epochs": epochs, "config": tcfg.__dict__, "history": history.to_dict(),
+                "seconds": round(time.time() - started, 1), "dev_scores_per_layer": last,
+                "measured": measured_sparsity(model)}
+
+    enforcer = MaskEnforcer(model, sparse_cfg) if sparse_cfg.sparsity > 0 else None
+    pruned = measured_sparsity(model)
+    stages = {"sparse_training": stage(args.epochs, enforcer.after_step if enforcer else None) if args.epochs else None}
+    if enforcer is not None:
+        enforcer.after_step(10**12)  # the final masks hold exactly, whatever the schedule's length
+        if stages["sparse_training"]:
+            stages["sparse_training"]["measured"] = measured_sparsity(model)
+    origin = {
+        "source_model_id": source_id, "method": "magnitude", "scope": sparse_cfg.scope, "pattern": sparse_cfg.pattern,
+        "gradual_steps": sparse_cfg.gradual_steps, "sparsity_before": before["sparsity"],
+        "sparsity_after_pruning": pruned["sparsity"],
+    }
+    training_record = {
+        "data": {**recorded, "train": train_uri, "dev": dev_uri, "train_examples_used": len(train_s),
+                 "dev_examples_used": len(dev_s), "max_train": max_train},
+        "lineage": bundle.sections.get("training"),
+    }
+
+    def sections(released: bool) -> dict:
+        measured = measured_sparsity(model)
+        return {"training": training_record, "sparsity": {
+            "target": sparse_cfg.sparsity, "config": sparse_cfg.to_dict(), "measured": measured["sparsity"],
+            "per_layer": measured["per_layer"], "prunable_weights": measured["prunable_weights"],
+            "masks": {**origin, "enforced_epochs": args.epochs, "released": released,
+                      "dense_epochs": args.dense_epochs if released else 0},
+            "stages": {k: v for k, v in stages.items() if v is not None},
+            "soft_prompts": {"num_prompts": model.config.num_prompts, "frozen_backbone": bool(args.freeze_backbone)},
+        }}
+
+    if args.sparse_output and args.dense_epochs:
+        save_model_dir(args.sparse_output, model, pre, sections(released=False))
+    if args.dense_epochs:
+        stages["dense_finetuning"] = stage(args.dense_epochs, None)  # masks released: pruned weights may regrow
+    save_model_dir(args.output, model, pre, sections(released=bool(args.dense_epochs)))
+    final = stages.get("dense_finetuning") or stages["sparse_training"] or {}
+    last = final.get("dev_scores_per_layer", [])
+    return {"model": str(args.output), "sparse_model": args.sparse_output if args.dense_epochs else None,
+            "metric": metric, "sparsity_target": sparse_cfg.sparsity,
+            "sparsity_after_sparse_training": (stages["sparse_training"] or {}).get("measured", pruned)["sparsity"],
+            "sparsity_final": measured_sparsity(model)["sparsity"], "num_prompts": model.config.num_prompts,
+            "dev_scores_per_layer": last, "full_depth_dev_score": last[-1] if last else None,
+            "train_examples": len(train_s), "dev_examples": len(dev_s)}
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -433,6 +556,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     _add_pickle_arg(e)
     e.set_defaults(func=cmd_evaluate)
+
+    z = sub.add_parser("sparsify", help="prune a model directory's transformer weights, train sparse, optionally "
+                                        "fine-tune dense; optional soft prompts (MediSwift)")
+    z.add_argument("--model", required=True, help="trained model directory (local, s3:// or gs://)")
+    z.add_argument("--output", required=True, help="new model directory")
+    z.add_argument("--sparsity", type=float, required=True, help="share of transformer linear weights set to zero, e.g. 0.5 or 0.75; 0 = none")
+    z.add_argument("--scope", default="global", choices=["global", "layer"], help="one magnitude threshold for all, or per matrix")
+    z.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"], help="2:4 needs --sparsity 0.5")
+    z.add_argument("--gradual-steps", type=int, default=0, help="raise sparsity gradually (cubic) over this many steps")
+    z.add_argument("--epochs", type=int, default=1, help="epochs of sparse training (masks enforced); 0 = prune only")
+    z.add_argument("--dense-epochs", type=int, default=0, help="then epochs of dense fine-tuning (masks released)")
+    z.add_argument("--sparse-output", help="with --dense-epochs: also save the model as it was after sparse training here")
+    z.add_argument("--num-prompts", type=int, default=0, help="add this many soft prompt vectors (text models)")
+    z.add_argument("--freeze-backbone", action="store_true", help="train only soft prompts and exit heads")
+    z.add_argument("--train", help="training data (default: the data recorded at training)")
+    z.add_argument("--dev", help="dev data (default: the dev set recorded at training)")
+    z.add_argument("--max-train", type=int, help="use at most this many training examples (default: as recorded)")
+    z.add_argument("--max-dev", type=int)
+    z.add_argument("--batch-size", type=int, default=16)
+    z.add_argument("--lr", type=float, default=5e-5)
+    z.add_argument("--head-lr", type=float, default=1e-3, help="exit heads and soft prompts")
+    z.add_argument("--seed", type=int, default=42)
+    z.add_argument("--device", default="cpu")
+    z.add_argument("--no-progress", action="store_true")
+    _add_data_args(z)
+    _add_pickle_arg(z)
+    z.set_defaults(func=cmd_sparsify)
 
     v = sub.add_parser("convert", help="rewrite a model directory's pickle weights as model.safetensors")
     v.add_argument("--model", required=True, help="local model directory holding pytorch_model.bin or model.pt")

@@ -73,6 +73,11 @@ class EarlyExitConfig:
     # pooler, GPT-2 last token, ViT CLS); "mean" averages the real tokens' states, the pooling that
     # sentence-transformers backbones such as all-MiniLM were trained with.
     pooling: str = "default"
+    # soft prompts (text backbones): K learnable vectors in the word-embedding space, placed at
+    # input positions prompt_position .. prompt_position + K - 1, which the model directory's
+    # preprocessor reserves (after [CLS] for BERT/ALBERT, at the start for GPT-2)
+    num_prompts: int = 0
+    prompt_position: int = 0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -92,6 +97,10 @@ class EarlyExitConfig:
             raise ValueError(f"pooling ({self.pooling!r}) must be one of {POOLINGS}")
         if self.pooling != "default" and self.task != "sequence":
             raise ValueError(f"pooling {self.pooling!r} applies to task 'sequence' only, not {self.task!r}")
+        for name in ("num_prompts", "prompt_position"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} ({value!r}) must be an integer >= 0")
         if self.negative_label is not None and self.negative_label not in self.label_names:
             raise ValueError(f"negative_label ({self.negative_label!r}) is not one of the labels {self.label_names}")
 
@@ -107,11 +116,14 @@ class EarlyExitConfig:
             "head_dropout": self.head_dropout,
             "negative_label": self.negative_label,
             "pooling": self.pooling,
+            "num_prompts": self.num_prompts,
+            "prompt_position": self.prompt_position,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
-        known = {"task", "label_names", "policy", "head_dropout", "negative_label", "pooling"}
+        known = {"task", "label_names", "policy", "head_dropout", "negative_label", "pooling", "num_prompts",
+                 "prompt_position"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown early-exit config keys: {sorted(unknown)}")
@@ -122,6 +134,8 @@ class EarlyExitConfig:
             head_dropout=float(data.get("head_dropout", 0.1)),
             negative_label=data.get("negative_label"),
             pooling=data.get("pooling", "default"),
+            num_prompts=int(data.get("num_prompts", 0)),
+            prompt_position=int(data.get("prompt_position", 0)),
         )
 
 

@@ -61,7 +61,8 @@ class TextPreprocessor:
     """Tokenises examples for one task with one tokenizer; the same object serves training,
     calibration, evaluation and the pipelines, so every path sees identical inputs."""
 
-    def __init__(self, tokenizer, task: str, label_names: Sequence[str], settings: TextSettings | None = None) -> None:
+    def __init__(self, tokenizer, task: str, label_names: Sequence[str], settings: TextSettings | None = None,
+                 num_prompts: int = 0) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast (Rust) tokenizer is needed for character offsets")
         self.tokenizer = tokenizer
@@ -76,8 +77,18 @@ class TextPreprocessor:
         last = len(special) - 1 - special[::-1].index(0)
         self._head = list(probe["input_ids"][:first])
         self._tail = list(probe["input_ids"][last + 1 :])
+        # soft prompts: K reserved positions right after the leading special tokens; their ids are
+        # placeholders (the pad id) whose embeddings the model replaces by its prompt vectors.
+        # Every later position, entity marker and tag shifts with them, and they are never scored.
+        self.num_prompts = int(num_prompts)
+        self.prompt_position = len(self._head)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._head += [int(pad)] * self.num_prompts
         self._prefix = len(self._head)
         self._budget = self.settings.max_length - len(self._head) - len(self._tail)  # content tokens that fit
+        if self._budget < 1:
+            raise ValueError(f"max_length ({self.settings.max_length}) leaves no room for text after "
+                             f"{len(self._head) + len(self._tail)} special and prompt positions")
 
     def _target(self, ex: Example) -> int | None:
         if ex.label is None:

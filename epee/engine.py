@@ -34,6 +34,9 @@ class ExitPrediction:
     exit_reason: str  # "entropy", "patience", "last_layer" or "scheduled"
     entropy: float  # normalised entropy at exit (token task: max over scored tokens)
     token_labels: tuple[int, ...] | None = None  # token task: tag per real token, -1 if not scored
+    macs: int = 0  # multiply-adds run for this sample (sparsity-aware; see epee.flops)
+    dense_exit_macs: int = 0  # the same layers and heads with dense weights
+    dense_full_macs: int = 0  # dense weights, every layer, one classifier: the reference cost
 
 
 @dataclass
@@ -48,6 +51,9 @@ class EngineStats:
     exits_per_layer: list[int] = field(default_factory=list)
     token_slots: int = 0  # rows x padded length, summed over layer calls
     real_tokens: int = 0  # real (non-pad) tokens, summed over layer calls
+    macs: int = 0  # multiply-adds, summed over samples (epee.flops)
+    dense_exit_macs: int = 0
+    dense_full_macs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("rows_per_layer", "calls_per_layer", "exits_per_layer"):
@@ -91,6 +97,16 @@ class EngineStats:
             setattr(self, name, [a + b for a, b in zip(mine, theirs)])
         self.token_slots += other.token_slots
         self.real_tokens += other.real_tokens
+        self.macs += other.macs
+        self.dense_exit_macs += other.dense_exit_macs
+        self.dense_full_macs += other.dense_full_macs
+
+    @property
+    def mac_savings(self) -> dict[str, float]:
+        """Shares of the dense full-depth cost saved in all, by early exit and by sparsity."""
+        from .flops import savings
+
+        return savings(self.macs, self.dense_exit_macs, self.dense_full_macs)
 
     def to_dict(self) -> dict:
         return {
@@ -105,6 +121,10 @@ class EngineStats:
             "mean_exit_layer": self.mean_exit_layer,
             "layer_speedup": self.layer_speedup,
             "padding_fraction": self.padding_fraction,
+            "macs": self.macs,
+            "dense_exit_macs": self.dense_exit_macs,
+            "dense_full_macs": self.dense_full_macs,
+            **{f"macs_{k}": v for k, v in self.mac_savings.items()},
         }
 
 
@@ -224,6 +244,9 @@ class EarlyExitEngine:
         self.config = config or EngineConfig()
         self.policy = policy or ExitPolicy(model.config.policy, model.num_layers)
         self.device = torch.device(self.config.device)
+        from .flops import MacCounter
+
+        self.macs = MacCounter(model)  # reads non-zero weights now: build the engine after pruning
 
     def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None) -> RunResult:
         """Predict every sample; results come back in input order."""
@@ -253,7 +276,7 @@ class EarlyExitEngine:
         for start in range(0, len(order), bsz):
             chunk = order[start : start + bsz]
             batch = collate([samples[i] for i in chunk], pad_token_id=adapter.pad_token_id).to(self.device)
-            hidden = adapter.embed(batch)  # (N, T, H)
+            hidden = model.embed(batch)  # (N, T, H)
             n = len(chunk)
             level.append(
                 _Rows(
@@ -285,7 +308,7 @@ class EarlyExitEngine:
                 n_exit = int(exited.sum())
                 if n_exit:
                     stats.exits_per_layer[layer] += n_exit
-                    self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results)
+                    self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results, stats)
                 if n_exit < rows.size:
                     survivors.append(rows if n_exit == 0 else rows.take(~exited))
             level = survivors
@@ -301,9 +324,17 @@ class EarlyExitEngine:
         reasons: torch.Tensor,
         exited: torch.Tensor,
         results: list[ExitPrediction | None],
+        stats: EngineStats,
     ) -> None:
         num_layers = self.model.num_layers
         index = rows.index[exited].tolist()
+        n_exit = len(index)
+        lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((n_exit,), rows.hidden.shape[1])
+        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer))
+        for c in costs:
+            stats.macs += c.actual
+            stats.dense_exit_macs += c.dense_at_exit
+            stats.dense_full_macs += c.dense_full
         probs_np = probs[exited].cpu().numpy()
         entropy_l = entropy[exited].tolist()
         reason_l = reasons[exited].tolist()
@@ -312,7 +343,8 @@ class EarlyExitEngine:
             for j, i in enumerate(index):
                 results[i] = ExitPrediction(
                     label=labels[j], probs=probs_np[j], exit_layer=exit_layer, num_layers=num_layers,
-                    exit_reason=REASON_NAMES[reason_l[j]], entropy=entropy_l[j],
+                    exit_reason=REASON_NAMES[reason_l[j]], entropy=entropy_l[j], macs=costs[j].actual,
+                    dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
                 )
             return
         lengths = rows.mask[exited].sum(dim=1).tolist()
@@ -322,4 +354,5 @@ class EarlyExitEngine:
             results[i] = ExitPrediction(
                 label=None, probs=probs_np[j, :k], exit_layer=exit_layer, num_layers=num_layers,
                 exit_reason=REASON_NAMES[reason_l[j]], entropy=entropy_l[j], token_labels=tuple(preds[j][:k]),
+                macs=costs[j].actual, dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
             )

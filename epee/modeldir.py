@@ -231,8 +231,11 @@ def _load_local(directory: Path, device: str, allow_pickle: bool = False) -> Mod
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         preprocessor = TextPreprocessor(
             tokenizer, prep.get("data_task", model.config.task), model.config.label_names,
-            TextSettings.from_dict(prep.get("text", {})),
+            TextSettings.from_dict(prep.get("text", {})), num_prompts=model.config.num_prompts,
         )
+        if model.config.num_prompts and preprocessor.prompt_position != model.config.prompt_position:
+            raise ValueError(f"model directory {directory}: the tokenizer puts prompts at position "
+                             f"{preprocessor.prompt_position}, the model expects {model.config.prompt_position}")
     sections = {k: v for k, v in doc.items() if k not in ("model", "files")}
     return ModelBundle(model=model, preprocessor=preprocessor, data_task=prep.get("data_task", model.config.task),
                        sections=sections, uri=str(directory))
@@ -264,4 +267,5 @@ def _load_preprocessor_local(directory: Path) -> tuple[TextPreprocessor | ImageP
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     task = prep.get("data_task", doc["model"]["task"])
-    return TextPreprocessor(tokenizer, task, labels, TextSettings.from_dict(prep.get("text", {}))), task
+    return TextPreprocessor(tokenizer, task, labels, TextSettings.from_dict(prep.get("text", {})),
+                            num_prompts=int(doc["model"].get("num_prompts", 0))), task

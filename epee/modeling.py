@@ -62,6 +62,21 @@ class EarlyExitModel(nn.Module):
         for head in self.exit_heads:
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
+        self.prompts: nn.Parameter | None = None
+        if config.num_prompts:
+            if self.adapter.is_image:
+                raise ValueError("soft prompts are for text backbones; the vit backbone takes none")
+            table = self.adapter.word_embeddings().weight  # (V, E)
+            # initialised as the embeddings of randomly drawn vocabulary tokens (prompt tuning's
+            # sampled-vocabulary init); the trained values are loaded from the model directory
+            picks = torch.randint(0, table.shape[0], (config.num_prompts,))
+            self.prompts = nn.Parameter(table.detach()[picks].clone())
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Hidden states entering layer 1, with the soft prompts in their reserved positions."""
+        if self.prompts is None:
+            return self.adapter.embed(batch)
+        return self.adapter.embed_with_prompts(batch, self.prompts, self.config.prompt_position)
 
     @property
     def num_layers(self) -> int:
@@ -99,7 +114,7 @@ class EarlyExitModel(nn.Module):
     # -- full-depth forward for training and calibration ---------------------------------------
     def layer_features(self, batch: Batch) -> list[torch.Tensor]:
         """Exit-head inputs after every layer (no early exit): L tensors of (N, F) or (N, T, F)."""
-        hidden = self.adapter.embed(batch)
+        hidden = self.embed(batch)
         bias = self.adapter.attention_bias(hidden, batch.attention_mask)
         features = []
         for i in range(self.num_layers):
@@ -110,6 +125,17 @@ class EarlyExitModel(nn.Module):
     def forward(self, batch: Batch) -> AllLayerOutput:
         features = self.layer_features(batch)
         return AllLayerOutput(logits=[head(self.head_dropout(f)) for head, f in zip(self.exit_heads, features)])
+
+    def with_prompts(self, num_prompts: int, position: int) -> "EarlyExitModel":
+        """This model with ``num_prompts`` new soft prompts at input ``position`` (the preprocessor's
+        ``prompt_position``); backbone and exit heads are shared, not copied."""
+        if self.prompts is not None:
+            raise ValueError(f"the model already has {self.config.num_prompts} soft prompts")
+        from dataclasses import replace
+
+        out = EarlyExitModel(self.backbone, replace(self.config, num_prompts=num_prompts, prompt_position=position))
+        out.exit_heads = self.exit_heads
+        return out
 
     # -- construction and persistence -----------------------------------------------------------
     @classmethod
@@ -137,11 +163,16 @@ class EarlyExitModel(nn.Module):
         self.save_weights(out / WEIGHTS_NAME)
 
     def save_weights(self, path: str | os.PathLike) -> None:
-        """Backbone + exit-head weights as one safetensors file (written whole, then renamed)."""
+        """Backbone + exit-head weights as one safetensors file (written whole, then renamed).
+
+        Matrices with many exact zeros (pruned weights) are stored as a bitmask plus their
+        non-zero values (:func:`epee.sparsity.pack_state`); loading restores them exactly."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        from .sparsity import pack_state
+
+        state = pack_state({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()})
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
@@ -178,7 +209,9 @@ class EarlyExitModel(nn.Module):
             log.warning("loaded pickle weights %s (restricted unpickler, weights_only=True); convert them to %s "
                         "with `epee convert`", weights.name, WEIGHTS_NAME)
         else:
-            state = load_file(str(weights), device=device)
+            from .sparsity import unpack_state
+
+            state = unpack_state(load_file(str(weights), device=device))  # sparse weights: bitmask + values
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 

@@ -27,12 +27,15 @@ def run_reference(
     model = model.eval()
     policy = policy or ExitPolicy(model.config.policy, model.num_layers)
     adapter = model.adapter
+    from .flops import MacCounter
+
+    counter = MacCounter(model)
     out: list[ExitPrediction] = []
     with torch.inference_mode():
         for i, sample in enumerate(samples):
             batch = collate([sample], pad_token_id=adapter.pad_token_id).to(device)
             token_mask = batch.token_mask if model.config.task == "token" else None
-            hidden = adapter.embed(batch)
+            hidden = model.embed(batch)
             bias = adapter.attention_bias(hidden, batch.attention_mask)
             previous, streak = None, torch.zeros(1, dtype=torch.long, device=device)
             index = torch.tensor([i], device=device)
@@ -49,11 +52,14 @@ def run_reference(
                     label: int | None = int(probs.argmax())
                     if probs.ndim == 2:
                         label, token_labels = None, tuple(signal.prediction[0].tolist())
+                    length = batch.attention_mask.sum(dim=1) if batch.attention_mask is not None else torch.tensor([hidden.shape[1]])
+                    cost = counter.count(length, torch.tensor([layer + 1]))[0]
                     out.append(
                         ExitPrediction(
                             label=label, probs=probs, exit_layer=layer + 1, num_layers=model.num_layers,
                             exit_reason=REASON_NAMES[reason], entropy=float(signal.entropy[0]),
-                            token_labels=token_labels,
+                            token_labels=token_labels, macs=cost.actual, dense_exit_macs=cost.dense_at_exit,
+                            dense_full_macs=cost.dense_full,
                         )
                     )
                     break

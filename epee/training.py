@@ -186,11 +186,15 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     stop_after_steps: int | None = None,
+    step_hook: Callable[[int], None] | None = None,
 ) -> TrainHistory:
     """Train in place. ``score_fn(gold, predictions)`` scores one layer's dev predictions.
 
     ``stop_after_steps`` ends the run early (after checkpointing), as an interruption would;
     calling ``train`` again with the same ``checkpoint_dir`` resumes where it stopped.
+    ``step_hook(step)`` runs after every optimiser step (sparse training re-applies its masks
+    there). Parameters with ``requires_grad`` False (a frozen backbone) are not trained; soft
+    prompts learn at the exit heads' rate, as new parameters.
     """
     from tqdm.auto import tqdm
 
@@ -205,16 +209,16 @@ def train(
     random.seed(config.seed)
     model.to(dev)
 
-    head_params = list(model.exit_heads.parameters())
+    head_params = [p for p in model.exit_heads.parameters() if p.requires_grad]
+    if model.prompts is not None and model.prompts.requires_grad:
+        head_params.append(model.prompts)
     head_ids = {id(p) for p in head_params}
     backbone_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": backbone_params, "lr": config.learning_rate, "base_lr": config.learning_rate},
-            {"params": head_params, "lr": config.head_learning_rate, "base_lr": config.head_learning_rate},
-        ],
-        weight_decay=config.weight_decay,
-    )
+    groups = [
+        {"params": backbone_params, "lr": config.learning_rate, "base_lr": config.learning_rate},
+        {"params": head_params, "lr": config.head_learning_rate, "base_lr": config.head_learning_rate},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
     lengths = [s.length for s in train_samples]
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -269,6 +273,8 @@ def train(
                 group["lr"] = group["base_lr"] * factor
             opt.step()
             global_step += 1
+            if step_hook is not None:
+                step_hook(global_step)
             running += float(loss.detach())
             bar.update(1)
             bar.set_postfix(loss=f"{running / (b + 1):.4f}")

@@ -154,3 +154,52 @@ def test_missing_backbone_source_is_explained(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--backbone DIR"):
         main(["train", "--task", "sequence", "--train", str(tmp_path / "t.jsonl"), "--dev", str(tmp_path / "t.jsonl"),
               "--output", str(tmp_path / "m")])
+
+
+def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir):
+    rng = random.Random(3)
+    rows = [{"text": " ".join(rng.sample(["fever", "cough", "wheeze"] if y == "resp" else ["rash", "itch", "hives"], 2)
+                              + rng.sample(["the", "patient", "has", "mild", "today", "noted"], 3)), "label": y}
+            for y in (rng.choice(["resp", "skin"]) for _ in range(100))]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[80:])
+    src = str(tmp_path / "dense")
+    run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", src,
+        "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--epochs", "3",
+        "--batch-size", "8", "--lr", "2e-3", "--head-lr", "5e-3", "--max-length", "32", "--no-progress")
+    sparse, final = str(tmp_path / "sparse"), str(tmp_path / "final")
+    res = run(capsys, "sparsify", "--model", src, "--output", final, "--sparse-output", sparse, "--sparsity", "0.75",
+              "--epochs", "2", "--dense-epochs", "1", "--num-prompts", "2", "--gradual-steps", "4",
+              "--lr", "1e-3", "--batch-size", "8", "--no-progress")
+    assert res["sparsity_after_sparse_training"] == pytest.approx(0.75, abs=1e-3)
+    assert res["sparsity_final"] < 0.5  # dense fine-tuning released the masks: pruned weights regrew
+    assert res["num_prompts"] == 2 and res["train_examples"] == 80 and res["dev_examples"] == 20
+    src_doc = json.loads((tmp_path / "dense" / "epee_config.json").read_text())
+    for path, released in ((sparse, False), (final, True)):
+        doc = json.loads((__import__("pathlib").Path(path) / "epee_config.json").read_text())
+        sp = doc["sparsity"]
+        assert sp["target"] == 0.75 and sp["masks"]["released"] is released
+        assert sp["masks"]["source_model_id"] == src_doc["model_id"] and sp["masks"]["method"] == "magnitude"
+        assert doc["model"]["num_prompts"] == 2 and doc["model"]["prompt_position"] == 1
+        assert doc["training"]["lineage"]["data"]["train"] == train
+    assert json.loads((tmp_path / "sparse" / "epee_config.json").read_text())["sparsity"]["measured"] == pytest.approx(0.75, abs=1e-3)
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    linear_bytes = 4 * 3 * (4 * 32 * 32 + 2 * 32 * 37)  # the tiny backbone's transformer-layer matrices
+    assert size("final") - size("sparse") > 0.5 * linear_bytes  # 4 -> 1.125 bytes per entry: bitmask + values
+    for path in (sparse, final):
+        cal = run(capsys, "calibrate", "--model", path)
+        ev = run(capsys, "evaluate", "--model", path, "--data", dev)
+        assert ev["records"] == 20 and ev["mean_exit_layer"] == pytest.approx(cal["chosen"]["mean_exit_layer"], abs=1e-3)
+        assert 0 < ev["macs_relative_cost"] < 1.5
+    ev_sparse = run(capsys, "evaluate", "--model", sparse, "--data", dev, "--policy", "none")
+    assert ev_sparse["macs_saved_by_exit"] < 0 < ev_sparse["macs_saved_by_sparsity"]  # 3 heads cost more than 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sparsity", "0.75", "--pattern", "2:4"], "must be 0.5"),
+    (["--sparsity", "1.5"], "sparsity"),
+    (["--sparsity", "0.5", "--freeze-backbone"], "give --num-prompts"),
+])
+def test_sparsify_rejects(tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["sparsify", "--model", str(tmp_path), "--output", str(tmp_path / "o"), *argv])

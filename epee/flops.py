@@ -1,0 +1,93 @@
+"""Multiply-add (MAC) accounting per sample: what the engine actually ran, against dense full depth.
+
+Counted per sample on its own real length T (special tokens and soft prompt positions included;
+padding is a batching artefact, reported separately as the engine's padding share):
+
+* embeddings: lookups cost nothing; ALBERT's embedding projection costs T·E·H, ViT's patch
+  projection (patches)·(C·p·p)·H;
+* each layer run: every linear map, T·(non-zero weights) — a 75%-sparse matrix costs a quarter of
+  its dense multiply-adds on hardware that skips zeros — plus attention, 2·T²·H (scores and
+  weighted sum; these have no weights to prune);
+* each exit head evaluated: its pooler (BERT/ALBERT default pooling, H·H), mean pooling (T·H),
+  and the head itself (F·C, or T·H·C for token tasks).
+
+The dense full-depth reference is the same backbone with dense weights, every layer run, and one
+classifier: the last exit head. So "saved by exit" = reference − dense cost of the layers and
+heads actually run, "saved by sparsity" = that − the actual (sparse) cost. FLOPs ≈ 2 × MACs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SampleMacs:
+    actual: int  # multiply-adds run for this sample (sparsity-aware)
+    dense_at_exit: int  # the same layers and heads with dense weights
+    dense_full: int  # dense weights, every layer, one (last) classifier
+
+
+class MacCounter:
+    """Per-layer costs of one model, read once from its weights (non-zeros counted then)."""
+
+    def __init__(self, model) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        adapter, cfg = model.adapter, model.config
+        self.num_layers = model.num_layers
+        self.hidden = adapter.hidden_size
+        self.dense_per_token: list[int] = []
+        self.sparse_per_token: list[int] = []
+        for i in range(self.num_layers):
+            dense = sparse = 0
+            for m in adapter.layer_module(i).modules():
+                if isinstance(m, (nn.Linear, Conv1D)):
+                    dense += m.weight.numel()
+                    sparse += int(torch.count_nonzero(m.weight.detach()))
+            self.dense_per_token.append(dense)
+            self.sparse_per_token.append(sparse)
+        self.embed_per_token = 0
+        self.embed_fixed = 0
+        if adapter.family == "albert":
+            self.embed_per_token = model.backbone.encoder.embedding_hidden_mapping_in.weight.numel()
+        if adapter.is_image:
+            proj = model.backbone.embeddings.patch_embeddings.projection
+            patches = int(model.backbone.embeddings.patch_embeddings.num_patches)
+            self.embed_fixed = patches * proj.weight.numel()
+        head = model.exit_heads[0]
+        c = head.out_features
+        self.task = cfg.task
+        self.head_fixed = head.in_features * c if cfg.task != "token" else 0
+        self.head_per_token = self.hidden * c if cfg.task == "token" else 0
+        if cfg.task == "sequence" and cfg.pooling == "mean":
+            self.head_per_token += self.hidden
+        elif cfg.task == "sequence" and adapter.family in ("bert", "albert"):
+            self.head_fixed += self.hidden * self.hidden  # the pooler's dense layer
+
+    def _layers(self, per_token: list[int], t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Σ over layers 1..k of (T·weights_per_token + 2·T²·H), per sample."""
+        cum = torch.cumsum(torch.tensor([0] + per_token, dtype=torch.float64), 0)  # (L+1,)
+        return t * cum[k] + k.double() * 2.0 * t * t * self.hidden
+
+    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor) -> list[SampleMacs]:
+        """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers."""
+        t = lengths.detach().cpu().double()
+        k = exit_layers.detach().cpu().long()
+        embed = self.embed_fixed + t * self.embed_per_token
+        head = self.head_fixed + t * self.head_per_token
+        actual = embed + self._layers(self.sparse_per_token, t, k) + k.double() * head
+        dense_exit = embed + self._layers(self.dense_per_token, t, k) + k.double() * head
+        full = embed + self._layers(self.dense_per_token, t, torch.full_like(k, self.num_layers)) + head
+        return [SampleMacs(int(a), int(d), int(f)) for a, d, f in zip(actual.tolist(), dense_exit.tolist(), full.tolist())]
+
+
+def savings(actual: float, dense_at_exit: float, dense_full: float) -> dict[str, float]:
+    """Shares of the dense full-depth cost: saved in all, by early exit and by sparsity."""
+    if dense_full <= 0:
+        return {"saved": 0.0, "saved_by_exit": 0.0, "saved_by_sparsity": 0.0, "relative_cost": 0.0}
+    return {"saved": 1.0 - actual / dense_full, "saved_by_exit": (dense_full - dense_at_exit) / dense_full,
+            "saved_by_sparsity": (dense_at_exit - actual) / dense_full, "relative_cost": actual / dense_full}
