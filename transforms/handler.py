@@ -142,7 +142,9 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         task = bundle.data_task
         common = dict(record_id=record.record_id, source_uri=record.source_uri, task=task, label_names=names,
                       exit_layer=deepest.exit_layer, num_layers=deepest.num_layers, exit_reason=deepest.exit_reason,
-                      windows=len(preds), model_id=bundle.model_id, run_id=self.run_id)
+                      windows=len(preds), model_id=bundle.model_id, run_id=self.run_id,
+                      macs=sum(p.macs for p in preds), dense_exit_macs=sum(p.dense_exit_macs for p in preds),
+                      dense_full_macs=sum(p.dense_full_macs for p in preds))
         if task == "token":
             spans: set[tuple[str, int, int]] = set()
             confidences = []

@@ -58,6 +58,11 @@ class PredictionRecord:
     entity2_start: int | None = None
     entity2_end: int | None = None
     event_spans: list[dict] = field(default_factory=list)  # token task: [{"type", "start", "end"}], offsets only
+    # multiply-adds, summed over the record's windows (epee.flops): run (sparsity-aware), the same
+    # layers with dense weights, and dense full depth with one classifier (the reference)
+    macs: int = 0
+    dense_exit_macs: int = 0
+    dense_full_macs: int = 0
 
     def to_row(self) -> dict[str, Any]:
         return dict(self.__dict__)  # flat fields: a shallow copy is the row (asdict would deep-copy)
@@ -70,6 +75,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("windows", pa.int32()), ("model_id", pa.string()), ("run_id", pa.string()),
     ("entity1_start", pa.int32()), ("entity1_end", pa.int32()), ("entity2_start", pa.int32()), ("entity2_end", pa.int32()),
     ("event_spans", pa.list_(pa.struct([("type", pa.string()), ("start", pa.int32()), ("end", pa.int32())]))),
+    ("macs", pa.int64()), ("dense_exit_macs", pa.int64()), ("dense_full_macs", pa.int64()),
 ])
 
 
@@ -105,6 +111,12 @@ class ExitStats:
     label_counts: list[dict]  # [{"label", "count", "mean_exit_layer"}]
     exit_reason_counts: list[dict]  # [{"reason", "count"}]
     wall_seconds: float  # from pipeline start to the moment these statistics were computed
+    macs: int = 0  # multiply-adds run, all records (epee.flops)
+    dense_exit_macs: int = 0  # the same layers and heads with dense weights
+    dense_full_macs: int = 0  # dense full depth, one classifier: the reference cost
+    macs_saved: float = 0.0  # share of dense_full_macs not spent
+    macs_saved_by_exit: float = 0.0  # ... because layers were skipped
+    macs_saved_by_sparsity: float = 0.0  # ... because weights are zero
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +129,8 @@ EXIT_STATS_SCHEMA = pa.schema([
     ("label_counts", pa.list_(pa.struct([("label", pa.string()), ("count", pa.int64()), ("mean_exit_layer", pa.float64())]))),
     ("exit_reason_counts", pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))),
     ("wall_seconds", pa.float64()),
+    ("macs", pa.int64()), ("dense_exit_macs", pa.int64()), ("dense_full_macs", pa.int64()),
+    ("macs_saved", pa.float64()), ("macs_saved_by_exit", pa.float64()), ("macs_saved_by_sparsity", pa.float64()),
 ])
 
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 PREDICTION_COLUMNS = ("run_id", "model_id", "task", "label", "score", "exit_layer", "num_layers", "exit_reason",
-                      "event_spans")
+                      "event_spans", "macs", "dense_exit_macs", "dense_full_macs")
 DEAD_LETTER_COLUMNS = ("run_id", "stage", "error_type")  # never "message" nor "source_uri"
 EXIT_STATS_COLUMNS = ("run_id", "model_id", "task", "records", "num_layers", "wall_seconds")
 REPORT_NAME = "report.html"
@@ -74,6 +74,7 @@ class RunSummary:
     records_per_second: float | None
     timings: tuple[tuple[str, float], ...]  # numeric entries of the manifest's "timings"
     checks: tuple[Check, ...]
+    macs: tuple[int, int, int] | None = None  # (run, dense at the exits, dense full depth); None: not recorded
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -137,6 +138,8 @@ def summarize_rows(predictions: list[dict], dead_letters: list[dict], exit_stats
         source = "exit statistics (pipeline start until the statistics were computed)" if wall is not None else "not recorded"
     records_in = n_pred + n_dead
     rate = records_in / wall if wall and wall > 0 else None
+    totals = [sum(int(r.get(k) or 0) for r in predictions) for k in ("macs", "dense_exit_macs", "dense_full_macs")]
+    macs = (totals[0], totals[1], totals[2]) if totals[2] > 0 else None
 
     checks = []
     counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
@@ -161,7 +164,7 @@ def summarize_rows(predictions: list[dict], dead_letters: list[dict], exit_stats
         records_in=records_in, num_layers=num_layers, exits_per_layer=tuple(exits), mean_exit_layer=mean,
         layer_speedup=num_layers / mean if mean else None, labels=tuple(labels), exit_reasons=tuple(reasons),
         scores=scores, dead_by_reason=tuple((s, e, c) for (s, e), c in dead), wall_seconds=wall, wall_source=source,
-        records_per_second=rate, timings=timings, checks=tuple(checks),
+        records_per_second=rate, timings=timings, checks=tuple(checks), macs=macs,
     )
 
 
@@ -326,6 +329,14 @@ def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_st
     if s.predictions:
         add(f"<p>Mean exit layer <b>{_fmt(s.mean_exit_layer)}</b> of {s.num_layers}: layer speedup "
             f"<b>{_fmt(s.layer_speedup, suffix='x')}</b> (layers run at full depth / layers run).</p>")
+        if s.macs is not None:
+            from epee.flops import savings
+
+            sv = savings(*s.macs)
+            add(f'<p id="macs">Multiply-adds: <b>{s.macs[0]:.3g}</b> run, against {s.macs[2]:.3g} for dense full depth: '
+                f'<b>{sv["saved"]:.1%}</b> saved, {sv["saved_by_exit"]:.1%} by early exit and '
+                f'{sv["saved_by_sparsity"]:.1%} by weight sparsity (counted as hardware that skips zero weights would '
+                "run them; on a CPU, sparsity below about 90% saves no time).</p>")
         add(_img(plot_exit_layers(s.exits_per_layer), "exit-layer histogram"))
         add(_table(["exit layer", "records", "share"],
                    [[i + 1, c, f"{c / s.predictions:.1%}"] for i, c in enumerate(s.exits_per_layer)], {0, 1, 2}))

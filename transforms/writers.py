@@ -14,6 +14,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.value_provider import StaticValueProvider
 from apache_beam.transforms.window import IntervalWindow
 
+from epee.flops import savings
+
 from .records import (
     DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
 )
@@ -27,7 +29,8 @@ class ExitStatsFn(beam.CombineFn):
         self.num_layers, self.started_at = num_layers, started_at
 
     def create_accumulator(self):
-        return {"n": 0, "layers": [0] * self.num_layers, "labels": Counter(), "label_layers": Counter(), "reasons": Counter()}
+        return {"n": 0, "layers": [0] * self.num_layers, "labels": Counter(), "label_layers": Counter(), "reasons": Counter(),
+                "macs": [0, 0, 0]}
 
     def add_input(self, acc, p: PredictionRecord):
         acc["n"] += 1
@@ -36,6 +39,10 @@ class ExitStatsFn(beam.CombineFn):
         acc["labels"][label] += 1
         acc["label_layers"][label] += p.exit_layer
         acc["reasons"][p.exit_reason] += 1
+        m = acc.setdefault("macs", [0, 0, 0])
+        m[0] += p.macs
+        m[1] += p.dense_exit_macs
+        m[2] += p.dense_full_macs
         return acc
 
     def merge_accumulators(self, accs):
@@ -45,6 +52,7 @@ class ExitStatsFn(beam.CombineFn):
             out["layers"] = [x + y for x, y in zip(out["layers"], a["layers"])]
             for k in ("labels", "label_layers", "reasons"):
                 out[k].update(a[k])
+            out["macs"] = [x + y for x, y in zip(out["macs"], a.get("macs", [0, 0, 0]))]
         return out
 
     def extract_output(self, acc) -> dict:
@@ -57,6 +65,8 @@ class ExitStatsFn(beam.CombineFn):
                           for k, v in sorted(acc["labels"].items())],
             exit_reason_counts=[{"reason": k, "count": v} for k, v in sorted(acc["reasons"].items())],
             wall_seconds=time.time() - self.started_at,
+            macs=acc["macs"][0], dense_exit_macs=acc["macs"][1], dense_full_macs=acc["macs"][2],
+            **{f"macs_{k}": v for k, v in savings(*acc["macs"]).items() if k != "relative_cost"},
         ).to_row()
 
 

@@ -52,6 +52,48 @@ def test_notes_records_in_equal_predictions_plus_dead_letters(models, tmp_path):
     assert s["records"] == len(preds) and sum(s["exits_per_layer"]) == len(preds)
     assert s["mean_exit_layer"] == pytest.approx(sum(p["exit_layer"] for p in preds) / len(preds))
     assert sum(c["count"] for c in s["label_counts"]) == len(preds)
+    # multiply-adds: every record carries them, a long note costs more, the statistics add them up
+    assert all(0 < p["macs"] <= p["dense_exit_macs"] for p in preds)
+    short = next(p for p in preds if p["record_id"] == "c1")
+    assert long["dense_full_macs"] > long["windows"] * short["dense_full_macs"] / 2
+    assert s["macs"] == sum(p["macs"] for p in preds) and s["dense_full_macs"] == sum(p["dense_full_macs"] for p in preds)
+    assert s["macs_saved"] == pytest.approx(1 - s["macs"] / s["dense_full_macs"])
+    assert s["macs_saved_by_sparsity"] == 0.0  # a dense model
+
+
+def test_sparse_prompted_model_runs_transparently(models, tmp_path):
+    """A model directory with soft prompts and 75%-sparse layers: the pipeline needs no option for
+    either, predicts what the engine predicts, and credits sparsity in the exit statistics."""
+    from epee.config import EngineConfig
+    from epee.data import Example
+    from epee.encoding import TextPreprocessor
+    from epee.engine import EarlyExitEngine
+    from epee.modeldir import load_model_dir, save_model_dir
+    from epee.sparsity import apply_masks, magnitude_masks, measured_sparsity, prunable_weights
+
+    bundle = load_model_dir(models["sequence"])
+    pre = bundle.preprocessor
+    pre = TextPreprocessor(pre.tokenizer, pre.task, pre.label_names, pre.settings, num_prompts=4)
+    model = bundle.model.with_prompts(4, pre.prompt_position)
+    apply_masks(model, magnitude_masks(prunable_weights(model), 0.75))
+    save_model_dir(tmp_path / "m", model.eval(), pre)
+    mixed_notes(tmp_path / "in")
+    out = tmp_path / "out"
+    run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", str(tmp_path / "m"), "--output", str(out),
+                  "--id_field", "id", "--max_windows", "1"])
+    preds = {p["record_id"]: p for p in read(out, "predictions")}
+    assert len(preds) == 8
+    loaded = load_model_dir(tmp_path / "m")
+    assert measured_sparsity(loaded.model)["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    text = "patient with fever and cough "
+    enc = loaded.preprocessor.encode(Example(id="n1", text=text))
+    assert enc.sample.length == pre.encode(Example(id="x", text=text)).sample.length  # prompts reserved once
+    direct = EarlyExitEngine(loaded.model, EngineConfig()).run([enc.sample]).predictions[0]
+    assert preds["n1"]["exit_layer"] == direct.exit_layer
+    assert preds["n1"]["probabilities"] == pytest.approx(direct.probs.tolist(), abs=1e-5)
+    assert preds["n1"]["macs"] == direct.macs
+    (s,) = read(out, "exit_stats")
+    assert s["macs_saved_by_sparsity"] > 0.2 and s["macs"] < s["dense_exit_macs"]
 
 
 def test_exit_policy_none_runs_every_record_to_the_last_layer(models, tmp_path):

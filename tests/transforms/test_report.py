@@ -238,3 +238,14 @@ def test_report_renders_in_headless_chromium(tmp_path, run_dir):
         assert im.size == (1000, 2400)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 100  # text and charts, not a blank or error page
+
+
+def test_multiply_adds_summed_and_split_by_cause():
+    rows = [{**pred("a", 1), "macs": 10, "dense_exit_macs": 40, "dense_full_macs": 100},
+            {**pred("b", 4), "macs": 30, "dense_exit_macs": 60, "dense_full_macs": 100}]
+    s = summarize_rows(rows, [], [])
+    assert s.macs == (40, 100, 200)
+    text = build_report_html(rows, [], [])
+    assert "80.0%</b> saved, 50.0% by early exit and 30.0% by weight sparsity" in text
+    assert summarize_rows([pred("a", 1)], [], []).macs is None  # outputs written before MACs were counted
+    assert 'id="macs"' not in build_report_html([pred("a", 1)], [], [])
