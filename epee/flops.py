@@ -31,6 +31,14 @@ class SampleMacs:
     dense_full: int  # dense weights, every layer, one (last) classifier
 
 
+def _nonzeros(weight: torch.Tensor) -> int:
+    from torch.sparse import SparseSemiStructuredTensor
+
+    if isinstance(weight, SparseSemiStructuredTensor):  # converted for 2:4 kernels: half of it by construction
+        return weight.shape[0] * weight.shape[1] // 2
+    return int(torch.count_nonzero(weight.detach()))
+
+
 class MacCounter:
     """Per-layer costs of one model, read once from its weights (non-zeros counted then)."""
 
@@ -46,8 +54,9 @@ class MacCounter:
             dense = sparse = 0
             for m in adapter.layer_module(i).modules():
                 if isinstance(m, (nn.Linear, Conv1D)):
-                    dense += m.weight.numel()
-                    sparse += int(torch.count_nonzero(m.weight.detach()))
+                    rows, cols = m.weight.shape
+                    dense += rows * cols
+                    sparse += _nonzeros(m.weight)
             self.dense_per_token.append(dense)
             self.sparse_per_token.append(sparse)
         self.embed_per_token = 0

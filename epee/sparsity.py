@@ -217,3 +217,66 @@ def unpack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dense[keep.to(values.device)] = values
         out[base] = dense.view(shape)
     return out
+
+
+# -- real speed on GPUs with sparse tensor cores ---------------------------------------------------
+SEMI_STRUCTURED_MIN = {torch.float16: (32, 64), torch.bfloat16: (32, 64)}  # rows, cols multiples (PyTorch's CUTLASS)
+
+
+def is_two_four(weight: torch.Tensor, in_axis: int = 1) -> bool:
+    """Whether every group of 4 consecutive input weights of each output has at most 2 non-zeros."""
+    w = weight.detach()
+    if in_axis == 0:
+        w = w.t()
+    if w.dim() != 2 or w.shape[1] % 4:
+        return False
+    return bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def semi_structured_support(device: torch.device | str) -> str | None:
+    """None if this device runs PyTorch's 2:4 semi-structured kernels, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"2:4 sparse kernels need a CUDA GPU, not {device.type}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"2:4 sparse tensor cores need compute capability 8.0 or newer, this GPU has {major}.x"
+    return None
+
+
+def convert_semi_structured(model) -> dict[str, Any]:
+    """Swap 2:4-sparse ``nn.Linear`` weights for PyTorch semi-structured sparse tensors, in place.
+
+    For inference on a CUDA GPU with sparse tensor cores (Ampere or newer), with the model in
+    float16 or bfloat16 (the dtypes those kernels take). Weights that are not 2:4, are not
+    ``nn.Linear`` (GPT-2's Conv1D) or whose shape the kernels do not take stay dense. Returns
+    counts: converted, and skipped by reason.
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    first = next(model.parameters())
+    why = semi_structured_support(first.device)
+    if why:
+        raise ValueError(why)
+    if first.dtype not in SEMI_STRUCTURED_MIN:
+        raise ValueError(f"2:4 sparse kernels take float16 or bfloat16 weights, the model is {first.dtype}")
+    rows, cols = SEMI_STRUCTURED_MIN[first.dtype]
+    report: dict[str, Any] = {"converted": 0, "skipped": {}}
+    modules = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+    for p in prunable_weights(model):
+        module = modules.get(id(p.weight))
+        reason = None
+        if module is None:
+            reason = "not nn.Linear"
+        elif p.weight.shape[0] % rows or p.weight.shape[1] % cols:
+            reason = f"shape not a multiple of ({rows}, {cols})"
+        elif not is_two_four(p.weight, 1):
+            reason = "not 2:4 sparse"
+        if reason:
+            report["skipped"][reason] = report["skipped"].get(reason, 0) + 1
+            continue
+        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+        report["converted"] += 1
+    return report

