@@ -91,9 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmachine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
+    # rows of earlier runs for other (notes, workers) settings are kept, each with its own date
+    today = time.strftime("%Y-%m-%d")
+    for r in rows:
+        r.setdefault("date", today)
+    previous = json.loads((docs / "scaling.json").read_text()).get("rows", []) if (docs / "scaling.json").is_file() else []
+    fresh = {(r["notes"], r["workers"]) for r in rows}
+    rows = sorted([r for r in previous if (r["notes"], r["workers"]) not in fresh] + rows,
+                  key=lambda r: (r["notes"], r["workers"]))
     (docs / "scaling.json").write_text(json.dumps({
-        "command": ".venv/bin/python -m bench.scaling" + (f" --sizes {' '.join(map(str, args.sizes))}" if argv else ""),
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": ".venv/bin/python -m bench.scaling [--sizes N ...] [--workers W ...]",
+        "date": today, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "what": ("Generated notes with log-normal lengths (a few notes span several 128-token windows) in 20 "
                  "JSONL files; the sample notes model (pretrained MiniLM-L6, exit heads fitted as probes on generated notes) with its calibrated EPEE policy; one fresh "
                  "process per run; 2 workers = DirectRunner multi_processing. Peak RSS is the driver's and the "

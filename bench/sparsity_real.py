@@ -1,0 +1,215 @@
+"""Sparse backbones and soft prompts with early exit, on real data (MediSwift x EPEE). Not a test.
+
+For medical_abstracts and DDI it starts from the dense MiniLM-L6 early-exit model that
+``bench.real_models`` trained (trained first if missing) and, for sparsity 0, 0.5 and 0.75 (global
+magnitude pruning), without and with 8 soft prompts, runs ``epee sparsify``: one epoch of sparse
+training with the masks enforced (at 0: plain continued training, the control), saved; then one
+epoch of dense fine-tuning with the masks released, saved. Every saved model is calibrated with
+``epee calibrate`` (bootstrap rule, 1 point) and evaluated on the dev set at full depth and with
+its calibrated EPEE policy: score, mean exit layer, and multiply-adds relative to the original
+dense model at full depth (so soft prompts' extra tokens count against them).
+
+Writes docs/sparsity.md, docs/sparsity.json and docs/figures/sparsity_<corpus>.png.
+
+    .venv/bin/python -m bench.sparsity_real
+    .venv/bin/python -m bench.sparsity_real --only ddi --max-train 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CORPORA = {  # name: (training examples per epoch, dev examples at most)
+    "medical_abstracts": (800, 400),
+    "ddi": (1200, 600),
+}
+SPARSITIES = (0.0, 0.5, 0.75)
+PROMPTS = (0, 8)
+
+
+def epee(*argv: str) -> dict:
+    from epee.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    return args.func(args)
+
+
+def measure(model: str, data_args: list[str], baseline_macs: float) -> dict:
+    cal = epee("calibrate", "--model", model, *data_args)
+    full = epee("evaluate", "--model", model, "--policy", "none", *data_args)
+    ee = epee("evaluate", "--model", model, *data_args)
+    metric = cal["metric"]
+    return {"metric": metric, "full_score": full[metric], "epee_score": ee[metric],
+            "epee_setting": {k: cal["chosen"][k] for k in ("entropy_threshold", "patience")},
+            "mean_exit_layer": ee["mean_exit_layer"], "layer_speedup": ee["layer_speedup"],
+            "full_macs_rel": full["macs_per_record"] / baseline_macs, "epee_macs_rel": ee["macs_per_record"] / baseline_macs,
+            "epee_saved_by_exit": ee["macs_saved_by_exit"], "epee_saved_by_sparsity": ee["macs_saved_by_sparsity"],
+            "records": ee["records"]}
+
+
+def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int, epochs: int, lr: float,
+               sparsities=SPARSITIES, prompt_counts=PROMPTS) -> dict:
+    src = str(models / name)
+    dev_args = ["--max-examples", str(max_dev)]
+    base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
+    baseline = base["macs_per_record"]
+    metric = next(k for k in ("accuracy", "micro_f1_positive") if k in base)
+    out = {"source": src, "baseline_full_score": base.get(metric), "baseline_macs_per_record": baseline, "runs": []}
+    for prompts in prompt_counts:
+        for s in sparsities:
+            tag = f"s{int(100 * s)}_p{prompts}"
+            sparse_dir, dense_dir = work / name / f"{tag}_sparse", work / name / f"{tag}_dense"
+            t0 = time.time()
+            res = epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
+                       "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
+                       "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
+                       "--lr", str(lr), "--no-progress")
+            seconds = time.time() - t0
+            for stage, d in (("sparse training", sparse_dir), ("dense fine-tuning", dense_dir)):
+                doc = json.loads((d / "epee_config.json").read_text())
+                row = {"sparsity_target": s, "prompts": prompts, "stage": stage,
+                       "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(seconds, 1),
+                       **measure(str(d), dev_args, baseline)}
+                out["runs"].append(row)
+                print(json.dumps({"corpus": name, **row}), flush=True)
+            del res
+    return out
+
+
+def plot(name: str, data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.2, 4.4))
+    ax = fig.add_subplot()
+    colours = {0.0: "tab:blue", 0.5: "tab:orange", 0.75: "tab:red"}
+    for r in data["runs"]:
+        marker = "o" if r["stage"] == "sparse training" else "s"
+        fill = colours[r["sparsity_target"]] if r["prompts"] == 0 else "white"
+        ax.scatter([r["full_macs_rel"]], [100 * r["full_score"]], marker=marker, s=40, color=fill,
+                   edgecolor=colours[r["sparsity_target"]], linewidths=1.5)
+        ax.scatter([r["epee_macs_rel"]], [100 * r["epee_score"]], marker=marker, s=70, color=fill,
+                   edgecolor=colours[r["sparsity_target"]], linewidths=1.5, alpha=0.8)
+        ax.annotate("", xy=(r["epee_macs_rel"], 100 * r["epee_score"]), xytext=(r["full_macs_rel"], 100 * r["full_score"]),
+                    arrowprops={"arrowstyle": "->", "color": colours[r["sparsity_target"]], "alpha": 0.4})
+    ax.axhline(100 * data["baseline_full_score"], color="grey", ls="--", lw=1, label="original dense model, full depth")
+    for s, c in colours.items():
+        ax.scatter([], [], color=c, label=f"{int(100 * s)}% sparse")
+    ax.scatter([], [], marker="o", color="grey", label="after sparse training")
+    ax.scatter([], [], marker="s", color="grey", label="after dense fine-tuning")
+    ax.scatter([], [], marker="o", color="white", edgecolor="grey", label="with soft prompts (hollow)")
+    ax.set_xscale("log")
+    ax.set_xlabel("multiply-adds relative to the dense model at full depth (log); arrow: full depth -> EPEE")
+    ax.set_ylabel(f"dev {data['runs'][0]['metric']} (x100)")
+    ax.set_title(f"{name}: sparsity x soft prompts x early exit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def render(results: dict, meta: dict, docs: Path) -> None:
+    lines = ["# Sparse backbones, soft prompts and early exit on real data", "",
+             f"Generated by `{meta['command']}` on {meta['date']}: {meta['machine']}, torch {meta['torch']}, no GPU.", "",
+             "Each row starts from the dense MiniLM-L6 early-exit model of `bench.real_models` and runs `epee sparsify`: "
+             "global magnitude pruning to the target, one epoch of sparse training with the masks enforced (at 0%: plain "
+             "continued training, the control), then one epoch of dense fine-tuning with the masks released (MediSwift's "
+             "recipe); optionally 8 soft prompts trained with the unfrozen backbone. Every model is calibrated with "
+             "`epee calibrate` (bootstrap rule, 1 point) on the dev set and scored on the same dev set, so the EPEE "
+             "columns are dev-calibrated (optimistic for new data; docs/benchmarks.md measures on held-out halves). "
+             "Multiply-adds (MACs) are per record, relative to the original dense model at full depth on the same "
+             "records, counting a zero weight as free (hardware that exploits sparsity); soft prompts' extra tokens "
+             "count against them.", ""]
+    for name, data in results.items():
+        metric = data["runs"][0]["metric"] if data["runs"] else ""
+        lines += [f"## {name}", "", f"Original dense model at full depth: {metric} {data['baseline_full_score']:.4f}, "
+                  f"{data['baseline_macs_per_record'] / 1e9:.2f} GMACs per record.", "",
+                  f"| sparsity | prompts | stage | measured sparsity | {metric} full depth | MACs full depth | "
+                  f"{metric} EPEE | mean exit layer | MACs EPEE | saved by exit / by sparsity |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in data["runs"]:
+            lines.append(f"| {int(100 * r['sparsity_target'])}% | {r['prompts']} | {r['stage']} | {r['measured_sparsity']:.3f} | "
+                         f"{r['full_score']:.4f} | {r['full_macs_rel']:.3f} | {r['epee_score']:.4f} | "
+                         f"{r['mean_exit_layer']:.2f} | {r['epee_macs_rel']:.3f} | "
+                         f"{100 * r['epee_saved_by_exit']:.0f}% / {100 * r['epee_saved_by_sparsity']:.0f}% |")
+        lines += ["", f"![{name}](figures/sparsity_{name}.png)", ""]
+    speed = docs / "sparse_speed.json"
+    lines += ["## What sparsity buys in time", ""]
+    if speed.is_file():
+        doc = json.loads(speed.read_text())
+        for dev, block in doc.items():
+            m = block["meta"]
+            lines += [f"`{m['command']}` on {m['date']} ({m['machine']}{', ' + m['gpu'] if 'gpu' in m else ''}, "
+                      f"torch {m['torch']}):", ""]
+            lines += ["| measurement | weights / sparsity | kernel or batch | time | speedup vs dense |", "|---|---|---|---|---|"]
+            for r in block["rows"]:
+                if "ms" in r:
+                    lines.append(f"| {r['what']} | {r['sparsity']:.2f} | {r['kernel']} | {r['ms']:.2f} ms | {r['speedup']:.2f}x |")
+                else:
+                    lines.append(f"| {r['what']} | {r['weights']} | batch {r['batch_size']} | "
+                                 f"{r['records_per_s']:.1f} records/s | {r['speedup']:.2f}x |")
+            lines.append("")
+    else:
+        lines += ["Not measured yet: `.venv/bin/python -m bench.sparse_speed`.", ""]
+    if "cuda" not in (json.loads(speed.read_text()) if speed.is_file() else {}):
+        lines += ["GPU (2:4 semi-structured kernels): not measured, no GPU machine was lent to the session that "
+                  "produced these figures (`.venv/bin/python -m bench.sparse_speed --device cuda` on one).", ""]
+    (docs / "sparsity.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", choices=list(CORPORA))
+    p.add_argument("--models", default="models")
+    p.add_argument("--docs", default="docs")
+    p.add_argument("--max-train", type=int, help="training examples per epoch (default per corpus)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of each stage")
+    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--max-dev", type=int, help="dev examples at most (default per corpus)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    p.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS))
+    p.add_argument("--render-only", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    docs = Path(args.docs)
+    raw = docs / "sparsity.json"
+    results = json.loads(raw.read_text()) if raw.is_file() else {}
+    meta = results.pop("_meta", None)
+    if not args.render_only:
+        work = Path(tempfile.mkdtemp(prefix="epee-sparsity-"))
+        for name, (n_train, n_dev) in CORPORA.items():
+            if args.only and name not in args.only:
+                continue
+            if not (Path(args.models) / name / "epee_config.json").is_file():
+                from bench import real_models
+
+                real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
+            results[name] = run_corpus(name, Path(args.models), work, args.max_train or n_train, args.max_dev or n_dev,
+                                       args.epochs, args.lr, args.sparsities, args.prompts)
+            raw.write_text(json.dumps({**results, "_meta": meta or {}}, indent=2) + "\n")
+        meta = {"command": ".venv/bin/python -m bench.sparsity_real", "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__}
+    raw.write_text(json.dumps({**results, "_meta": meta}, indent=2) + "\n")
+    for name, data in results.items():
+        if data.get("runs"):
+            plot(name, data, docs / "figures" / f"sparsity_{name}.png")
+    render({k: results[k] for k in CORPORA if k in results}, meta, docs)
+
+
+if __name__ == "__main__":
+    main()
