@@ -246,7 +246,7 @@ class EarlyExitEngine:
         self.device = torch.device(self.config.device)
         from .flops import MacCounter
 
-        self.macs = MacCounter(model)  # reads non-zero weights now: build the engine after pruning
+        self.macs = MacCounter.for_model(model)  # non-zero weights as they are now: build engines after pruning
 
     def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None) -> RunResult:
         """Predict every sample; results come back in input order."""

@@ -77,6 +77,18 @@ class MacCounter:
         elif cfg.task == "sequence" and adapter.family in ("bert", "albert"):
             self.head_fixed += self.hidden * self.hidden  # the pooler's dense layer
 
+    @classmethod
+    def for_model(cls, model) -> "MacCounter":
+        """The counter of ``model``, rebuilt only when a weight changed since the last one (a
+        pipeline builds an engine per batch; counting non-zeros each time would be waste)."""
+        key = tuple((id(p), p._version) for p in model.parameters())
+        cached = getattr(model, "_epee_mac_counter", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        counter = cls(model)
+        object.__setattr__(model, "_epee_mac_counter", (key, counter))
+        return counter
+
     def _layers(self, per_token: list[int], t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Σ over layers 1..k of (T·weights_per_token + 2·T²·H), per sample."""
         cum = torch.cumsum(torch.tensor([0] + per_token, dtype=torch.float64), 0)  # (L+1,)

@@ -29,7 +29,7 @@ def run_reference(
     adapter = model.adapter
     from .flops import MacCounter
 
-    counter = MacCounter(model)
+    counter = MacCounter.for_model(model)
     out: list[ExitPrediction] = []
     with torch.inference_mode():
         for i, sample in enumerate(samples):

@@ -187,6 +187,14 @@ class TestMacs:
         d = stats.to_dict()
         assert d["macs_saved"] == pytest.approx(d["macs_saved_by_exit"] + d["macs_saved_by_sparsity"])
 
+    def test_counter_cached_until_weights_change(self):
+        model = tiny_model("bert", "sequence", layers=2)
+        first = MacCounter.for_model(model)
+        assert MacCounter.for_model(model) is first  # one count of non-zeros per model, not per batch
+        apply_masks(model, magnitude_masks(prunable_weights(model), 0.5))  # in place: versions move
+        second = MacCounter.for_model(model)
+        assert second is not first and sum(second.sparse_per_token) < sum(first.sparse_per_token)
+
     def test_savings_split(self):
         s = savings(actual=25, dense_at_exit=50, dense_full=100)
         assert s == {"saved": 0.75, "saved_by_exit": 0.5, "saved_by_sparsity": 0.25, "relative_cost": 0.25}
