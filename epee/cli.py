@@ -170,7 +170,17 @@ def cmd_train(args: argparse.Namespace) -> dict:
         if not tok_dir:
             raise SystemExit("text tasks trained from scratch need --tokenizer DIR")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length))
+        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length),
+                                        num_prompts=args.num_prompts)
+    if args.num_prompts:
+        if task == "image":
+            raise SystemExit("--num-prompts: soft prompts are for text models")
+        model = model.with_prompts(args.num_prompts, preprocessor.prompt_position)
+    if args.freeze_backbone:
+        if not args.num_prompts:
+            raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
     train_s, train_t, _, skipped_train = _encode_all(preprocessor, train_ex)
     dev_s, dev_t, _, skipped_dev = _encode_all(preprocessor, dev_ex)
     metric, fn = score_function(task, label_names, neg)
@@ -521,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--negative-ratio", type=float, help="relation task: keep at most R negatives per positive")
     h.add_argument("--checkpoint-every", type=int, default=200)
     h.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # simulates an interruption (tests)
+    h.add_argument("--num-prompts", type=int, default=0, help="soft prompt vectors to learn (text models)")
+    h.add_argument("--freeze-backbone", action="store_true", help="with --num-prompts: train only prompts and exit heads")
     h.add_argument("--tau", type=float, default=0.2, help="entropy threshold until calibrated")
     h.add_argument("--patience", type=int, default=2, help="patience until calibrated")
     h.add_argument("--device", default="cpu")

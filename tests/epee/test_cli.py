@@ -203,3 +203,33 @@ def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir
 def test_sparsify_rejects(tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):
         main(["sparsify", "--model", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
+
+
+def test_train_with_soft_prompts_and_frozen_backbone(tmp_path, capsys, tokenizer_dir):
+    rows = [{"text": f"{'fever cough' if i % 2 else 'rash itch'} patient {i}", "label": "resp" if i % 2 else "skin"}
+            for i in range(40)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[30:])
+    out = str(tmp_path / "model")
+    run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", out, "--architecture", "bert",
+        "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--epochs", "1", "--batch-size", "8",
+        "--max-length", "32", "--num-prompts", "3", "--freeze-backbone", "--no-progress")
+    from epee.modeldir import load_model_dir
+    from epee.modeling import EarlyExitModel
+
+    bundle = load_model_dir(out)
+    assert bundle.model.config.num_prompts == 3 and bundle.preprocessor.num_prompts == 3
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(42)  # `epee train --seed` default: the backbone is built from it before anything else draws
+    fresh = EarlyExitModel.from_config(bundle.model.backbone.config,
+                                       dataclasses.replace(bundle.model.config, num_prompts=0))
+    trained = bundle.model.backbone.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.backbone.state_dict().items())  # frozen: untouched
+    ev = run(capsys, "evaluate", "--model", out, "--data", dev)
+    assert ev["records"] == 10 and ev["macs_per_record"] > 0
+    with pytest.raises(SystemExit, match="give --num-prompts"):
+        main(["train", "--task", "sequence", "--train", train, "--dev", dev, "--output", str(tmp_path / "x"),
+              "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--freeze-backbone"])
