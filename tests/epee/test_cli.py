@@ -32,6 +32,14 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def symptom_notes(n: int, seed: int) -> list[dict]:
+    """Short notes whose label (resp / skin) two of their words give away."""
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.sample(["fever", "cough", "wheeze"] if y == "resp" else ["rash", "itch", "hives"], 2)
+                              + rng.sample(["the", "patient", "has", "mild", "today", "noted"], 3)), "label": y}
+            for y in (rng.choice(["resp", "skin"]) for _ in range(n))]
+
+
 def check_calibrated_and_evaluated(capsys, model_dir, data, *extra):
     cal = run(capsys, "calibrate", "--model", model_dir, "--tolerance", "1.0", *extra)
     assert cal["chosen"]["score"] >= cal["full_depth_score"] - 0.01 - 1e-9
@@ -63,10 +71,7 @@ def test_calibrate_rejects_bad_selection_arguments(tmp_path, flag):
 
 
 def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
-    rng = random.Random(0)
-    rows = [{"note": " ".join(rng.sample(["fever", "cough", "wheeze"] if y == "resp" else ["rash", "itch", "hives"], 2)
-                              + rng.sample(["the", "patient", "has", "mild", "today", "noted"], 3)), "dx": y}
-            for y in (rng.choice(["resp", "skin"]) for _ in range(120))]
+    rows = [{"note": r["text"], "dx": r["label"]} for r in symptom_notes(120, seed=0)]
     train = write_jsonl(tmp_path / "train.jsonl", rows[:90])
     dev = write_jsonl(tmp_path / "dev.jsonl", rows[90:])
     out = str(tmp_path / "model")
@@ -157,10 +162,7 @@ def test_missing_backbone_source_is_explained(tmp_path, capsys):
 
 
 def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir):
-    rng = random.Random(3)
-    rows = [{"text": " ".join(rng.sample(["fever", "cough", "wheeze"] if y == "resp" else ["rash", "itch", "hives"], 2)
-                              + rng.sample(["the", "patient", "has", "mild", "today", "noted"], 3)), "label": y}
-            for y in (rng.choice(["resp", "skin"]) for _ in range(100))]
+    rows = symptom_notes(100, seed=3)
     train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
     dev = write_jsonl(tmp_path / "dev.jsonl", rows[80:])
     src = str(tmp_path / "dense")
