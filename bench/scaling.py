@@ -5,8 +5,9 @@ Notes are generated (``pipelines.sample_data``) with a realistic, long-tailed le
 joins a log-normal number of generated sentences (median 6, 1% above about 60), so some notes
 span several 128-token windows. They are written as 20 JSONL files, as a nightly archive would
 be. Each run is a fresh process; memory is its peak RSS (and, with 2 worker processes, the largest
-worker's). The archive is never held in memory: JSONL is streamed per file, and only prediction
-rows (a few hundred bytes each) are grouped for the sorted Parquet shards.
+worker's). The archive is never held in memory: JSONL is streamed per file, and the sorted Parquet
+shards are written by an external merge sort (runs of at most 20,000 rows spilled to temporary
+files, then merged), so no step holds more than one run of prediction rows.
 
     .venv/bin/python -m bench.scaling                       # 1k, 10k, 100k x 1, 2 workers
     .venv/bin/python -m bench.scaling --sizes 1000 10000

@@ -83,27 +83,39 @@ def row_sort_key(row: dict) -> tuple:
 
 class WriteSortedShards(beam.PTransform):
     """Rows -> ``{directory}/{kind}-SSSSS-of-NNNNN.parquet``, deterministic: rows go to a shard by a
-    stable hash of their id and are sorted within it, so the same inputs give byte-identical row
-    order whatever the runner's bundling. Every shard file is written, empty ones included. A
-    shard's rows are held in memory by one worker while it is sorted (predictions are small rows:
-    about 300 bytes each). ``key_source``: pseudonymise id fields on the way out."""
+    stable hash of their id and are sorted within it, so the same inputs give byte-identical files
+    whatever the runner's bundling. Every shard file is written, empty ones included.
+    ``key_source``: pseudonymise id fields on the way out.
 
-    def __init__(self, directory: str, kind: str, schema, num_shards: int = 1, key_source=None) -> None:
+    Memory stays flat as the archive grows (an external merge sort): rows are sorted in runs of
+    at most ``run_rows`` and each run is spilled to a temporary Parquet file per shard under
+    ``{directory}/_runs-{kind}/``; only the runs' paths are grouped by shard, and each shard is
+    written by merging its runs, reading ``merge_batch`` rows of each at a time. No step holds
+    more than one run of rows, whatever the number of records.
+    """
+
+    def __init__(self, directory: str, kind: str, schema, num_shards: int = 1, key_source=None,
+                 run_rows: int = 20000, merge_batch: int = 256) -> None:
         super().__init__()
         self.directory, self.kind, self.schema = directory.rstrip("/"), kind, schema
         self.num_shards, self.key_source = num_shards, key_source
+        self.run_rows, self.merge_batch = run_rows, merge_batch
 
     def expand(self, rows):
         n = self.num_shards
-        keyed = rows | "Shard" >> beam.Map(lambda r: (shard_of(r, n), r))
+        runs = rows | "SortedRuns" >> beam.ParDo(_SpillSortedRuns(self.directory, self.kind, self.schema, n,
+                                                                  self.key_source, self.run_rows))
         every = rows.pipeline | "AllShards" >> beam.Create([(i, None) for i in range(n)])
-        return ((keyed, every) | "WithEmpty" >> beam.Flatten() | "Group" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(_WriteShard(self.directory, self.kind, self.schema, n, self.key_source)))
+        return ((runs, every) | "WithEmpty" >> beam.Flatten() | "Group" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(_WriteShard(self.directory, self.kind, self.schema, n, self.merge_batch)))
 
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, directory, kind, schema, num_shards, key_source) -> None:
-        self.directory, self.kind, self.schema, self.num_shards, self.key_source = directory, kind, schema, num_shards, key_source
+class _SpillSortedRuns(beam.DoFn):
+    """Rows -> (shard, path of a temporary Parquet file of that shard's rows, sorted)."""
+
+    def __init__(self, directory, kind, schema, num_shards, key_source, run_rows) -> None:
+        self.directory, self.kind, self.schema = directory, kind, schema
+        self.num_shards, self.key_source, self.run_rows = num_shards, key_source, run_rows
 
     def setup(self) -> None:
         self.pz = None
@@ -112,18 +124,77 @@ class _WriteShard(beam.DoFn):
 
             self.pz = Pseudonymizer(self.key_source.load())
 
-    def process(self, keyed):
+    def start_bundle(self) -> None:
+        self.buffer: dict[int, list[dict]] = {}
+        self.count = 0
+
+    def process(self, row):
+        if self.pz is not None:
+            row = self.pz.row(row)
+        self.buffer.setdefault(shard_of(row, self.num_shards), []).append(row)
+        self.count += 1
+        if self.count >= self.run_rows:
+            yield from self._spill()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for kv in self._spill():
+            yield WindowedValue(kv, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+    def _spill(self):
+        import uuid
+
         from apache_beam.io.filesystems import FileSystems
 
-        shard, rows = keyed
-        rows = [r for r in rows if r is not None]
-        if self.pz is not None:
-            rows = [self.pz.row(r) for r in rows]
-        rows.sort(key=row_sort_key)
+        for shard, rows in sorted(self.buffer.items()):
+            rows.sort(key=row_sort_key)
+            path = f"{self.directory}/_runs-{self.kind}/{shard:05d}-{uuid.uuid4().hex}.parquet"
+            with FileSystems.create(path) as fh:
+                pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), fh)
+            yield shard, path
+        self.buffer, self.count = {}, 0
+
+
+def _run_rows(path: str, batch: int):
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as fh:
+        for record_batch in pq.ParquetFile(fh).iter_batches(batch_size=batch):
+            yield from record_batch.to_pylist()
+
+
+class _WriteShard(beam.DoFn):
+    """(shard, run paths) -> the shard's Parquet file: its sorted runs merged, written in row groups."""
+
+    ROW_GROUP = 8192
+
+    def __init__(self, directory, kind, schema, num_shards, merge_batch) -> None:
+        self.directory, self.kind, self.schema, self.num_shards = directory, kind, schema, num_shards
+        self.merge_batch = merge_batch
+
+    def process(self, keyed):
+        import heapq
+
+        from apache_beam.io.filesystems import FileSystems
+
+        shard, paths = keyed
+        paths = sorted(p for p in paths if p is not None)  # a fixed order: ties merge the same way every run
         path = f"{self.directory}/{self.kind}-{shard:05d}-of-{self.num_shards:05d}.parquet"
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        merged = heapq.merge(*(_run_rows(p, self.merge_batch) for p in paths), key=row_sort_key)
         with FileSystems.create(path) as fh:
-            pq.write_table(table, fh)
+            with pq.ParquetWriter(fh, self.schema) as writer:
+                chunk: list[dict] = []
+                for row in merged:
+                    chunk.append(row)
+                    if len(chunk) == self.ROW_GROUP:
+                        writer.write_table(pa.Table.from_pylist(chunk, schema=self.schema))
+                        chunk = []
+                if chunk or not paths:  # an empty shard is still a file with the schema
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=self.schema))
+        if paths:
+            FileSystems.delete(paths)
         yield path
 
 

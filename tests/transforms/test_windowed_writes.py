@@ -66,3 +66,35 @@ def test_parquet_sink_refuses_a_second_flush(tmp_path):
         with pytest.raises(RuntimeError, match="cannot be appended"):
             sink.flush()
     assert [r["record_id"] for r in pq.read_table(tmp_path / "f.parquet").to_pylist()] == ["note-0"]
+
+
+def test_sorted_shards_merge_spilled_runs(tmp_path):
+    """Batch writer: runs of at most run_rows rows are spilled and merged; the files hold every row,
+    sorted, empty shards included, the same bytes whatever the run size, no run file left over."""
+    from transforms.writers import WriteSortedShards
+
+    rows = [prediction(i).to_row() for i in (7, 3, 11, 0, 5, 9, 1, 8, 2, 10, 4, 6)]
+    written = {}
+    for run_rows in (3, 1000):  # 4 spilled runs per bundle, or one
+        out = tmp_path / f"out{run_rows}"
+        with test_pipeline.TestPipeline(runner="BundleBasedDirectRunner") as p:
+            (p | beam.Create(rows) | WriteSortedShards(str(out), "predictions", PREDICTION_SCHEMA, num_shards=3,
+                                                       run_rows=run_rows, merge_batch=2))
+        files = sorted(out.glob("predictions-*.parquet"))
+        assert [f.name for f in files] == [f"predictions-0000{i}-of-00003.parquet" for i in range(3)]
+        got = [pq.read_table(f).column("record_id").to_pylist() for f in files]
+        assert sorted(i for ids in got for i in ids) == sorted(r["record_id"] for r in rows)
+        assert all(ids == sorted(ids) for ids in got) and sum(1 for ids in got if ids) >= 2
+        assert not list(out.glob("_runs-predictions/*"))  # spilled runs are deleted once merged
+        written[run_rows] = [f.read_bytes() for f in files]
+    assert written[3] == written[1000]
+
+
+def test_sorted_shards_empty_input_writes_every_shard(tmp_path):
+    from transforms.writers import WriteSortedShards
+
+    with test_pipeline.TestPipeline(runner="BundleBasedDirectRunner") as p:
+        (p | beam.Create([]) | WriteSortedShards(str(tmp_path), "dead_letters", PREDICTION_SCHEMA, num_shards=2))
+    files = sorted(tmp_path.glob("dead_letters-*.parquet"))
+    assert len(files) == 2 and all(pq.read_table(f).num_rows == 0 for f in files)
+    assert pq.read_table(files[0]).schema.names == PREDICTION_SCHEMA.names
