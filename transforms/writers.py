@@ -111,7 +111,13 @@ class WriteSortedShards(beam.PTransform):
 
 
 class _SpillSortedRuns(beam.DoFn):
-    """Rows -> (shard, path of a temporary Parquet file of that shard's rows, sorted)."""
+    """Rows -> (shard, path of a temporary Parquet file of that shard's rows, sorted).
+
+    Buffered rows are kept as Arrow tables of CHUNK rows (a few hundred bytes a row) and their
+    sort keys, not as Python dicts (several kilobytes a row); a run is sorted by key when spilled.
+    """
+
+    CHUNK = 1024
 
     def __init__(self, directory, kind, schema, num_shards, key_source, run_rows) -> None:
         self.directory, self.kind, self.schema = directory, kind, schema
@@ -125,13 +131,20 @@ class _SpillSortedRuns(beam.DoFn):
             self.pz = Pseudonymizer(self.key_source.load())
 
     def start_bundle(self) -> None:
-        self.buffer: dict[int, list[dict]] = {}
+        self.pending: dict[int, list[dict]] = {}  # rows not yet in an Arrow chunk
+        self.tables: dict[int, list[pa.Table]] = {}
+        self.keys: dict[int, list[tuple]] = {}
         self.count = 0
 
     def process(self, row):
         if self.pz is not None:
             row = self.pz.row(row)
-        self.buffer.setdefault(shard_of(row, self.num_shards), []).append(row)
+        shard = shard_of(row, self.num_shards)
+        self.keys.setdefault(shard, []).append(row_sort_key(row))
+        rows = self.pending.setdefault(shard, [])
+        rows.append(row)
+        if len(rows) >= self.CHUNK:
+            self._to_arrow(shard)
         self.count += 1
         if self.count >= self.run_rows:
             yield from self._spill()
@@ -143,18 +156,26 @@ class _SpillSortedRuns(beam.DoFn):
         for kv in self._spill():
             yield WindowedValue(kv, GlobalWindow().max_timestamp(), [GlobalWindow()])
 
+    def _to_arrow(self, shard: int) -> None:
+        rows = self.pending.pop(shard, [])
+        if rows:
+            self.tables.setdefault(shard, []).append(pa.Table.from_pylist(rows, schema=self.schema))
+
     def _spill(self):
         import uuid
 
         from apache_beam.io.filesystems import FileSystems
 
-        for shard, rows in sorted(self.buffer.items()):
-            rows.sort(key=row_sort_key)
+        for shard in sorted(self.keys):
+            self._to_arrow(shard)
+            keys = self.keys[shard]
+            order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: equal keys keep arrival order
+            table = pa.concat_tables(self.tables[shard]).take(pa.array(order, type=pa.int64()))
             path = f"{self.directory}/_runs-{self.kind}/{shard:05d}-{uuid.uuid4().hex}.parquet"
             with FileSystems.create(path) as fh:
-                pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), fh)
+                pq.write_table(table, fh)
             yield shard, path
-        self.buffer, self.count = {}, 0
+        self.pending, self.tables, self.keys, self.count = {}, {}, {}, 0
 
 
 def _run_rows(path: str, batch: int):
