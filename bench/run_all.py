@@ -414,7 +414,7 @@ def render(results: dict, meta: dict, path: Path) -> None:
                       + f"; padding {100 * ep['padding_fraction']:.0f}% of token slots."]
         plain = (f" (the plain rule's setting: {r['epee_plain_score_drop_points']:+.2f})"
                  if "epee_plain_score_drop_points" in r else "")
-        lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost{plain}; our EPEE pipeline "
+        lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost (negative: EPEE scored higher){plain}; our EPEE pipeline "
                   f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference.", "",
                   f"![{name}](figures/bench_{name}.png)", ""]
     lines += scaling_section(path.parent / "scaling.json")
