@@ -436,7 +436,7 @@ def scaling_section(path: Path) -> list[str]:
         lines.append(f"| {r['notes']} | {r['bytes'] / 1e6:.1f} | {r['mean_words']} | {r['workers']} | {r['records_per_s']} | "
                      f"{r['seconds']} | {r['mean_exit_layer']:.2f} | {r['peak_rss_mib']:.0f} | {r['largest_child_rss_mib']:.0f} | "
                      f"{r.get('date', data['date'])} |")
-    return lines + [""]
+    return lines + [""] + [f"{n}\n" for n in data.get("notes", [])]
 
 
 def render_saved(docs: Path) -> None:

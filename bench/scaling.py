@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     today = time.strftime("%Y-%m-%d")
     for r in rows:
         r.setdefault("date", today)
-    previous = json.loads((docs / "scaling.json").read_text()).get("rows", []) if (docs / "scaling.json").is_file() else []
+    before = json.loads((docs / "scaling.json").read_text()) if (docs / "scaling.json").is_file() else {}
+    previous = before.get("rows", [])
     fresh = {(r["notes"], r["workers"]) for r in rows}
     rows = sorted([r for r in previous if (r["notes"], r["workers"]) not in fresh] + rows,
                   key=lambda r: (r["notes"], r["workers"]))
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                  "JSONL files; the sample notes model (pretrained MiniLM-L6, exit heads fitted as probes on generated notes) with its calibrated EPEE policy; one fresh "
                  "process per run; 2 workers = DirectRunner multi_processing. Peak RSS is the driver's and the "
                  "largest child process's."),
-        "rows": rows}, indent=2))
+        "rows": rows, "notes": before.get("notes", [])}, indent=2))
     from bench.run_all import render_saved
 
     render_saved(docs)
