@@ -374,6 +374,9 @@ def choose_robust(
     full_point = next((p for p in points if p.kind == "none"), None)
     if full_point is None:
         raise ValueError("points need the full-depth ('none') setting")
+    pool = [p for p in points if p.kind == kind]
+    if not pool:
+        raise ValueError(f"no sweep points of kind {kind!r}")
     num_layers = outputs.num_layers
     trace = _trace(outputs)
     full_preds = _predictions_at(trace, outputs, torch.full((n,), num_layers, dtype=torch.long))
@@ -382,7 +385,7 @@ def choose_robust(
     gold_draws = [[gold[i] for i in d] for d in draws]
     full_scores = np.array([score_fn(g, [full_preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
     floor = full_point.score - tolerance - 1e-12
-    candidates = sorted((p for p in points if p.kind == kind and p.score >= floor), key=_speed_first)
+    candidates = sorted((p for p in pool if p.score >= floor), key=_speed_first)
     tested: dict[bytes, tuple[float, float]] = {}
     best: RobustChoice | None = None  # the smallest drop quantile seen, should none qualify
 
@@ -405,9 +408,6 @@ def choose_robust(
                    kind, tolerance, confidence)
     if best is not None:
         return dataclasses.replace(best, candidates_tested=len(candidates))
-    pool = [p for p in points if p.kind == kind]
-    if not pool:
-        raise ValueError(f"no sweep points of kind {kind!r}")
     safest = min(pool, key=lambda p: (-p.score,) + _speed_first(p))
     q, mean = drop_stats(safest)
     return RobustChoice(safest, q, mean, 0)

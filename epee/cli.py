@@ -170,17 +170,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
         if not tok_dir:
             raise SystemExit("text tasks trained from scratch need --tokenizer DIR")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length),
-                                        num_prompts=args.num_prompts)
-    if args.num_prompts:
-        if task == "image":
-            raise SystemExit("--num-prompts: soft prompts are for text models")
-        model = model.with_prompts(args.num_prompts, preprocessor.prompt_position)
-    if args.freeze_backbone:
-        if not args.num_prompts:
-            raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
+        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length))
+    model, preprocessor = _soft_prompts(model, preprocessor, args)
     train_s, train_t, _, skipped_train = _encode_all(preprocessor, train_ex)
     dev_s, dev_t, _, skipped_dev = _encode_all(preprocessor, dev_ex)
     metric, fn = score_function(task, label_names, neg)
@@ -212,6 +203,27 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return {"model": str(args.output), "metric": metric, "dev_scores_per_layer": last,
             "full_depth_dev_score": last[-1] if last else None, "train_seconds": record["seconds"],
             "train_examples": len(train_s), "dev_examples": len(dev_s)}
+
+
+def _soft_prompts(model, preprocessor, args: argparse.Namespace):
+    """``--num-prompts`` and ``--freeze-backbone`` (train, sparsify): the model with new soft prompts
+    and the preprocessor that reserves their positions; the backbone frozen if asked."""
+    from .encoding import TextPreprocessor
+
+    if args.freeze_backbone and not args.num_prompts:
+        raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
+    if args.num_prompts:
+        if not isinstance(preprocessor, TextPreprocessor):
+            raise SystemExit("--num-prompts: soft prompts are for text models")
+        if model.prompts is not None:
+            raise SystemExit(f"the model already has {model.config.num_prompts} soft prompts")
+        pre = preprocessor
+        preprocessor = TextPreprocessor(pre.tokenizer, pre.task, pre.label_names, pre.settings, num_prompts=args.num_prompts)
+        model = model.with_prompts(args.num_prompts, preprocessor.prompt_position)
+    if args.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    return model, preprocessor
 
 
 def _architecture_config(args: argparse.Namespace):
@@ -361,7 +373,6 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     import torch
 
     from .data import subsample
-    from .encoding import TextPreprocessor
     from .modeldir import load_model_dir, save_model_dir
     from .sparsity import MaskEnforcer, SparsityConfig, measured_sparsity
     from .training import TrainConfig, train
@@ -374,7 +385,7 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
                                     gradual_steps=args.gradual_steps)
     except ValueError as exc:
         raise SystemExit(f"epee sparsify: {exc}") from None
-    if args.freeze_backbone and not args.num_prompts:
+    if args.freeze_backbone and not args.num_prompts:  # before loading anything
         raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
     bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
     model, pre = bundle.model, bundle.preprocessor
@@ -401,16 +412,7 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     dev_ex = subsample(dev_ex, args.max_dev if args.max_dev is not None else recorded.get("max_dev"), args.seed)
 
     torch.manual_seed(args.seed)
-    if args.num_prompts:
-        if not isinstance(pre, TextPreprocessor):
-            raise SystemExit("soft prompts are for text models; this model directory reads images")
-        if model.prompts is not None:
-            raise SystemExit(f"the model already has {model.config.num_prompts} soft prompts")
-        pre = TextPreprocessor(pre.tokenizer, pre.task, pre.label_names, pre.settings, num_prompts=args.num_prompts)
-        model = model.with_prompts(args.num_prompts, pre.prompt_position)
-    if args.freeze_backbone:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
+    model, pre = _soft_prompts(model, pre, args)
     train_s, train_t, _, _ = _encode_all(pre, train_ex)
     dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
     metric, fn = score_function(task, model.config.label_names, neg)
@@ -433,7 +435,7 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     pruned = measured_sparsity(model)
     stages = {"sparse_training": stage(args.epochs, enforcer.after_step if enforcer else None) if args.epochs else None}
     if enforcer is not None:
-        enforcer.after_step(10**12)  # the final masks hold exactly, whatever the schedule's length
+        enforcer.finish()  # the target holds exactly, however many steps training ran
         if stages["sparse_training"]:
             stages["sparse_training"]["measured"] = measured_sparsity(model)
     origin = {

@@ -330,6 +330,7 @@ class EarlyExitEngine:
         index = rows.index[exited].tolist()
         n_exit = len(index)
         lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((n_exit,), rows.hidden.shape[1])
+        lengths = lengths_t.tolist()
         costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer))
         for c in costs:
             stats.macs += c.actual
@@ -347,7 +348,6 @@ class EarlyExitEngine:
                     dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
                 )
             return
-        lengths = rows.mask[exited].sum(dim=1).tolist()
         preds = rows.previous[exited].cpu().tolist()  # (n, T), -1 where a token is not scored
         for j, i in enumerate(index):
             k = lengths[j]

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -43,22 +42,14 @@ class MacCounter:
     """Per-layer costs of one model, read once from its weights (non-zeros counted then)."""
 
     def __init__(self, model) -> None:
-        from transformers.pytorch_utils import Conv1D
+        from .sparsity import layer_linears
 
         adapter, cfg = model.adapter, model.config
         self.num_layers = model.num_layers
         self.hidden = adapter.hidden_size
-        self.dense_per_token: list[int] = []
-        self.sparse_per_token: list[int] = []
-        for i in range(self.num_layers):
-            dense = sparse = 0
-            for m in adapter.layer_module(i).modules():
-                if isinstance(m, (nn.Linear, Conv1D)):
-                    rows, cols = m.weight.shape
-                    dense += rows * cols
-                    sparse += _nonzeros(m.weight)
-            self.dense_per_token.append(dense)
-            self.sparse_per_token.append(sparse)
+        linears = [layer_linears(model, i) for i in range(self.num_layers)]  # ALBERT: shared, counted per layer run
+        self.dense_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in linears]
+        self.sparse_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in linears]
         self.embed_per_token = 0
         self.embed_fixed = 0
         if adapter.family == "albert":
@@ -69,7 +60,6 @@ class MacCounter:
             self.embed_fixed = patches * proj.weight.numel()
         head = model.exit_heads[0]
         c = head.out_features
-        self.task = cfg.task
         self.head_fixed = head.in_features * c if cfg.task != "token" else 0
         self.head_per_token = self.hidden * c if cfg.task == "token" else 0
         if cfg.task == "sequence" and cfg.pooling == "mean":

@@ -71,18 +71,23 @@ class Prunable:
     layer: int  # 0-based transformer layer (ALBERT: the first layer that runs the shared group)
 
 
-def prunable_weights(model) -> list[Prunable]:
-    """Every linear weight inside the transformer layers, once each (ALBERT shares them)."""
+def layer_linears(model, i: int) -> list[nn.Module]:
+    """The linear maps (``nn.Linear`` and GPT-2's ``Conv1D``) that 0-based layer ``i`` runs."""
     from transformers.pytorch_utils import Conv1D
 
+    return [m for m in model.adapter.layer_module(i).modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def prunable_weights(model) -> list[Prunable]:
+    """Every linear weight inside the transformer layers, once each (ALBERT shares them)."""
     names = {id(p): n for n, p in model.named_parameters()}
     seen: set[int] = set()
     out = []
     for i in range(model.num_layers):
-        for module in model.adapter.layer_module(i).modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in seen:
+        for module in layer_linears(model, i):
+            if id(module.weight) not in seen:
                 seen.add(id(module.weight))
-                out.append(Prunable(names[id(module.weight)], module.weight, 0 if isinstance(module, Conv1D) else 1, i))
+                out.append(Prunable(names[id(module.weight)], module.weight, 1 if isinstance(module, nn.Linear) else 0, i))
     return out
 
 
@@ -96,17 +101,22 @@ def _keep_largest(magnitude: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.view_as(magnitude)
 
 
-def two_four_mask(weight: torch.Tensor, in_axis: int) -> torch.Tensor:
-    """Keep the 2 largest of every 4 consecutive input weights of each output."""
-    w = weight.detach().abs()
+def _groups_of_four(weight: torch.Tensor, in_axis: int) -> torch.Tensor:
+    """(out, in / 4, 4) view of a weight: each output's consecutive input weights in fours."""
+    w = weight.detach()
     if in_axis == 0:
         w = w.t()
     out_f, in_f = w.shape
     if in_f % 4:
         raise ValueError(f"2:4 sparsity needs input features divisible by 4, got {in_f}")
-    groups = w.reshape(out_f, in_f // 4, 4)
+    return w.reshape(out_f, in_f // 4, 4)
+
+
+def two_four_mask(weight: torch.Tensor, in_axis: int) -> torch.Tensor:
+    """Keep the 2 largest of every 4 consecutive input weights of each output."""
+    groups = _groups_of_four(weight, in_axis).abs()
     top = groups.topk(2, dim=-1).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(out_f, in_f)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).flatten(1)
     return keep.t() if in_axis == 0 else keep
 
 
@@ -136,14 +146,12 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 
 def measured_sparsity(model) -> dict[str, Any]:
     """Exact zeros among the prunable weights: overall, per layer and per matrix."""
-    weights = prunable_weights(model)
-    total = sum(p.weight.numel() for p in weights)
-    zeros = sum(int((p.weight == 0).sum()) for p in weights)
-    per_layer: dict[int, list[int]] = {}
-    for p in weights:
-        z, n = per_layer.setdefault(p.layer, [0, 0]), p.weight.numel()
-        z[0] += int((p.weight == 0).sum())
-        z[1] += n
+    per_layer: dict[int, list[int]] = {}  # layer -> [zeros, weights]
+    for p in prunable_weights(model):
+        counts = per_layer.setdefault(p.layer, [0, 0])
+        counts[0] += int((p.weight == 0).sum())
+        counts[1] += p.weight.numel()
+    zeros, total = sum(z for z, _ in per_layer.values()), sum(n for _, n in per_layer.values())
     return {"sparsity": zeros / total if total else 0.0, "prunable_weights": total,
             "per_layer": [round(z / n, 4) for _, (z, n) in sorted(per_layer.items())]}
 
@@ -158,7 +166,6 @@ class MaskEnforcer:
     def __init__(self, model, config: SparsityConfig, start_step: int = 0) -> None:
         self.model, self.config = model, config
         self.weights = prunable_weights(model)
-        self.masks: dict[str, torch.Tensor] = {}
         self._select(config.at_step(start_step))
 
     def _select(self, sparsity: float) -> None:
@@ -172,6 +179,10 @@ class MaskEnforcer:
             self._select(target)
         else:
             apply_masks(self.model, self.masks)
+
+    def finish(self) -> None:
+        """Reach the target now, whether or not training ran through the whole schedule."""
+        self.after_step(self.config.gradual_steps)
 
 
 # -- compact storage ----------------------------------------------------------------------------
@@ -225,12 +236,9 @@ SEMI_STRUCTURED_MIN = {torch.float16: (32, 64), torch.bfloat16: (32, 64)}  # row
 
 def is_two_four(weight: torch.Tensor, in_axis: int = 1) -> bool:
     """Whether every group of 4 consecutive input weights of each output has at most 2 non-zeros."""
-    w = weight.detach()
-    if in_axis == 0:
-        w = w.t()
-    if w.dim() != 2 or w.shape[1] % 4:
+    if weight.dim() != 2 or weight.shape[in_axis] % 4:
         return False
-    return bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+    return bool(((_groups_of_four(weight, in_axis) != 0).sum(-1) <= 2).all())
 
 
 def semi_structured_support(device: torch.device | str) -> str | None:
