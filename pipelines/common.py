@@ -193,25 +193,24 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
 
 
 def summarize(output: str, run_id: str, wall: float) -> dict:
+    """Counts from the committed outputs: row counts from the Parquet footers, dead-letter reasons
+    and exit statistics read in batches, so the summary of any run size fits in a little memory."""
     import pyarrow.parquet as pq
 
-    def read(name: str):
-        files = [m.path for m in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list]
-        tables = []
-        for f in files:
-            with FileSystems.open(f) as fh:
-                tables.append(pq.read_table(fh))
-        return tables
+    from transforms.report import iter_rows
 
-    preds = sum(t.num_rows for t in read("predictions"))
-    dead_tables = read("dead_letters")
-    dead = sum(t.num_rows for t in dead_tables)
+    def rows_in(name: str) -> int:
+        n = 0
+        for m in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
+            with FileSystems.open(m.path) as fh:
+                n += pq.ParquetFile(fh).metadata.num_rows
+        return n
+
+    preds, dead = rows_in("predictions"), rows_in("dead_letters")
     reasons: dict[str, int] = {}
-    for t in dead_tables:
-        for r in t.column("error_type").to_pylist():
-            reasons[r] = reasons.get(r, 0) + 1
-    stats = [row for t in read("exit_stats") for row in t.to_pylist()]
-    s = stats[0] if stats else {}
+    for r in iter_rows(output, "dead_letters", ("error_type",)):
+        reasons[r["error_type"]] = reasons.get(r["error_type"], 0) + 1
+    s = next(iter_rows(output, "exit_stats", ("mean_exit_layer", "num_layers", "layer_speedup", "exits_per_layer")), {})
     return {"run_id": run_id, "output": output, "records": preds + dead, "predictions": preds, "dead_letters": dead,
             "dead_letters_by_reason": reasons, "mean_exit_layer": s.get("mean_exit_layer"),
             "num_layers": s.get("num_layers"), "layer_speedup": s.get("layer_speedup"),

@@ -24,7 +24,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 PREDICTION_COLUMNS = ("run_id", "model_id", "task", "label", "score", "exit_layer", "num_layers", "exit_reason",
                       "event_spans", "macs", "dense_exit_macs", "dense_full_macs")
@@ -33,7 +33,8 @@ EXIT_STATS_COLUMNS = ("run_id", "model_id", "task", "records", "num_layers", "wa
 REPORT_NAME = "report.html"
 MAX_TABLE_ROWS = 50  # a run with thousands of labels keeps a readable page; the rest is counted
 MAX_CHART_BARS = 30
-SCORE_BINS = 20
+SCORE_BINS = 20  # bars of the score histogram
+FINE_SCORE_BINS = 1000  # the counts kept: the median is given to within 1/1000
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class RunSummary:
     layer_speedup: float | None
     labels: tuple[LabelRow, ...]  # most frequent first
     exit_reasons: tuple[tuple[str, int], ...]
-    scores: tuple[float, ...]
+    score_bins: tuple[int, ...]  # FINE_SCORE_BINS counts over [0, 1]
     dead_by_reason: tuple[tuple[str, str, int], ...]  # (stage, error_type, count), most frequent first
     wall_seconds: float | None
     wall_source: str  # where wall_seconds came from
@@ -86,86 +87,148 @@ def label_of(row: dict) -> str:
     return "events" if row.get("event_spans") else "no_event"
 
 
-def _distinct(values: Iterable[Any]) -> tuple[str, ...]:
-    return tuple(sorted({str(v) for v in values if v not in (None, "")}))
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def summarize_rows(predictions: list[dict], dead_letters: list[dict], exit_stats: list[dict],
+class RunTally:
+    """Running counts over one run's output rows, fed in batches: what it holds grows with the
+    distinct labels, layers, ids and error types, never with the number of rows, so a report on a
+    run of millions of records takes the memory of one batch. Scores are kept as a histogram of
+    ``FINE_SCORE_BINS`` bins over [0, 1] (they are probabilities; a value outside is clamped)."""
+
+    def __init__(self) -> None:
+        self.predictions = 0
+        self.dead_letters = 0
+        self.ids: dict[str, set[str]] = {"run_id": set(), "model_id": set(), "task": set()}
+        self.exits: Counter[int] = Counter()
+        self.num_layers = 0
+        self.by_label: dict[str, list[int]] = {}  # label -> [records, sum of exit layers]
+        self.reasons: Counter[str] = Counter()
+        self.fine_scores = [0] * FINE_SCORE_BINS
+        self.dead: Counter[tuple[str, str]] = Counter()
+        self.macs = [0, 0, 0]  # run, dense at the exits, dense full depth
+        self.stats_records: int | None = None
+        self.stats_walls: list[float] = []
+
+    def _ids(self, row: dict) -> None:
+        for key, seen in self.ids.items():
+            if row.get(key) not in (None, ""):
+                seen.add(str(row[key]))
+
+    def add_predictions(self, rows: Iterable[dict]) -> "RunTally":
+        for r in rows:
+            self.predictions += 1
+            self._ids(r)
+            layer = int(r["exit_layer"])
+            self.exits[layer] += 1
+            self.num_layers = max(self.num_layers, layer, int(r.get("num_layers") or 0))
+            tally = self.by_label.setdefault(label_of(r), [0, 0])
+            tally[0] += 1
+            tally[1] += layer
+            self.reasons[str(r.get("exit_reason"))] += 1
+            score = _number(r.get("score"))
+            if score is not None:
+                self.fine_scores[min(FINE_SCORE_BINS - 1, max(0, int(score * FINE_SCORE_BINS)))] += 1
+            for i, k in enumerate(("macs", "dense_exit_macs", "dense_full_macs")):
+                self.macs[i] += int(r.get(k) or 0)
+        return self
+
+    def add_dead_letters(self, rows: Iterable[dict]) -> "RunTally":
+        for d in rows:
+            self.dead_letters += 1
+            self._ids(d)
+            self.dead[(str(d.get("stage")), str(d.get("error_type")))] += 1
+        return self
+
+    def add_exit_stats(self, rows: Iterable[dict]) -> "RunTally":
+        for s in rows:
+            self._ids(s)
+            self.num_layers = max(self.num_layers, int(s.get("num_layers") or 0))
+            if s.get("records") is not None:
+                self.stats_records = (self.stats_records or 0) + int(s["records"])
+            wall = _number(s.get("wall_seconds"))
+            if wall is not None:
+                self.stats_walls.append(wall)
+        return self
+
+    def summary(self, manifest: dict | None = None) -> RunSummary:
+        """Of ``manifest`` (optional) only ``run_id``, ``model_id``, ``task``, ``records_in`` (top
+        level or under ``counts``) and the numeric entries of ``timings`` (``wall_seconds`` among
+        them) are used, each only when present."""
+        manifest = manifest if isinstance(manifest, dict) else {}
+        n_pred, n_dead = self.predictions, self.dead_letters
+
+        def ids(key: str) -> tuple[str, ...]:
+            found = tuple(sorted(self.ids[key]))
+            extra = manifest.get(key)
+            return found if found or not isinstance(extra, str) else (extra,)
+
+        num_layers = self.num_layers
+        exits = tuple(self.exits.get(i, 0) for i in range(1, num_layers + 1))  # a layer 0 lands in no bar
+        mean = sum(k * c for k, c in self.exits.items()) / n_pred if n_pred else None
+        labels = sorted((LabelRow(k, n, total / n, num_layers / (total / n)) for k, (n, total) in self.by_label.items()),
+                        key=lambda row: (-row.count, row.label))
+        reasons = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        dead = sorted(self.dead.items(), key=lambda kv: (-kv[1], kv[0]))
+
+        timings_doc = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
+        timings = tuple((str(k), v) for k, v in ((k, _number(v)) for k, v in timings_doc.items()) if v is not None)
+        wall, source = _number(timings_doc.get("wall_seconds")), "manifest timings (whole run)"
+        if wall is None:
+            wall = max(self.stats_walls) if self.stats_walls else None
+            source = "exit statistics (pipeline start until the statistics were computed)" if wall is not None else "not recorded"
+        records_in = n_pred + n_dead
+        rate = records_in / wall if wall and wall > 0 else None
+        macs = tuple(self.macs) if self.macs[2] > 0 else None
+
+        checks = []
+        counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
+        counted = manifest.get("records_in", counts.get("records_in"))
+        if isinstance(counted, int) and not isinstance(counted, bool):
+            checks.append(Check("records in = predictions + dead letters", counted == records_in,
+                                f"{counted} read; {n_pred} + {n_dead} = {records_in} written"))
+        else:
+            checks.append(Check("records in = predictions + dead letters", None,
+                                f"{n_pred} + {n_dead} = {records_in}; the manifest gives no independent count of records read"))
+        if self.stats_records is not None:
+            checks.append(Check("exit statistics count every prediction", self.stats_records == n_pred,
+                                f"{self.stats_records} in exit statistics, {n_pred} predictions"))
+        else:
+            checks.append(Check("exit statistics count every prediction", None, "no exit statistics found"))
+        run_ids = ids("run_id")
+        checks.append(Check("outputs hold one run", len(run_ids) <= 1, f"{len(run_ids)} run id(s) in the outputs"))
+
+        return RunSummary(
+            run_ids=run_ids, model_ids=ids("model_id"), tasks=ids("task"), predictions=n_pred, dead_letters=n_dead,
+            records_in=records_in, num_layers=num_layers, exits_per_layer=exits, mean_exit_layer=mean,
+            layer_speedup=num_layers / mean if mean else None, labels=tuple(labels), exit_reasons=tuple(reasons),
+            score_bins=tuple(self.fine_scores), dead_by_reason=tuple((s, e, c) for (s, e), c in dead),
+            wall_seconds=wall, wall_source=source, records_per_second=rate, timings=timings, checks=tuple(checks),
+            macs=macs,
+        )
+
+
+def summarize_rows(predictions: Iterable[dict], dead_letters: Iterable[dict], exit_stats: Iterable[dict],
                    manifest: dict | None = None) -> RunSummary:
-    """Count and average the rows of one run's outputs. ``manifest`` is optional; of it only
-    ``run_id``, ``model_id``, ``task``, ``records_in`` (top level or under ``counts``) and the numeric
-    entries of ``timings`` (``wall_seconds`` among them) are used, each only when present."""
-    manifest = manifest if isinstance(manifest, dict) else {}
-    n_pred, n_dead = len(predictions), len(dead_letters)
+    """Count and average the rows of one run's outputs (see :class:`RunTally`)."""
+    return (RunTally().add_predictions(predictions).add_dead_letters(dead_letters).add_exit_stats(exit_stats)
+            .summary(manifest))
 
-    def ids(key: str) -> tuple[str, ...]:
-        found = _distinct([r.get(key) for r in (*predictions, *dead_letters, *exit_stats)])
-        extra = manifest.get(key)
-        return found if found or not isinstance(extra, str) else (extra,)
 
-    layers = [int(r["exit_layer"]) for r in predictions]
-    num_layers = max([int(r.get("num_layers") or 0) for r in (*predictions, *exit_stats)] + layers + [0])
-    exits = [0] * num_layers
-    for layer in layers:
-        if layer >= 1:  # 1-based; a 0 would otherwise land silently in the last bar
-            exits[layer - 1] += 1
-    mean = sum(layers) / n_pred if n_pred else None
-
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for r in predictions:
-        by_label[label_of(r)].append(int(r["exit_layer"]))
-    labels = sorted(
-        (LabelRow(k, len(v), sum(v) / len(v), num_layers / (sum(v) / len(v))) for k, v in by_label.items()),
-        key=lambda row: (-row.count, row.label),
-    )
-    reasons = sorted(Counter(str(r.get("exit_reason")) for r in predictions).items(), key=lambda kv: (-kv[1], kv[0]))
-    scores = tuple(s for s in (_number(r.get("score")) for r in predictions) if s is not None)
-    dead = sorted(Counter((str(d.get("stage")), str(d.get("error_type"))) for d in dead_letters).items(),
-                  key=lambda kv: (-kv[1], kv[0]))
-
-    timings_doc = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
-    timings = tuple((str(k), v) for k, v in ((k, _number(v)) for k, v in timings_doc.items()) if v is not None)
-    wall, source = _number(timings_doc.get("wall_seconds")), "manifest timings (whole run)"
-    if wall is None:
-        stats_walls = [w for w in (_number(s.get("wall_seconds")) for s in exit_stats) if w is not None]
-        wall = max(stats_walls) if stats_walls else None
-        source = "exit statistics (pipeline start until the statistics were computed)" if wall is not None else "not recorded"
-    records_in = n_pred + n_dead
-    rate = records_in / wall if wall and wall > 0 else None
-    totals = [sum(int(r.get(k) or 0) for r in predictions) for k in ("macs", "dense_exit_macs", "dense_full_macs")]
-    macs = (totals[0], totals[1], totals[2]) if totals[2] > 0 else None
-
-    checks = []
-    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
-    counted = manifest.get("records_in", counts.get("records_in"))
-    if isinstance(counted, int) and not isinstance(counted, bool):
-        checks.append(Check("records in = predictions + dead letters", counted == records_in,
-                            f"{counted} read; {n_pred} + {n_dead} = {records_in} written"))
-    else:
-        checks.append(Check("records in = predictions + dead letters", None,
-                            f"{n_pred} + {n_dead} = {records_in}; the manifest gives no independent count of records read"))
-    stats_records = [int(s["records"]) for s in exit_stats if s.get("records") is not None]
-    if stats_records:
-        checks.append(Check("exit statistics count every prediction", sum(stats_records) == n_pred,
-                            f"{sum(stats_records)} in exit statistics, {n_pred} predictions"))
-    else:
-        checks.append(Check("exit statistics count every prediction", None, "no exit statistics found"))
-    run_ids = ids("run_id")
-    checks.append(Check("outputs hold one run", len(run_ids) <= 1, f"{len(run_ids)} run id(s) in the outputs"))
-
-    return RunSummary(
-        run_ids=run_ids, model_ids=ids("model_id"), tasks=ids("task"), predictions=n_pred, dead_letters=n_dead,
-        records_in=records_in, num_layers=num_layers, exits_per_layer=tuple(exits), mean_exit_layer=mean,
-        layer_speedup=num_layers / mean if mean else None, labels=tuple(labels), exit_reasons=tuple(reasons),
-        scores=scores, dead_by_reason=tuple((s, e, c) for (s, e), c in dead), wall_seconds=wall, wall_source=source,
-        records_per_second=rate, timings=timings, checks=tuple(checks), macs=macs,
-    )
+def score_median(bins: tuple[int, ...]) -> float | None:
+    """The lower edge of the histogram bin holding the median (the upper one for an even count)."""
+    n = sum(bins)
+    if not n:
+        return None
+    seen = 0
+    for i, c in enumerate(bins):
+        seen += c
+        if seen > n // 2:
+            return i / len(bins)
+    return None  # not reached
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -228,10 +291,10 @@ def plot_labels(labels: tuple[LabelRow, ...], num_layers: int) -> str:
     return _png(fig)
 
 
-def plot_scores(scores: tuple[float, ...]) -> str:
+def plot_scores(fine_bins: tuple[int, ...]) -> str:
     fig, ax = _figure(8, 2.8)
-    low = min(0.0, min(scores))
-    ax.hist(scores, bins=SCORE_BINS, range=(low, max(1.0, max(scores))), color=ORANGE, edgecolor="white")
+    edges = [i / len(fine_bins) for i in range(len(fine_bins))]
+    ax.hist(edges, bins=SCORE_BINS, range=(0.0, 1.0), weights=fine_bins, color=ORANGE, edgecolor="white")
     ax.set_xlabel("score (probability of the predicted class)")
     ax.set_ylabel("records")
     return _png(fig)
@@ -299,7 +362,11 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_stats: list[dict],
                       manifest: dict | None = None, generated_at: str | None = None) -> str:
     """The report page for one run, from plain rows (dicts keyed like the Parquet columns)."""
-    s = summarize_rows(predictions, dead_letters, exit_stats, manifest)
+    return render_report(summarize_rows(predictions, dead_letters, exit_stats, manifest), generated_at)
+
+
+def render_report(s: RunSummary, generated_at: str | None = None) -> str:
+    """The report page for one run's summary."""
     generated_at = generated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     run = ", ".join(s.run_ids) or "unknown"
     part: list[str] = []
@@ -364,11 +431,12 @@ def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_st
 
     # Scores
     add('<h2 id="scores">Score distribution</h2>')
-    if s.scores:
-        below = sum(1 for x in s.scores if x < 0.5)
-        add(f"<p>{len(s.scores)} scores; median {_fmt(sorted(s.scores)[len(s.scores) // 2], '.3f')}; "
-            f"{below} ({below / len(s.scores):.1%}) below 0.5.</p>")
-        add(_img(plot_scores(s.scores), "score histogram"))
+    scored = sum(s.score_bins)
+    if scored:
+        below = sum(s.score_bins[: len(s.score_bins) // 2])
+        add(f"<p>{scored} scores; median {_fmt(score_median(s.score_bins), '.3f')} (to within "
+            f"{1 / len(s.score_bins):g}); {below} ({below / scored:.1%}) below 0.5.</p>")
+        add(_img(plot_scores(s.score_bins), "score histogram"))
     else:
         add('<p class="empty">No predictions in this run: no scores to show.</p>')
 
@@ -401,27 +469,32 @@ def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_st
 
 
 # -- files -----------------------------------------------------------------------------------------
-def read_rows(output: str, name: str, columns: tuple[str, ...]) -> list[dict]:
-    """Rows of ``{output}/{name}-*.parquet``, only ``columns`` (those the file has)."""
+def iter_rows(output: str, name: str, columns: tuple[str, ...], batch_size: int = 8192) -> Iterator[dict]:
+    """Rows of ``{output}/{name}-*.parquet``, only ``columns`` (those the file has), read
+    ``batch_size`` rows at a time: never a whole table in memory."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    rows: list[dict] = []
     for meta in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
         with FileSystems.open(meta.path) as fh:
             pf = pq.ParquetFile(fh)
             present = [c for c in columns if c in pf.schema_arrow.names]
-            rows.extend(pf.read(columns=present).to_pylist())
-    return rows
+            for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+                yield from batch.to_pylist()
+
+
+def read_summary(output: str, manifest: dict | None = None) -> RunSummary:
+    """The summary of the run whose outputs are under ``output``, read batch by batch."""
+    return summarize_rows(iter_rows(output, "predictions", PREDICTION_COLUMNS),
+                          iter_rows(output, "dead_letters", DEAD_LETTER_COLUMNS),
+                          iter_rows(output, "exit_stats", EXIT_STATS_COLUMNS), manifest)
 
 
 def write_report(output: str, manifest: dict | None = None) -> str:
     """Write ``{output}/report.html`` for the run whose outputs are under ``output``; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    page = build_report_html(read_rows(output, "predictions", PREDICTION_COLUMNS),
-                             read_rows(output, "dead_letters", DEAD_LETTER_COLUMNS),
-                             read_rows(output, "exit_stats", EXIT_STATS_COLUMNS), manifest)
+    page = render_report(read_summary(output, manifest))
     path = f"{output.rstrip('/')}/{REPORT_NAME}"
     with FileSystems.create(path, mime_type="text/html") as fh:
         fh.write(page.encode("utf-8"))

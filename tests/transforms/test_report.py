@@ -20,7 +20,9 @@ from PIL import Image
 from transforms.records import (
     DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
 )
-from transforms.report import build_report_html, summarize_rows, write_report
+from transforms.report import (
+    FINE_SCORE_BINS, build_report_html, iter_rows, read_summary, score_median, summarize_rows, write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RENDER = ROOT / "scripts" / "render_report.py"
@@ -120,7 +122,7 @@ def test_write_report_numbers_match_the_outputs(run_dir):
     assert page.table("label") == [["a", "3", "1.33", "3.00x"], ["b", "2", "4.00", "1.00x"]]
     assert page.table("reason") == [["entropy", "5", "100.0%"]]
     assert page.table("stage") == [["read", "malformed_json", "2"], ["decode", "not_dicom", "1"]]
-    assert "5 scores; median 0.750; 1 (20.0%) below 0.5" in text
+    assert "5 scores; median 0.750 (to within 0.001); 1 (20.0%) below 0.5" in text
     assert "4.0 records/s" in text  # 8 records over the exit statistics' 2.0 s
     checks = {row[1]: row[0] for row in page.tables[0]}  # the first table: checks (mark, name, detail)
     assert checks["exit statistics count every prediction"] == "ok"
@@ -249,3 +251,28 @@ def test_multiply_adds_summed_and_split_by_cause():
     assert "80.0%</b> saved, 50.0% by early exit and 30.0% by weight sparsity" in text
     assert summarize_rows([pred("a", 1)], [], []).macs is None  # outputs written before MACs were counted
     assert 'id="macs"' not in build_report_html([pred("a", 1)], [], [])
+
+
+def test_outputs_are_read_in_batches_and_summed_across_files(tmp_path):
+    """The report reads the outputs a batch at a time (a run of millions of rows is never one table
+    in memory); the figures are those of all rows of all shards."""
+    out = tmp_path / "out"
+    first = [pred("a", 1 + i % 4, 0.1 * (i % 10)) for i in range(23)]
+    second = [pred("b", 2, 0.95) for _ in range(9)]
+    write_outputs(out, first, [dead("read", "malformed_json")], [stats(records=32)])
+    pq.write_table(pa.Table.from_pylist(second, schema=PREDICTION_SCHEMA), out / "predictions-00001-of-00002.parquet")
+    got = list(iter_rows(str(out), "predictions", ("label", "exit_layer", "record_id_not_a_column"), batch_size=4))
+    assert len(got) == 32 and set(got[0]) == {"label", "exit_layer"}
+    assert read_summary(str(out)) == summarize_rows(first + second, [dead("read", "malformed_json")], [stats(records=32)])
+    s = read_summary(str(out))
+    assert s.predictions == 32 and (s.labels[1].label, s.labels[1].count, s.labels[1].mean_exit_layer) == ("b", 9, 2.0) and s.checks[1].ok is True
+
+
+def test_scores_are_kept_as_a_fine_histogram():
+    s = summarize_rows([pred("a", 1, x) for x in (0.0, 0.2, 0.4999, 0.5, 0.9999, 1.0)], [], [])
+    assert len(s.score_bins) == FINE_SCORE_BINS and sum(s.score_bins) == 6
+    assert s.score_bins[0] == 1 and s.score_bins[499] == 1 and s.score_bins[500] == 1 and s.score_bins[-1] == 2
+    assert score_median(s.score_bins) == 0.5  # upper median of six: the fourth smallest, 0.5
+    assert score_median((0,) * FINE_SCORE_BINS) is None
+    assert "6 scores; median 0.500 (to within 0.001); 3 (50.0%) below 0.5" in build_report_html(
+        [pred("a", 1, x) for x in (0.0, 0.2, 0.4999, 0.5, 0.9999, 1.0)], [], [])
