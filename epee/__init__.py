@@ -1,67 +1,68 @@
 """epee: entropy- and patience-based early exit (EPEE, arXiv 2503.02053) with a batched engine.
 
 Pure torch + transformers; the Beam side lives in ``transforms/``.
+
+The public names below are imported on first use (PEP 562), so that ``import epee.images`` in the
+DICOM decoder process costs pydicom and numpy, not torch and transformers.
 """
 
-from .config import EarlyExitConfig, EngineConfig, ExitPolicyConfig
-from .engine import EarlyExitEngine, EngineStats, ExitPrediction, RunResult
-from .inputs import Batch, EncodedSample, collate
-from .modeling import AllLayerOutput, EarlyExitModel, PickleWeightsRefused
-from .policies import ExitPolicy, ScheduledExit, exit_signal, normalised_entropy
-from .reference import run_reference
+from __future__ import annotations
 
-__all__ = [
-    "AllLayerOutput",
-    "Batch",
-    "EarlyExitConfig",
-    "EarlyExitEngine",
-    "EarlyExitModel",
-    "EncodedSample",
-    "EngineConfig",
-    "EngineStats",
-    "ExitPolicy",
-    "ExitPolicyConfig",
-    "ExitPrediction",
-    "PickleWeightsRefused",
-    "RunResult",
-    "ScheduledExit",
-    "collate",
-    "exit_signal",
-    "normalised_entropy",
-    "run_reference",
-]
+import importlib
+from typing import Any
 
-# Offline calibration of τ and P on a dev set, and the task metrics it ranks settings by.
-from .calibration import (  # noqa: E402
-    LayerOutputs,
-    SimulatedRun,
-    RobustChoice,
-    SweepPoint,
-    choose,
-    choose_robust,
-    collect_layer_outputs,
-    frontier,
-    simulate,
-    sweep,
-)
-from .metrics import primary_metric, task_scores  # noqa: E402
+_EXPORTS = {
+    # the engine, its configs and inputs
+    "EarlyExitConfig": "config",
+    "EngineConfig": "config",
+    "ExitPolicyConfig": "config",
+    "EarlyExitEngine": "engine",
+    "EngineStats": "engine",
+    "ExitPrediction": "engine",
+    "RunResult": "engine",
+    "Batch": "inputs",
+    "EncodedSample": "inputs",
+    "collate": "inputs",
+    "AllLayerOutput": "modeling",
+    "EarlyExitModel": "modeling",
+    "PickleWeightsRefused": "modeling",
+    "ExitPolicy": "policies",
+    "ScheduledExit": "policies",
+    "exit_signal": "policies",
+    "normalised_entropy": "policies",
+    "run_reference": "reference",
+    # offline calibration of τ and P on a dev set, and the task metrics it ranks settings by
+    "LayerOutputs": "calibration",
+    "SimulatedRun": "calibration",
+    "RobustChoice": "calibration",
+    "SweepPoint": "calibration",
+    "choose": "calibration",
+    "choose_robust": "calibration",
+    "collect_layer_outputs": "calibration",
+    "frontier": "calibration",
+    "simulate": "calibration",
+    "sweep": "calibration",
+    "primary_metric": "metrics",
+    "task_scores": "metrics",
+    # image loading and preprocessing (PNG, .npy, DICOM) into normalised (C, H, W) pixel_values
+    "ImageSettings": "images",
+    "dicom_to_array": "images",
+    "load_image_file": "images",
+    "read_dicom": "images",
+    "read_png": "images",
+}
 
-__all__ += [
-    "LayerOutputs",
-    "SimulatedRun",
-    "RobustChoice",
-    "SweepPoint",
-    "choose",
-    "choose_robust",
-    "collect_layer_outputs",
-    "frontier",
-    "primary_metric",
-    "simulate",
-    "sweep",
-    "task_scores",
-]
+__all__ = sorted(_EXPORTS)
 
-# Image loading and preprocessing (PNG, .npy, DICOM) into normalised (C, H, W) pixel_values.
-from .images import ImageSettings, dicom_to_array, load_image_file, read_dicom, read_png  # noqa: E402
 
-__all__ += ["ImageSettings", "dicom_to_array", "load_image_file", "read_dicom", "read_png"]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'epee' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

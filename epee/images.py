@@ -24,12 +24,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pydicom
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -44,6 +42,9 @@ from pydicom.pixels import (
 )
 from pydicom.tag import Tag
 from pydicom.uid import UID
+
+if TYPE_CHECKING:  # torch is imported where it is used: the DICOM decoder process never needs it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,9 @@ def resize(arr_chw: np.ndarray, size: int) -> np.ndarray:
     arr_chw = np.asarray(arr_chw)
     if arr_chw.ndim != 3 or 0 in arr_chw.shape:
         raise ValueError(f"expected a non-empty (C, H, W) image, got shape {arr_chw.shape}")
+    import torch
+    import torch.nn.functional as F
+
     _, h, w = arr_chw.shape
     x = torch.from_numpy(np.array(arr_chw, dtype=np.float32, order="C"))  # a copy, never a view of the input
     if (h, w) == (size, size):
@@ -306,6 +310,8 @@ def preprocess(arr: np.ndarray, settings: ImageSettings) -> torch.Tensor:
     sized = resize(chw, settings.image_size)  # (C, S, S) float32
     mean = np.asarray(settings.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(settings.std, dtype=np.float32)[:, None, None]
+    import torch
+
     return torch.from_numpy((sized - mean) / std)
 
 

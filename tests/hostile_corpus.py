@@ -129,3 +129,13 @@ def hanging_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
     if data.startswith(b"CRASH"):
         os._exit(11)
     return decode_bytes(data, frame_policy, max_pixel_bytes)
+
+
+def heavy_modules_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
+    """A decode function that reports which heavy packages the decoder process has imported."""
+    import sys
+
+    from transforms.decode_worker import DecodeOutcome
+
+    heavy = ("torch", "transformers", "apache_beam", "_pytest")  # _pytest: the main module of a test run
+    return DecodeOutcome(pixels=sorted(m for m in heavy if m in sys.modules))

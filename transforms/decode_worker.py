@@ -8,17 +8,24 @@ new one is started for the next file; when the child dies, the file is reported 
 child routes pydicom's logging and warnings itself (they can quote tag values), and only counts
 them.
 
-The child is started with the ``spawn`` method: it imports what it needs and nothing of the parent
-(no torch threads or Beam state copied by ``fork``).
+The child is a fresh interpreter (``python -c``, talking over a socket pair), not a
+``multiprocessing`` child: ``spawn`` re-imports the parent's main module (the whole pipeline with
+Beam, torch and transformers: 3-4 s per start, measured) and ``fork`` copies torch threads and
+Beam state. The child imports only pydicom, numpy and Pillow, and its stdout and stderr go to
+/dev/null.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,7 @@ def _resolve(path: str) -> Callable[..., DecodeOutcome]:
 def _child_main(conn, decode_path: str) -> None:  # pragma: no cover - runs in the child process
     logging.getLogger().handlers[:] = [logging.NullHandler()]  # the child never writes logs anywhere
     decode = _resolve(decode_path)
-    importlib.import_module("epee.images")  # the heavy imports happen before "ready", not on the clock
+    importlib.import_module("epee.images")  # the imports happen before "ready", not on a file's clock
     conn.send("ready")
     while True:
         try:
@@ -97,6 +104,18 @@ def _child_main(conn, decode_path: str) -> None:  # pragma: no cover - runs in t
         if job is None:
             return
         conn.send(decode(*job))
+
+
+def _serve(fd: int, decode_path: str) -> None:  # pragma: no cover - the child's entry point
+    _child_main(Connection(fd), decode_path)
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment, with its import path so the child finds the same modules."""
+    env = dict(os.environ)
+    paths = [p or os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 class IsolatedDecoder:
@@ -112,26 +131,31 @@ class IsolatedDecoder:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s!r}) must be > 0")
         self.timeout_s, self.decode_path = timeout_s, decode_path
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc = None
+        self._proc: subprocess.Popen | None = None
         self._conn = None
         self.restarts = 0
 
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child_main, args=(child, self.decode_path), daemon=True,
-                                       name="epee-dicom-decoder")
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        parent, child = socket.socketpair()
+        try:
+            code = f"from transforms.decode_worker import _serve; _serve({child.fileno()}, {self.decode_path!r})"
+            self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),),
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, env=_child_env(), close_fds=True)
+        finally:
+            child.close()
+        self._conn = Connection(parent.detach())
         # start-up (imports) is not on a file's clock; a child that cannot start is a crash
-        if not parent.poll(self.STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+        if not self._conn.poll(self.STARTUP_TIMEOUT_S) or self._conn.recv() != "ready":
             raise OSError("the decoder process did not start")
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-            self._proc.join(5)
+            self._proc.wait(5)
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
@@ -139,7 +163,9 @@ class IsolatedDecoder:
 
     def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
         try:
-            if self._proc is None or not self._proc.is_alive():
+            if not self._alive():
+                if self._conn is not None:
+                    self._kill()  # the child died between files
                 self._start()
             self._conn.send((data, frame_policy, max_pixel_bytes))
             if self._conn.poll(self.timeout_s):
@@ -153,13 +179,15 @@ class IsolatedDecoder:
                              message=f"decoding took longer than the {self.timeout_s:g} s per-file timeout; stopped")
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if self._alive():
             try:
                 self._conn.send(None)
-                self._proc.join(2)
-            except (OSError, BrokenPipeError):
+                self._proc.wait(2)
+            except (OSError, BrokenPipeError, subprocess.TimeoutExpired):
                 pass
-            if self._proc.is_alive():
+            if self._proc.poll() is None:
                 self._proc.kill()
-                self._proc.join(2)
+                self._proc.wait(2)
+        if self._conn is not None:
+            self._conn.close()
         self._proc = self._conn = None
