@@ -177,7 +177,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
     metric, fn = score_function(task, label_names, neg)
     log.info("training %s on %d examples (dev %d); labels: %s", model.adapter.family, len(train_s), len(dev_s), ", ".join(label_names))
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                       head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                       head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       distill_weight=args.distill)
     started = time.time()
     history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, checkpoint_dir=args.output, metric=metric,
                     device=args.device, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--lr", type=float, default=5e-5, help="backbone learning rate")
     h.add_argument("--head-lr", type=float, default=1e-3, help="exit-head learning rate")
+    h.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="self-distillation weight in [0, 1]: earlier exit heads also learn the last head's "
+                        "distribution (default 0: labels only)")
     h.add_argument("--seed", type=int, default=42)
     h.add_argument("--max-train", type=int, help="subsample training examples (seeded)")
     h.add_argument("--max-dev", type=int, help="subsample dev examples (seeded)")

@@ -42,6 +42,9 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (also one after each epoch)
     eval_batch_size: int = 64
+    # weight of self-distillation: each earlier exit head also learns the last head's (detached)
+    # distribution, so early heads agree with full depth more often; 0 = labels only
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
@@ -53,6 +56,8 @@ class TrainConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio ({self.warmup_ratio}) must lie in [0, 1)")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight ({self.distill_weight}) must lie in [0, 1]")
 
 
 @dataclass
@@ -77,15 +82,26 @@ def layer_weights(num_layers: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def weighted_exit_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i · CE(head_i, y) with w_i ∝ i; token tasks ignore positions marked IGNORE."""
+def weighted_exit_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, distill_weight: float = 0.0) -> torch.Tensor:
+    """Σ_i w_i · CE(head_i, y) with w_i ∝ i; token tasks ignore positions marked IGNORE.
+
+    With ``distill_weight`` α > 0 every head but the last learns ``(1 - α) · CE(head_i, y) +
+    α · KL(p_last ‖ p_i)``, the last head's distribution detached (self-distillation, as in
+    BERxiT and DeeBERT follow-ups): early heads learn to agree with full depth, which is what
+    lets the patience and entropy criteria exit early without changing the answer.
+    """
     weights = layer_weights(len(logits)).to(targets.device)
+    teacher = None
+    if distill_weight > 0:
+        teacher = F.softmax(logits[-1].detach().float(), dim=-1)
     total = logits[0].new_zeros(())
-    for w, lg in zip(weights, logits):
-        if lg.dim() == 3:  # (N, T, C) vs (N, T)
-            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
-        else:
-            loss = F.cross_entropy(lg.float(), targets)
+    for i, (w, lg) in enumerate(zip(weights, logits)):
+        flat, flat_targets = lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1)
+        loss = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE)  # (N, C) vs (N,), or (N, T, C) vs (N, T)
+        if teacher is not None and i < len(logits) - 1:
+            keep = flat_targets != IGNORE
+            kl = F.kl_div(F.log_softmax(flat[keep], dim=-1), teacher.reshape(-1, lg.shape[-1])[keep], reduction="batchmean")
+            loss = (1 - distill_weight) * loss + distill_weight * kl
         total = total + w * loss
     return total
 
@@ -264,7 +280,7 @@ def train(
             idx = batches[b]
             batch = collate([train_samples[i] for i in idx], model.adapter.pad_token_id).to(dev)
             targets = stack_targets([train_targets[i] for i in idx], batch.input_ids.shape[1] if batch.input_ids is not None else None).to(dev)
-            loss = weighted_exit_loss(model(batch).logits, targets)
+            loss = weighted_exit_loss(model(batch).logits, targets, config.distill_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

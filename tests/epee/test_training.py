@@ -69,6 +69,42 @@ def test_token_loss_ignores_unlabelled_positions():
     assert torch.allclose(weighted_exit_loss(logits, y), expected)
 
 
+def test_self_distillation_mixes_label_loss_and_kl_to_the_detached_last_head():
+    F = torch.nn.functional
+    alpha = 0.25
+    logits = [torch.randn(5, 3, requires_grad=True) for _ in range(2)]
+    y = torch.tensor([0, 1, 2, 1, 0])
+    w = layer_weights(2)
+    teacher = F.softmax(logits[1].detach(), dim=-1)
+    kl = F.kl_div(F.log_softmax(logits[0], dim=-1), teacher, reduction="batchmean")
+    expected = w[0] * ((1 - alpha) * F.cross_entropy(logits[0], y) + alpha * kl) + w[1] * F.cross_entropy(logits[1], y)
+    got = weighted_exit_loss(logits, y, distill_weight=alpha)
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(got, weighted_exit_loss(logits, y))
+    # the last head is the teacher: it gets the gradient of its label loss only
+    got.backward()
+    last = logits[1].detach().clone().requires_grad_(True)
+    (w[1] * F.cross_entropy(last, y)).backward()
+    assert torch.allclose(logits[1].grad, last.grad)
+
+
+def test_self_distillation_ignores_unlabelled_token_positions():
+    F = torch.nn.functional
+    logits = [torch.randn(2, 3, 4), torch.randn(2, 3, 4)]
+    y = torch.tensor([[-100, 1, 2], [3, -100, -100]])
+    keep = [1, 2, 3]
+    first, last = logits[0].reshape(-1, 4)[keep], logits[1].reshape(-1, 4)[keep]
+    kl = F.kl_div(F.log_softmax(first, dim=-1), F.softmax(last, dim=-1), reduction="batchmean")
+    w = layer_weights(2)
+    expected = w[0] * (0.5 * F.cross_entropy(first, y.reshape(-1)[keep]) + 0.5 * kl) + w[1] * F.cross_entropy(last, y.reshape(-1)[keep])
+    assert torch.allclose(weighted_exit_loss(logits, y, distill_weight=0.5), expected)
+
+
+def test_distill_weight_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainConfig(distill_weight=1.5)
+
+
 def test_training_reduces_loss_and_learns(tokenizer):
     pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
     model = tiny_text_model(tokenizer)
@@ -80,6 +116,24 @@ def test_training_reduces_loss_and_learns(tokenizer):
     assert losses[-1] < 0.6 * losses[0]
     assert len(history.epochs[-1].dev_scores_per_layer) == 3
     assert history.epochs[-1].dev_scores_per_layer[-1] >= 0.9  # the keywords decide the label
+
+
+def test_training_uses_the_configured_distill_weight(tokenizer, monkeypatch):
+    import epee.training as training
+
+    seen = []
+    real = training.weighted_exit_loss
+
+    def spy(logits, targets, distill_weight=0.0):
+        seen.append(distill_weight)
+        return real(logits, targets, distill_weight)
+
+    monkeypatch.setattr(training, "weighted_exit_loss", spy)
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    tr_s, tr_t = encode(pre, synthetic(16, 5))
+    train(tiny_text_model(tokenizer), tr_s, tr_t, tr_s[:4], tr_t[:4], accuracy,
+          TrainConfig(epochs=1, batch_size=8, distill_weight=0.3), progress=False)
+    assert seen == [0.3, 0.3]
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tokenizer, tmp_path):
