@@ -53,6 +53,8 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     if opts.min_batch_size is not None and not 1 <= opts.min_batch_size <= opts.max_batch_size:
         raise StartupError(f"--min_batch_size ({opts.min_batch_size}) must lie in [1, --max_batch_size "
                            f"({opts.max_batch_size})]")
+    if opts.heap_trim_seconds < 0:
+        raise StartupError(f"--heap_trim_seconds must be >= 0 (0 disables), got {opts.heap_trim_seconds}")
     doc = read_model_config(opts.model)
     task = doc.get("preprocessing", {}).get("data_task", doc["model"]["task"])
     if task != PIPELINE_TASKS[pipeline]:
@@ -130,7 +132,8 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
                                     device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc),
                                     s3_client_kwargs=s3_client_kwargs(options),
-                                    allow_pickle_weights=opts.allow_pickle_weights)
+                                    allow_pickle_weights=opts.allow_pickle_weights,
+                                    heap_trim_seconds=opts.heap_trim_seconds)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None

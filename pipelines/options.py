@@ -46,6 +46,9 @@ class EpeeOptions(PipelineOptions):
                        help="DICOM: seconds one file may take to decode; decoding runs in a child process that is "
                             "killed past it (decode_timeout). 0: decode in the worker itself, no timeout")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+        g.add_argument("--heap_trim_seconds", type=float, default=2.0,
+                       help="workers hand freed heap memory back to the system (glibc malloc_trim) at most this "
+                            "often, so their memory stays flat on long runs; 0 disables")
         g.add_argument("--allow_pickle_weights", action="store_true",
                        help="load a model directory whose weights are a pickle file (pytorch_model.bin, model.pt) "
                             "instead of model.safetensors, through PyTorch's restricted unpickler (weights_only=True); "

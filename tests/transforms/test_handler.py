@@ -47,3 +47,70 @@ def test_windows_fold_into_one_record_with_mean_probabilities(notes_model):
     assert out[0].exit_layer == max(r.exit_layer for r in singles)
     assert out[0].label == bundle.model.config.label_names[int(np.argmax(expected))]
     assert out[0].run_id == "r1" and out[0].model_id == bundle.model_id
+
+
+def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
+    from transforms import handler as hmod
+
+    trimmer = hmod.HeapTrimmer(5.0)
+    if not trimmer.available:
+        pytest.skip("no glibc malloc_trim here")
+    calls = []
+    trimmer._trim = lambda pad: calls.append(pad) or 1
+    clock = [1000.0]
+    monkeypatch.setattr(hmod.time, "monotonic", lambda: clock[0])
+    trimmer.last = clock[0]
+    assert not trimmer.maybe_trim() and calls == []  # too soon
+    clock[0] += 5.1
+    assert trimmer.maybe_trim() and calls == [0] and trimmer.trims == 1
+    clock[0] += 1.0
+    assert not trimmer.maybe_trim() and trimmer.trims == 1
+    # 0 disables: nothing is looked up, nothing is called
+    off = hmod.HeapTrimmer(0)
+    assert not off.available and not off.maybe_trim()
+    with pytest.raises(ValueError, match="heap trim interval"):
+        hmod.HeapTrimmer(-1)
+
+
+def test_heap_trimmer_hands_freed_heap_back():
+    """Real glibc: freed blocks between live ones stay resident until malloc_trim."""
+    import ctypes
+    from transforms.handler import HeapTrimmer
+
+    trimmer = HeapTrimmer(1e-9)
+    if not trimmer.available:
+        pytest.skip("no glibc malloc_trim here")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_kib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    blocks = [libc.malloc(64 * 1024) for _ in range(3000)]  # ~190 MiB below the mmap threshold
+    for b in blocks:
+        ctypes.memset(b, 1, 64 * 1024)
+    for b in blocks[::2]:  # every other block: live neighbours keep free() from shrinking the heap
+        libc.free(b)
+    before = rss_kib()
+    assert trimmer.maybe_trim()
+    after = rss_kib()
+    for b in blocks[1::2]:
+        libc.free(b)
+    assert before - after > 50 * 1024, (before, after)  # most of the ~94 MiB freed goes back
+
+
+def test_handler_pickles_without_its_trimmer(notes_model):
+    import pickle
+
+    h = EarlyExitModelHandler(notes_model, heap_trim_seconds=0.5)
+    bundle = h.load_model()
+    pre, _ = load_preprocessor(notes_model)
+    h.run_inference([prepared(pre, "a", "fever")], bundle)
+    assert h._trimmer is not None
+    clone = pickle.loads(pickle.dumps(h))
+    assert clone._trimmer is None and clone.heap_trim_seconds == 0.5
+    assert [r.record_id for r in clone.run_inference([prepared(pre, "b", "cough")], bundle)] == ["b"]
+    with pytest.raises(ValueError, match="heap_trim_seconds"):
+        EarlyExitModelHandler(notes_model, heap_trim_seconds=-2)
