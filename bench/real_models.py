@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", action="append", help="dataset name (repeatable)")
     p.add_argument("--models", default="models")
     p.add_argument("--docs", default="docs")
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="also pass `epee train --distill ALPHA` (self-distillation of the earlier heads); "
+                        "for experiments: write them to other --models/--docs directories")
     args = p.parse_args(argv)
     if not DATA.is_dir():
         raise SystemExit(f"shared data not found at {DATA}; set EPEE_SHARED_DATA")
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.models) / name
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
-        trained = call(["train", *spec["train"], "--output", str(out), "--no-progress"])
+        command = spec["train"] + (["--distill", str(args.distill)] if args.distill is not None else [])
+        trained = call(["train", *command, "--output", str(out), "--no-progress"])
         calibrated = call(["calibrate", "--model", str(out)])
         ev_args = ["evaluate", "--model", str(out)] + (["--data", spec["eval_data"]] if spec["eval_data"] else [])
         evaluated = call(ev_args)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         figs.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "calibration" / "frontier.png", figs / f"{name}_frontier.png")
         shutil.copy(out / "calibration" / "frontier.md", figs / f"{name}_frontier.md")
-        results[name] = {"what": spec["what"], "command": spec["train"], "train": trained, "calibration": calibrated,
+        results[name] = {"what": spec["what"], "command": command, "train": trained, "calibration": calibrated,
                          "evaluate_epee": evaluated, "evaluate_full": full, "total_seconds": round(time.time() - t0, 1)}
         results_path.write_text(json.dumps(results, indent=2, default=float))
     render(results, Path(args.docs) / "training.md")
