@@ -417,6 +417,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
         lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost (negative: EPEE scored higher){plain}; our EPEE pipeline "
                   f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference.", "",
                   f"![{name}](figures/bench_{name}.png)", ""]
+    if (path.parent / "analyses.md").is_file():
+        lines += ["Follow-up analyses of these figures (test-sample noise, a self-distillation experiment, memory "
+                  "probes): [analyses.md](analyses.md).", ""]
     lines += scaling_section(path.parent / "scaling.json")
     lines += ["## GPU", "", "Not measured: no GPU machine was lent to the session that produced these figures "
               "(`bench.engine --device cuda` and `bench.pipeline` are the commands to run on one).", ""]

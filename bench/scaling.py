@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", help="model directory (default: the sample notes model)")
     p.add_argument("--docs", default="docs", help="writes scaling.json there and re-renders benchmarks.md")
+    p.add_argument("--pipeline-arg", action="append", default=[], metavar="ARG",
+                   help="extra notes-pipeline argument, repeatable (e.g. --pipeline-arg=--heap_trim_seconds=0); "
+                        "recorded in each row: write experiments to another --docs")
     args = p.parse_args(argv)
     from pipelines.sample_job import ensure_models
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         for w in args.workers:
             mode = ["--direct_num_workers", str(w), "--direct_running_mode", "multi_processing"] if w > 1 else []
             argv_ = ["--input", str(work / f"in_{n}" / "*.jsonl"), "--model", model, "--id_field", "id",
-                     "--output", str(work / f"out_{n}_{w}"), *mode]
+                     "--output", str(work / f"out_{n}_{w}"), *mode, *args.pipeline_arg]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             done = subprocess.run([sys.executable, "-c", CHILD, *argv_], capture_output=True, text=True, env=env,
                                   cwd=Path(__file__).resolve().parent.parent)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(done.stderr[-3000:])
             r = json.loads(done.stdout.strip().splitlines()[-1])
             row = {**archive, "workers": w, "records_per_s": round(n / r["seconds"], 1), **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}}
+            if args.pipeline_arg:
+                row["pipeline_args"] = " ".join(args.pipeline_arg)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
