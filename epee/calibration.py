@@ -83,12 +83,18 @@ def collect_layer_outputs(
     samples: list[EncodedSample],
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    precision: str = "float32",
 ) -> LayerOutputs:
     """Run every sample through every layer once and keep each exit head's probabilities.
 
     Samples are batched by length (less padding) and the result is put back in input order.
     ``device`` is where batches go; the model must already be there, as with the engine.
+    ``precision`` as in :class:`EngineConfig` (calibrate in the precision the pipeline runs in).
     """
+    from .config import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision ({precision!r}) must be one of {', '.join(PRECISIONS)}")
     if not samples:
         raise ValueError("no samples to collect layer outputs from")
     if batch_size < 1:
@@ -100,7 +106,8 @@ def collect_layer_outputs(
     chunks: list[list[torch.Tensor]] = []  # per batch: L probs tensors
     masks: list[torch.Tensor] = []
     lengths: list[torch.Tensor] = []
-    with torch.inference_mode():
+    device_type = torch.device(device).type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         for start in range(0, len(order), batch_size):
             batch = collate([samples[i] for i in order[start : start + batch_size]], model.adapter.pad_token_id)
             out = model(batch.to(device))

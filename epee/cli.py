@@ -288,7 +288,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
     gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
     metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
-    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size)
+    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size, precision=args.precision)
     points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=args.min_exit_layer)
     full = next(p for p in points if p.kind == "none")
     if args.confidence:
@@ -318,7 +318,7 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     record = {
         "metric": metric, "tolerance_points": args.tolerance, "data": uri, "part": part, "examples": len(samples),
         "skipped_unencodable": skipped, "full_depth_score": full.score, "per_layer_scores": per_layer,
-        "selection": selection,
+        "selection": selection, "precision": args.precision,
         "chosen": {"kind": "epee", "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
                    "score": chosen.score, "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup},
         "files": ["calibration/sweep.csv", "calibration/frontier.md", "calibration/frontier.png"],
@@ -341,7 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     policy_cfg = model.config.policy if args.policy is None else ExitPolicyConfig(
         kind=args.policy, entropy_threshold=args.tau if args.tau is not None else model.config.policy.entropy_threshold,
         patience=args.patience if args.patience is not None else model.config.policy.patience)
-    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size))
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size, precision=args.precision))
     t0 = time.perf_counter()
     result = engine.run(samples, ExitPolicy(policy_cfg, model.num_layers))
     t_run = time.perf_counter() - t0
@@ -355,7 +355,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     n = len(samples)
     return {
         "model": str(args.model), "data": uri, "part": part, "records": n, "skipped_unencodable": skipped,
-        "policy": policy_cfg.to_dict(), **scores,
+        "policy": policy_cfg.to_dict(), "precision": args.precision, **scores,
         "mean_exit_layer": round(result.stats.mean_exit_layer, 4), "num_layers": model.num_layers,
         "layer_speedup": round(result.stats.layer_speedup, 4),
         "samples_per_s": round(n / t_run, 2) if t_run else None,
@@ -558,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-exit-layer", type=int, default=1)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)
+    c.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="calibrate in the precision the pipelines will run in (--precision there)")
     _add_data_args(c)
     _add_pickle_arg(c)
     c.set_defaults(func=cmd_calibrate)
@@ -571,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", choices=["entropy", "patience", "epee", "none"], help="override the stored policy")
     e.add_argument("--tau", type=float)
     e.add_argument("--patience", type=int)
+    e.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="run the engine in this precision (bfloat16: torch.autocast), to check its scores "
+                        "before a pipeline runs with --precision bfloat16")
     _add_data_args(e)
     _add_pickle_arg(e)
     e.set_defaults(func=cmd_evaluate)

@@ -139,6 +139,9 @@ class EarlyExitConfig:
         )
 
 
+PRECISIONS = ("float32", "bfloat16")  # EngineConfig.precision
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the batched engine schedules work."""
@@ -147,8 +150,13 @@ class EngineConfig:
     window_size: int = 0  # samples in flight at once (bounds memory); 0 means 16 x batch_size
     sort_by_length: bool = True  # group similar lengths so long notes do not pad short ones
     device: str = "cpu"
+    # "bfloat16": layers and heads run under torch.autocast in bfloat16 (exit decisions stay float32).
+    # Pays on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs; emulated elsewhere, and slower.
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size ({self.batch_size!r}) must be an integer >= 1")
         if not isinstance(self.window_size, int) or self.window_size < 0:

@@ -258,7 +258,8 @@ class EarlyExitEngine:
         if cfg.sort_by_length:
             order.sort(key=lambda i: samples[i].length)
         window = cfg.effective_window
-        with torch.inference_mode():
+        bf16 = cfg.precision == "bfloat16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, len(order), window):
                 self._run_window(samples, order[start : start + window], policy, stats, results)
         return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]

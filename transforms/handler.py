@@ -108,6 +108,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         s3_client_kwargs: dict[str, Any] | None = None,
         allow_pickle_weights: bool = False,
         heap_trim_seconds: float = 2.0,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
         if heap_trim_seconds < 0:
@@ -121,7 +122,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
-        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device)
+        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision)
         # Beam's adaptive batching starting at 1 hands the engine calls of a few records, which
         # leaves it little to regroup: by default a RunInference batch holds at least one engine
         # call's worth (bundle ends still flush smaller batches).

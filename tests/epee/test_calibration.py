@@ -385,3 +385,15 @@ class TestReports:
         plot_frontier(HAND_POINTS, HAND_POINTS[5], path, title="tiny model, dev accuracy")
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_layer_outputs_in_bfloat16_are_float32_probabilities_close_to_float32():
+    model = tiny_model("bert", "sequence")
+    samples = make_samples("bert", "sequence", n=10)
+    a = collect_layer_outputs(model, samples, batch_size=4)
+    b = collect_layer_outputs(model, samples, batch_size=4, precision="bfloat16")
+    for pa, pb in zip(a.probs, b.probs):
+        assert pb.dtype == torch.float32 and not torch.equal(pa, pb)  # it did run in a lower precision
+        torch.testing.assert_close(pb, pa, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="precision"):
+        collect_layer_outputs(model, samples, precision="half")

@@ -83,6 +83,13 @@ def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
     assert not (tmp_path / "model" / "checkpoint").exists()
     _, ev = check_calibrated_and_evaluated(capsys, out, dev)
     assert ev["accuracy"] >= 0.8 and set(ev) >= {"macro_f1", "samples_per_s_with_preprocessing", "exits_per_layer"}
+    assert ev["precision"] == "float32"
+    # calibrating and evaluating in bfloat16 (what a pipeline with --precision bfloat16 runs)
+    cal16 = run(capsys, "calibrate", "--model", out, "--precision", "bfloat16")
+    ev16 = run(capsys, "evaluate", "--model", out, "--data", dev, "--precision", "bfloat16")
+    assert cal16["precision"] == ev16["precision"] == "bfloat16"
+    assert ev16["accuracy"] >= 0.8 and ev16["records"] == ev["records"]
+    assert ev16["mean_exit_layer"] == pytest.approx(cal16["chosen"]["mean_exit_layer"], abs=1e-3)
 
 
 def test_relation_extraction_with_markers_and_dev_split(tmp_path, capsys, tokenizer_dir):

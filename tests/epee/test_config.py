@@ -61,7 +61,8 @@ class TestEarlyExitConfig:
 class TestEngineConfig:
     @pytest.mark.parametrize(
         "kwargs, match",
-        [({"batch_size": 0}, r"batch_size \(0\)"), ({"batch_size": 8, "window_size": 4}, r"window_size \(4\)")],
+        [({"batch_size": 0}, r"batch_size \(0\)"), ({"batch_size": 8, "window_size": 4}, r"window_size \(4\)"),
+         ({"precision": "float16"}, r"precision \('float16'\) must be one of float32, bfloat16")],
     )
     def test_rejects_bad_values(self, kwargs, match):
         with pytest.raises(ValueError, match=match):

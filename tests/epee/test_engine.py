@@ -191,3 +191,34 @@ def test_empty_input():
     model = tiny_model("bert")
     result = EarlyExitEngine(model).run([])
     assert result.predictions == [] and result.stats.rows_computed == 0 and result.stats.mean_batch_fill == 0.0
+
+
+def _linear_output_dtypes(model, run):
+    """The dtypes the backbone's linear layers produced while ``run()`` ran."""
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_bfloat16_runs_the_layers_in_bfloat16_and_decides_in_float32(family, task):
+    """--precision bfloat16: matrix products run in bfloat16 (that is where the CPU time goes), while
+    probabilities and entropies come back in float32 and stay close to the float32 run."""
+    samples = make_samples(family, task, n=16)
+    model = epee_model(family, task, samples)
+    fp32 = EarlyExitEngine(model, EngineConfig(batch_size=4))
+    bf16 = EarlyExitEngine(model, EngineConfig(batch_size=4, precision="bfloat16"))
+    assert _linear_output_dtypes(model, lambda: fp32.run(samples)) == {torch.float32}
+    assert torch.bfloat16 in _linear_output_dtypes(model, lambda: bf16.run(samples))
+    a, b = fp32.run(samples).predictions, bf16.run(samples).predictions
+    assert all(p is not None for p in b)
+    assert all(p.probs.dtype == a[0].probs.dtype for p in b) and isinstance(b[0].entropy, float)
+    same_probs = sum(x.exit_layer == y.exit_layer and float(abs(x.probs - y.probs).max()) < 0.1 for x, y in zip(a, b))
+    assert same_probs >= len(a) - 2  # bfloat16 keeps 8 bits of mantissa: a sample near τ may exit elsewhere
+
