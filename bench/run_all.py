@@ -19,6 +19,10 @@ the second half only:
   on the same file (``--max_windows 1``: the same 128 tokens the stock handler sees). PneumoniaMNIST
   is also wrapped as DICOM files and sent through the DICOM pipeline.
 
+``--precision bfloat16`` runs our engine, calibration and pipelines in bfloat16 (torch.autocast) and
+adds ``beam_stock_bfloat16``: the stock handler with its ``inference_fn`` under the same autocast,
+the bfloat16 run a Beam user could set up (``beam_stock`` stays float32, the reference too).
+
     .venv/bin/python -m bench.run_all                    # every corpus
     .venv/bin/python -m bench.run_all --only ddi --max-test 300
 """
@@ -91,7 +95,17 @@ def padded(sample, max_length: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_dicom: bool) -> float:
+def bf16_keyed_tensor_inference_fn(batch, model, device, inference_args=None, model_id=None):
+    """Beam's default keyed-tensor inference under torch.autocast(bfloat16): how a Beam user would
+    run the stock handler in bfloat16 (its ``inference_fn`` argument)."""
+    from apache_beam.ml.inference.pytorch_inference import default_keyed_tensor_inference_fn
+
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        return default_keyed_tensor_inference_fn(batch, model, device, inference_args, model_id)
+
+
+def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_dicom: bool,
+              precision: str = "float32") -> float:
     import apache_beam as beam
     import pyarrow as pa
     from apache_beam.io import fileio
@@ -103,7 +117,9 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
     torch.save(StockFullDepth(model_dir).state_dict(), state_path)  # a file we made ourselves
     handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path, model_class=StockFullDepth,
                                              model_params={"model_dir": model_dir}, min_batch_size=batch_size,
-                                             max_batch_size=batch_size)
+                                             max_batch_size=batch_size,
+                                             **({"inference_fn": bf16_keyed_tensor_inference_fn}
+                                                if precision == "bfloat16" else {}))
 
     class Encode(beam.DoFn):
         def setup(self):
@@ -126,6 +142,7 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
 
     def row(r):
         probs = r.inference
+        probs = probs.float()
         return {"label": int(probs.reshape(-1, probs.shape[-1]).argmax(-1)[0]), "score": float(probs.max())}
 
     schema = pa.schema([("label", pa.int64()), ("score", pa.float64())])
@@ -184,7 +201,7 @@ def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
 
 
 def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, batch_size: int,
-                 repeat: int = 1, confidence: float = 0.9) -> dict:
+                 repeat: int = 1, confidence: float = 0.9, precision: str = "float32") -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
@@ -219,7 +236,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     t_samples, t_gold, test = encoded(test)
     encode_per_s = len(test) / (time.perf_counter() - t0)
     L = model.num_layers
-    c_outputs = collect_layer_outputs(model, c_samples)
+    c_outputs = collect_layer_outputs(model, c_samples, precision=precision)
     c_points = sweep(c_outputs, lambda p: fn(c_gold, p), L)
     c_full = next(p for p in c_points if p.kind == "none")
     chosen = {"none": ExitPolicyConfig(kind="none")}
@@ -228,11 +245,11 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
                                      confidence=confidence).point.policy_config()
     # the plain rule (fastest within tolerance on the calibration half), to show what it costs on new records
     chosen["epee_plain"] = choose(c_points, c_full.score, tolerance / 100, "epee").policy_config()
-    t_outputs = collect_layer_outputs(model, t_samples)
+    t_outputs = collect_layer_outputs(model, t_samples, precision=precision)
     t_points = sweep(t_outputs, lambda p: fn(t_gold, p), L)
     result = {"name": name, "metric": metric, "num_layers": L, "calibration_records": len(c_samples),
               "test_records": len(t_samples), "policies": {}, "systems": {}, "sweep_test": [p.to_dict() for p in t_points]}
-    engine = EarlyExitEngine(model, EngineConfig(batch_size=32))
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=32, precision=precision))
     engine.run(t_samples[:64], ExitPolicy(chosen["none"], L))  # warm-up: first calls pay for allocator and kernels
     for kind, cfg in chosen.items():
         policy = ExitPolicy(cfg, L)
@@ -265,7 +282,8 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     is_dicom = bundle.data_task == "image"
     n = len(gold_index)
     pipeline = CORPORA[name][0]
-    base = ["--model", model_dir, "--min_batch_size", str(batch_size), "--max_batch_size", str(batch_size)]
+    base = ["--model", model_dir, "--min_batch_size", str(batch_size), "--max_batch_size", str(batch_size),
+            "--precision", precision]  # Beam's stock handler and the batch-size-1 reference stay float32
     if not is_dicom:
         base += ["--id_field", "id", "--max_windows", "1"]
     epee = chosen["epee"]
@@ -288,8 +306,13 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
             result[f"{sysname}_score"] = fn(gold_list, [preds[i] for i in sorted(preds)]) if preds else None
     secs = run_stock(input_glob, model_dir, str(work / name / "stock"), batch_size, is_dicom)
     result["systems"]["beam_stock"] = n / secs
+    if precision != "float32":  # the stock handler in the same precision, through its inference_fn
+        secs = run_stock(input_glob, model_dir, str(work / name / "stock16"), batch_size, is_dicom, precision)
+        result["systems"][f"beam_stock_{precision}"] = n / secs
     s = result["systems"]
     result["pipeline_epee_vs_beam_stock"] = s["pipeline_epee"] / s["beam_stock"]
+    if precision != "float32":
+        result["pipeline_epee_vs_beam_stock_same_precision"] = s["pipeline_epee"] / s[f"beam_stock_{precision}"]
     if repeat > 1:
         # Steady state: a run over a few hundred records is half start-up (Beam, model load,
         # Parquet, report, the DICOM decoder's child process); a nightly archive is not. The same
@@ -320,9 +343,15 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
             run_pipeline(pipeline, base + ["--input", steady_glob, "--output", str(work / name / f"steady_{sysname}")] + extra)
             steady[sysname] = m / (time.perf_counter() - t0)
         steady["beam_stock"] = m / run_stock(steady_glob, model_dir, str(work / name / "steady_stock"), batch_size, is_dicom)
+        if precision != "float32":
+            steady[f"beam_stock_{precision}"] = m / run_stock(steady_glob, model_dir, str(work / name / "steady_stock16"),
+                                                              batch_size, is_dicom, precision)
         result["steady_records"] = m
         result["steady_systems"] = steady
         result["steady_pipeline_epee_vs_beam_stock"] = steady["pipeline_epee"] / steady["beam_stock"]
+        if precision != "float32":
+            result["steady_pipeline_epee_vs_beam_stock_same_precision"] = (steady["pipeline_epee"]
+                                                                          / steady[f"beam_stock_{precision}"])
     result["epee_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee"]["score"])
     result["epee_plain_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee_plain"]["score"])
     return result
@@ -375,6 +404,11 @@ def render(results: dict, meta: dict, path: Path) -> None:
              "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Both Beam "
              "systems get the same RunInference batching (min = max batch size); the engine columns run "
              "pre-tokenised inputs in-process with a warm-up first.", ""]
+    if meta.get("precision", "float32") != "float32":
+        lines += [f"Precision: our engine, calibration and pipelines ran in {meta['precision']} (`--precision "
+                  f"{meta['precision']}`, torch.autocast; exit decisions in float32). `beam_stock` and the "
+                  "batch-size-1 reference ran in float32, as their users run them by default; `beam_stock_"
+                  f"{meta['precision']}` is Beam's stock handler with its `inference_fn` under the same autocast.", ""]
     for name, r in results.items():
         p, s = r["policies"], r["systems"]
         lines += [f"## {name}", "", CORPORA[name][1] + f"; test half: {r['test_records']} records, "
@@ -415,11 +449,24 @@ def render(results: dict, meta: dict, path: Path) -> None:
         plain = (f" (the plain rule's setting: {r['epee_plain_score_drop_points']:+.2f})"
                  if "epee_plain_score_drop_points" in r else "")
         lines += ["", f"EPEE vs full depth: {r['epee_score_drop_points']:+.2f} points lost (negative: EPEE scored higher){plain}; our EPEE pipeline "
-                  f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference.", "",
+                  f"{r['pipeline_epee_vs_beam_stock']:.2f}x Beam's stock RunInference"
+                  + (f" in float32, {r['pipeline_epee_vs_beam_stock_same_precision']:.2f}x the stock handler in "
+                     f"{meta['precision']}" if "pipeline_epee_vs_beam_stock_same_precision" in r else "")
+                  + (f" (steady state: {r['steady_pipeline_epee_vs_beam_stock']:.2f}x"
+                     + (f", {r['steady_pipeline_epee_vs_beam_stock_same_precision']:.2f}x"
+                        if "steady_pipeline_epee_vs_beam_stock_same_precision" in r else "") + ")"
+                     if "steady_pipeline_epee_vs_beam_stock" in r else "") + ".", "",
                   f"![{name}](figures/bench_{name}.png)", ""]
+    if meta.get("precision", "float32") != "float32":  # a variant report beside the main one
+        lines += ["Scaling and GPU figures: the float32 report, `docs/benchmarks.md`.", ""]
+        path.write_text("\n".join(lines) + "\n")
+        return
+    if (path.parent / "bf16" / "benchmarks.md").is_file():
+        lines += ["The same benchmarks with our engine and pipelines in bfloat16 (`--precision bfloat16`), against "
+                  "Beam's stock handler in float32 and in bfloat16: [bf16/benchmarks.md](bf16/benchmarks.md).", ""]
     if (path.parent / "analyses.md").is_file():
         lines += ["Follow-up analyses of these figures (test-sample noise, a self-distillation experiment, memory "
-                  "probes): [analyses.md](analyses.md).", ""]
+                  "probes, bfloat16): [analyses.md](analyses.md).", ""]
     lines += scaling_section(path.parent / "scaling.json")
     lines += ["## GPU", "", "Not measured: no GPU machine was lent to the session that produced these figures "
               "(`bench.engine --device cuda` and `bench.pipeline` are the commands to run on one).", ""]
@@ -449,10 +496,12 @@ def render_saved(docs: Path) -> None:
     render(ordered, results.get("_meta") or run_meta(1.0), docs / "benchmarks.md")
 
 
-def run_meta(tolerance: float, confidence: float | None = None) -> dict:
-    return {"command": ".venv/bin/python -m bench.run_all", "date": time.strftime("%Y-%m-%d"),
+def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32") -> dict:
+    return {"command": ".venv/bin/python -m bench.run_all" + (f" --precision {precision}" if precision != "float32" else ""),
+            "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "tolerance": tolerance, "confidence": confidence}
+            "threads": torch.get_num_threads(), "tolerance": tolerance, "confidence": confidence,
+            "precision": precision}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -465,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="bootstrap confidence of the calibration rule")
     p.add_argument("--batch-size", type=int, default=64,
                    help="RunInference batch size, min = max, for both Beam systems (stock and ours)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="our engine and pipelines (calibration too); adds Beam's stock handler in that precision "
+                        "(beam_stock and the reference stay float32). Write it to another --docs (docs/bf16)")
     p.add_argument("--repeat", type=int, default=4,
                    help="also time the Beam systems on the test half repeated K times (steady state)")
     args = p.parse_args(argv)
@@ -485,11 +537,11 @@ def main(argv: list[str] | None = None) -> None:
             real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
         t0 = time.time()
         results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size,
-                                     args.repeat, args.confidence)
+                                     args.repeat, args.confidence, args.precision)
         results[name]["seconds"] = round(time.time() - t0, 1)
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
-    meta = run_meta(args.tolerance, args.confidence)
+    meta = run_meta(args.tolerance, args.confidence, args.precision)
     figs = docs / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     results["_meta"] = meta
