@@ -7,6 +7,10 @@ there, its paired-bootstrap 90% interval, and the spread of the drop over random
 size run_all measured:
 
     .venv/bin/python -m bench.drop_spread --only chemprot
+    .venv/bin/python -m bench.drop_spread --only chemprot --confidences 0.9 0.95 0.99
+
+``--confidences`` also re-runs the calibration rule (``choose_robust``, tolerance 1 point) on the
+calibration half at each confidence and prints what its setting drops on the whole test half.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="models")
     p.add_argument("--docs", default="docs")
     p.add_argument("--resamples", type=int, default=300)
+    p.add_argument("--confidences", type=float, nargs="*", default=[],
+                   help="also calibrate on the calibration half at these bootstrap confidences")
     args = p.parse_args(argv)
 
     from bench.run_all import held_out
-    from epee.calibration import collect_layer_outputs, simulate
+    from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import ExitPolicyConfig
     from epee.policies import ExitPolicy
@@ -43,14 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     model = bundle.model
     order = list(range(len(examples)))
     random.Random(0).shuffle(order)  # run_all's split: calibration = order[0::2], test = order[1::2]
-    samples, gold = [], []
-    for ex in (examples[i] for i in order[1::2]):
-        try:
-            enc = bundle.preprocessor.encode(ex)
-        except ValueError:
-            continue
-        samples.append(enc.sample)
-        gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
+
+    def encoded(indices):
+        samples, gold = [], []
+        for ex in (examples[i] for i in indices):
+            try:
+                enc = bundle.preprocessor.encode(ex)
+            except ValueError:
+                continue
+            samples.append(enc.sample)
+            gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
+        return samples, gold
+
+    samples, gold = encoded(order[1::2])
     _, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
     outputs = collect_layer_outputs(model, samples)
     L = model.num_layers
@@ -76,6 +87,19 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = np.percentile(subsets, [5, 95])
         print(f"  random {measured}-record subsets of the test half: drop mean {np.mean(subsets):+.2f}, "
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
+
+    if args.confidences:
+        c_samples, c_gold = encoded(order[0::2])
+        c_outputs = collect_layer_outputs(model, c_samples)
+        points = sweep(c_outputs, lambda p: fn(c_gold, p), L)
+        c_full = next(p for p in points if p.kind == "none").score
+        for confidence in args.confidences:
+            r = choose_robust(c_outputs, points, c_gold, fn, 0.01, "epee", confidence=confidence)
+            test_run = simulate(outputs, ExitPolicy(r.point.policy_config(), L))
+            print(f"  confidence {confidence}: τ={r.point.entropy_threshold:.3g} P={r.point.patience}; calibration half "
+                  f"({len(c_samples)}): drop {100 * (c_full - r.point.score):+.2f} at {r.point.mean_exit_layer:.2f} layers "
+                  f"({r.candidates_tested} settings tested); whole test half: drop "
+                  f"{100 * (fn(gold, full) - fn(gold, test_run.predictions)):+.2f} at {test_run.mean_exit_layer:.2f} layers")
 
 
 if __name__ == "__main__":
