@@ -55,8 +55,11 @@ def measure(model: str, data_args: list[str], baseline_macs: float) -> dict:
             "records": ee["records"]}
 
 
+FROZEN = "prompt tuning, backbone frozen"
+
+
 def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int, epochs: int, lr: float,
-               sparsities=SPARSITIES, prompt_counts=PROMPTS) -> dict:
+               sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0) -> dict:
     src = str(models / name)
     dev_args = ["--max-examples", str(max_dev)]
     base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
@@ -81,6 +84,19 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
                 out["runs"].append(row)
                 print(json.dumps({"corpus": name, **row}), flush=True)
             del res
+    if frozen_prompts:  # soft prompts and exit heads learn, the (pruned) backbone stays as it is
+        for s in sparsities:
+            d = work / name / f"s{int(100 * s)}_p{frozen_prompts}_frozen"
+            t0 = time.time()
+            epee("sparsify", "--model", src, "--output", str(d), "--sparsity", str(s), "--epochs", str(epochs),
+                 "--dense-epochs", "0", "--num-prompts", str(frozen_prompts), "--freeze-backbone",
+                 "--max-train", str(max_train), "--max-dev", str(max_dev), "--no-progress")
+            doc = json.loads((d / "epee_config.json").read_text())
+            row = {"sparsity_target": s, "prompts": frozen_prompts, "stage": FROZEN,
+                   "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(time.time() - t0, 1),
+                   **measure(str(d), dev_args, baseline)}
+            out["runs"].append(row)
+            print(json.dumps({"corpus": name, **row}), flush=True)
     return out
 
 
@@ -94,7 +110,7 @@ def plot(name: str, data: dict, path: Path) -> None:
     ax = fig.add_subplot()
     colours = {0.0: "tab:blue", 0.5: "tab:orange", 0.75: "tab:red"}
     for r in data["runs"]:
-        marker = "o" if r["stage"] == "sparse training" else "s"
+        marker = {"sparse training": "o", FROZEN: "^"}.get(r["stage"], "s")
         fill = colours[r["sparsity_target"]] if r["prompts"] == 0 else "white"
         ax.scatter([r["full_macs_rel"]], [100 * r["full_score"]], marker=marker, s=40, color=fill,
                    edgecolor=colours[r["sparsity_target"]], linewidths=1.5)
@@ -107,6 +123,8 @@ def plot(name: str, data: dict, path: Path) -> None:
         ax.scatter([], [], color=c, label=f"{int(100 * s)}% sparse")
     ax.scatter([], [], marker="o", color="grey", label="after sparse training")
     ax.scatter([], [], marker="s", color="grey", label="after dense fine-tuning")
+    if any(r["stage"] == FROZEN for r in data["runs"]):
+        ax.scatter([], [], marker="^", color="grey", label="prompts + heads only, backbone frozen")
     ax.scatter([], [], marker="o", color="white", edgecolor="grey", label="with soft prompts (hollow)")
     ax.set_xscale("log")
     ax.set_xlabel("multiply-adds relative to the dense model at full depth (log); arrow: full depth -> EPEE")
@@ -131,7 +149,11 @@ def render(results: dict, meta: dict, docs: Path) -> None:
              "columns are dev-calibrated (optimistic for new data; docs/benchmarks.md measures on held-out halves). "
              "Multiply-adds (MACs) are per record, relative to the original dense model at full depth on the same "
              "records, counting a zero weight as free (hardware that exploits sparsity); soft prompts' extra tokens "
-             "count against them.", ""]
+             "count against them."
+             + (" Rows 'prompt tuning, backbone frozen' (`--frozen-prompts N`): the same pruning, then one stage "
+                "training only N soft prompts and the exit heads (head learning rate) on the pruned, frozen backbone; "
+                "no dense stage." if any(r["stage"] == FROZEN for d in results.values() for r in d["runs"]) else ""),
+             ""]
     for name, data in results.items():
         metric = data["runs"][0]["metric"] if data["runs"] else ""
         lines += [f"## {name}", "", f"Original dense model at full depth: {metric} {data['baseline_full_score']:.4f}, "
@@ -179,7 +201,11 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=8e-5)
     p.add_argument("--max-dev", type=int, help="dev examples at most (default per corpus)")
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
-    p.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS))
+    p.add_argument("--prompts", type=int, nargs="*", default=list(PROMPTS),
+                   help="soft prompts trained with the backbone (empty: none of these runs)")
+    p.add_argument("--frozen-prompts", type=int, default=0, metavar="N",
+                   help="also, at each sparsity, train N soft prompts and the exit heads with the backbone frozen "
+                        "(pruned, no dense stage)")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,11 +226,17 @@ def main(argv=None) -> None:
                 from bench import real_models
 
                 real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
-            results[name] = run_corpus(name, Path(args.models), work, args.max_train or n_train, args.max_dev or n_dev,
-                                       args.epochs, args.lr, args.sparsities, args.prompts)
+            fresh = run_corpus(name, Path(args.models), work, args.max_train or n_train, args.max_dev or n_dev,
+                               args.epochs, args.lr, args.sparsities, args.prompts, args.frozen_prompts)
+            # rows of earlier runs for other (sparsity, prompts, stage) settings are kept
+            key = lambda r: (r["sparsity_target"], r["prompts"], r["stage"])  # noqa: E731
+            new = {key(r) for r in fresh["runs"]}
+            fresh["runs"] = [r for r in results.get(name, {}).get("runs", []) if key(r) not in new] + fresh["runs"]
+            results[name] = fresh
             raw.write_text(json.dumps({**results, "_meta": meta or {}}, indent=2) + "\n")
         meta = {"command": ".venv/bin/python -m bench.sparsity_real" + "".join(
-                    f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("max_train", "max_dev") if getattr(args, k)),
+                    f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("max_train", "max_dev") if getattr(args, k))
+                + (f" --frozen-prompts {args.frozen_prompts}" if args.frozen_prompts else ""),
                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "torch": torch.__version__, "sizes": f"training examples per epoch: {args.max_train or 'per corpus'}; "
                                                     f"dev records: {args.max_dev or 'per corpus'}"}
