@@ -234,6 +234,24 @@ def _rebatch(groups: list[_Rows], batch_size: int) -> list[_Rows]:
     return out
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bfloat16 natively (``avx512_bf16`` or AMX flags), from Linux's
+    /proc/cpuinfo; None where that cannot be read. Without it, bfloat16 is emulated and slower."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 class EarlyExitEngine:
     """Runs an :class:`EarlyExitModel` over many samples with per-sample early exit."""
 

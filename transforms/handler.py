@@ -144,6 +144,12 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         self._use_sparse_kernels(bundle)
+        if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
+            from epee.engine import cpu_has_native_bf16
+
+            if cpu_has_native_bf16() is False:
+                log.warning("--precision bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
+                            "it is emulated and likely slower than float32")
         return bundle
 
     def _use_sparse_kernels(self, bundle: ModelBundle) -> None:

@@ -114,3 +114,25 @@ def test_handler_pickles_without_its_trimmer(notes_model):
     assert [r.record_id for r in clone.run_inference([prepared(pre, "b", "cough")], bundle)] == ["b"]
     with pytest.raises(ValueError, match="heap_trim_seconds"):
         EarlyExitModelHandler(notes_model, heap_trim_seconds=-2)
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                                             ("fpu avx2 avx512f", False), ("", None)])
+def test_native_bf16_is_read_from_cpu_flags(flags, expected):
+    from epee.engine import cpu_has_native_bf16
+
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n"
+    assert cpu_has_native_bf16(cpuinfo) is expected
+
+
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
+def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, monkeypatch, caplog, native, warned):
+    import epee.engine
+
+    monkeypatch.setattr(epee.engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    caplog.set_level("WARNING", logger="transforms.handler")
+    EarlyExitModelHandler(notes_model, precision="bfloat16").load_model()
+    assert any("emulated" in r.getMessage() for r in caplog.records) is warned
+    caplog.clear()
+    EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
+    assert not any("emulated" in r.getMessage() for r in caplog.records)
