@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="also calibrate on the calibration half at these bootstrap confidences")
     args = p.parse_args(argv)
 
-    from bench.run_all import held_out
+    from bench.run_all import encode_examples, held_out
     from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import ExitPolicyConfig
@@ -51,15 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     random.Random(0).shuffle(order)  # run_all's split: calibration = order[0::2], test = order[1::2]
 
     def encoded(indices):
-        samples, gold = [], []
-        for ex in (examples[i] for i in indices):
-            try:
-                enc = bundle.preprocessor.encode(ex)
-            except ValueError:
-                continue
-            samples.append(enc.sample)
-            gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
-        return samples, gold
+        return encode_examples(bundle, [examples[i] for i in indices])[:2]
 
     samples, gold = encoded(order[1::2])
     _, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)

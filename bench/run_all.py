@@ -155,6 +155,20 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
 
 
 # -- one corpus ------------------------------------------------------------------------------------
+def encode_examples(bundle, examples) -> tuple[list, list, list]:
+    """(samples, gold, examples kept): examples that cannot be encoded are left out of every system."""
+    samples, gold, kept = [], [], []
+    for ex in examples:
+        try:
+            enc = bundle.preprocessor.encode(ex)
+        except ValueError:
+            continue
+        samples.append(enc.sample)
+        gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
+        kept.append(ex)
+    return samples, gold, kept
+
+
 def held_out(model_dir: str):
     from epee.cli import _bundle_and_data, build_parser
 
@@ -218,22 +232,9 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     test = [examples[i] for i in order[1::2]][:max_test]
     metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
 
-    def encoded(exs):
-        """(samples, gold, examples kept): examples that cannot be encoded are left out of every system."""
-        samples, gold, kept = [], [], []
-        for ex in exs:
-            try:
-                enc = bundle.preprocessor.encode(ex)
-            except ValueError:
-                continue
-            samples.append(enc.sample)
-            gold.append(enc.target.tolist() if hasattr(enc.target, "tolist") else enc.target)
-            kept.append(ex)
-        return samples, gold, kept
-
-    c_samples, c_gold, _ = encoded(calib)
+    c_samples, c_gold, _ = encode_examples(bundle, calib)
     t0 = time.perf_counter()
-    t_samples, t_gold, test = encoded(test)
+    t_samples, t_gold, test = encode_examples(bundle, test)
     encode_per_s = len(test) / (time.perf_counter() - t0)
     L = model.num_layers
     c_outputs = collect_layer_outputs(model, c_samples, precision=precision)
