@@ -506,6 +506,8 @@ def run_meta(tolerance: float, confidence: float | None = None, precision: str =
 
 
 def main(argv: list[str] | None = None) -> None:
+    from epee.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", choices=list(CORPORA))
     p.add_argument("--models", default="models")
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--confidence", type=float, default=0.9, help="bootstrap confidence of the calibration rule")
     p.add_argument("--batch-size", type=int, default=64,
                    help="RunInference batch size, min = max, for both Beam systems (stock and ours)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="our engine and pipelines (calibration too); adds Beam's stock handler in that precision "
                         "(beam_stock and the reference stay float32). Write it to another --docs (docs/bf16)")
     p.add_argument("--repeat", type=int, default=4,

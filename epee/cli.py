@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .config import PRECISIONS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -558,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-exit-layer", type=int, default=1)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)
-    c.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+    c.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="calibrate in the precision the pipelines will run in (--precision there)")
     _add_data_args(c)
     _add_pickle_arg(c)
@@ -573,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", choices=["entropy", "patience", "epee", "none"], help="override the stored policy")
     e.add_argument("--tau", type=float)
     e.add_argument("--patience", type=int)
-    e.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+    e.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="run the engine in this precision (bfloat16: torch.autocast), to check its scores "
                         "before a pipeline runs with --precision bfloat16")
     _add_data_args(e)

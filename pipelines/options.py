@@ -7,6 +7,8 @@ import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from epee.config import PRECISIONS
+
 PIPELINE_TASKS = {"notes": "sequence", "relations": "relation", "events": "token", "dicom": "image"}
 
 
@@ -46,7 +48,7 @@ class EpeeOptions(PipelineOptions):
                        help="DICOM: seconds one file may take to decode; decoding runs in a child process that is "
                             "killed past it (decode_timeout). 0: decode in the worker itself, no timeout")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
-        g.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+        g.add_argument("--precision", default="float32", choices=PRECISIONS,
                        help="bfloat16: run the model under torch.autocast in bfloat16 (exit decisions stay float32); "
                             "about 3x faster on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs, slower on CPUs "
                             "without it. Scores move slightly: check them on your dev set (epee evaluate --precision)")
