@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import ExitPolicyConfig
 from .inputs import EncodedSample, collate
-from .modeling import EarlyExitModel
+from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, ExitPolicy, ExitSignal, exit_signal, update_streak
 
 logger = logging.getLogger(__name__)
@@ -91,10 +91,7 @@ def collect_layer_outputs(
     ``device`` is where batches go; the model must already be there, as with the engine.
     ``precision`` as in :class:`EngineConfig` (calibrate in the precision the pipeline runs in).
     """
-    from .config import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision ({precision!r}) must be one of {', '.join(PRECISIONS)}")
+    autocast = precision_autocast(device, precision)
     if not samples:
         raise ValueError("no samples to collect layer outputs from")
     if batch_size < 1:
@@ -106,8 +103,7 @@ def collect_layer_outputs(
     chunks: list[list[torch.Tensor]] = []  # per batch: L probs tensors
     masks: list[torch.Tensor] = []
     lengths: list[torch.Tensor] = []
-    device_type = torch.device(device).type
-    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+    with torch.inference_mode(), autocast:
         for start in range(0, len(order), batch_size):
             batch = collate([samples[i] for i in order[start : start + batch_size]], model.adapter.pad_token_id)
             out = model(batch.to(device))

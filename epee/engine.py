@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import EngineConfig
 from .inputs import EncodedSample, collate
-from .modeling import EarlyExitModel
+from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, REASON_NAMES, ExitPolicy, exit_signal, update_streak
 
 
@@ -276,8 +276,7 @@ class EarlyExitEngine:
         if cfg.sort_by_length:
             order.sort(key=lambda i: samples[i].length)
         window = cfg.effective_window
-        bf16 = cfg.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), precision_autocast(self.device, cfg.precision):
             for start in range(0, len(order), window):
                 self._run_window(samples, order[start : start + window], policy, stats, results)
         return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .backbones import BackboneAdapter, build_backbone, load_backbone, make_adapter
-from .config import EarlyExitConfig
+from .config import PRECISIONS, EarlyExitConfig
 from .inputs import Batch
 from .weights import (  # noqa: F401 - re-exported: the model directory's weights rules live there
     WEIGHTS_NAME,
@@ -27,6 +27,15 @@ from .weights import (  # noqa: F401 - re-exported: the model directory's weight
 log = logging.getLogger(__name__)
 
 EPEE_CONFIG_NAME = "epee_config.json"
+
+
+def precision_autocast(device: str | torch.device, precision: str) -> torch.autocast:
+    """The context the engine and calibration run the model in: ``torch.autocast`` in bfloat16 for
+    ``precision="bfloat16"`` (matrix products in bfloat16; softmax and exit decisions, which cast
+    to float32, stay float32), a disabled one for float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision ({precision!r}) must be one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 @dataclass

@@ -68,7 +68,8 @@ class HeapTrimmer:
 
     def __init__(self, every_s: float) -> None:
         if every_s < 0:
-            raise ValueError(f"heap trim interval must be >= 0 seconds (0 disables), got {every_s}")
+            raise ValueError(f"heap trim interval (heap_trim_seconds) must be >= 0 seconds (0 disables), "
+                             f"got {every_s}")
         self.every_s = every_s
         self.last = time.monotonic()
         self.trims = 0
@@ -111,11 +112,9 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         precision: str = "float32",
     ) -> None:
         super().__init__()
-        if heap_trim_seconds < 0:
-            raise ValueError(f"heap_trim_seconds must be >= 0 (0 disables), got {heap_trim_seconds}")
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
         self.heap_trim_seconds = heap_trim_seconds
-        self._trimmer: HeapTrimmer | None = None
+        self._trimmer: HeapTrimmer | None = HeapTrimmer(heap_trim_seconds)  # validates; rebuilt after pickling
         self.model_uri = model_uri
         # pickle weights (pytorch_model.bin) only when the user asked (--allow_pickle_weights); see epee.weights
         self.allow_pickle_weights = allow_pickle_weights
