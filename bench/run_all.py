@@ -305,15 +305,21 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
             preds = {gold_index[r["record_id"]]: names.index(r["label"]) for r in rows}
             gold_list = [t_gold[i] for i in sorted(preds)]
             result[f"{sysname}_score"] = fn(gold_list, [preds[i] for i in sorted(preds)]) if preds else None
-    secs = run_stock(input_glob, model_dir, str(work / name / "stock"), batch_size, is_dicom)
-    result["systems"]["beam_stock"] = n / secs
-    if precision != "float32":  # the stock handler in the same precision, through its inference_fn
-        secs = run_stock(input_glob, model_dir, str(work / name / "stock16"), batch_size, is_dicom, precision)
-        result["systems"][f"beam_stock_{precision}"] = n / secs
-    s = result["systems"]
-    result["pipeline_epee_vs_beam_stock"] = s["pipeline_epee"] / s["beam_stock"]
+    # Beam's stock handler as its users run it (float32) and, for another --precision, in that one too
+    stock_precisions = {"beam_stock": "float32"}
     if precision != "float32":
-        result["pipeline_epee_vs_beam_stock_same_precision"] = s["pipeline_epee"] / s[f"beam_stock_{precision}"]
+        stock_precisions[f"beam_stock_{precision}"] = precision
+
+    def time_stock(glob: str, records: int, systems: dict, ratio_key: str) -> None:
+        """Adds the stock systems' records/s to ``systems`` and our EPEE pipeline's ratios to them."""
+        for sysname, prec in stock_precisions.items():
+            secs = run_stock(glob, model_dir, str(work / name / f"{ratio_key}_{sysname}"), batch_size, is_dicom, prec)
+            systems[sysname] = records / secs
+        result[ratio_key] = systems["pipeline_epee"] / systems["beam_stock"]
+        if len(stock_precisions) > 1:
+            result[f"{ratio_key}_same_precision"] = systems["pipeline_epee"] / systems[f"beam_stock_{precision}"]
+
+    time_stock(input_glob, n, result["systems"], "pipeline_epee_vs_beam_stock")
     if repeat > 1:
         # Steady state: a run over a few hundred records is half start-up (Beam, model load,
         # Parquet, report, the DICOM decoder's child process); a nightly archive is not. The same
@@ -343,16 +349,9 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
             t0 = time.perf_counter()
             run_pipeline(pipeline, base + ["--input", steady_glob, "--output", str(work / name / f"steady_{sysname}")] + extra)
             steady[sysname] = m / (time.perf_counter() - t0)
-        steady["beam_stock"] = m / run_stock(steady_glob, model_dir, str(work / name / "steady_stock"), batch_size, is_dicom)
-        if precision != "float32":
-            steady[f"beam_stock_{precision}"] = m / run_stock(steady_glob, model_dir, str(work / name / "steady_stock16"),
-                                                              batch_size, is_dicom, precision)
+        time_stock(steady_glob, m, steady, "steady_pipeline_epee_vs_beam_stock")
         result["steady_records"] = m
         result["steady_systems"] = steady
-        result["steady_pipeline_epee_vs_beam_stock"] = steady["pipeline_epee"] / steady["beam_stock"]
-        if precision != "float32":
-            result["steady_pipeline_epee_vs_beam_stock_same_precision"] = (steady["pipeline_epee"]
-                                                                          / steady[f"beam_stock_{precision}"])
     result["epee_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee"]["score"])
     result["epee_plain_score_drop_points"] = 100 * (result["policies"]["none"]["score"] - result["policies"]["epee_plain"]["score"])
     return result

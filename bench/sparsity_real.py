@@ -66,24 +66,27 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
     baseline = base["macs_per_record"]
     metric = next(k for k in ("micro_f1_positive", "accuracy") if k in base)  # the primary metric: DDI reports accuracy too
     out = {"source": src, "baseline_full_score": base.get(metric), "baseline_macs_per_record": baseline, "runs": []}
+
+    def add_row(model_dir: Path, sparsity: float, prompts: int, stage: str, seconds: float) -> None:
+        doc = json.loads((model_dir / "epee_config.json").read_text())
+        row = {"sparsity_target": sparsity, "prompts": prompts, "stage": stage,
+               "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(seconds, 1),
+               **measure(str(model_dir), dev_args, baseline)}
+        out["runs"].append(row)
+        print(json.dumps({"corpus": name, **row}), flush=True)
+
     for prompts in prompt_counts:
         for s in sparsities:
             tag = f"s{int(100 * s)}_p{prompts}"
             sparse_dir, dense_dir = work / name / f"{tag}_sparse", work / name / f"{tag}_dense"
             t0 = time.time()
-            res = epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
-                       "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
-                       "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
-                       "--lr", str(lr), "--no-progress")
+            epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
+                 "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
+                 "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
+                 "--lr", str(lr), "--no-progress")
             seconds = time.time() - t0
             for stage, d in (("sparse training", sparse_dir), ("dense fine-tuning", dense_dir)):
-                doc = json.loads((d / "epee_config.json").read_text())
-                row = {"sparsity_target": s, "prompts": prompts, "stage": stage,
-                       "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(seconds, 1),
-                       **measure(str(d), dev_args, baseline)}
-                out["runs"].append(row)
-                print(json.dumps({"corpus": name, **row}), flush=True)
-            del res
+                add_row(d, s, prompts, stage, seconds)
     if frozen_prompts:  # soft prompts and exit heads learn, the (pruned) backbone stays as it is
         for s in sparsities:
             d = work / name / f"s{int(100 * s)}_p{frozen_prompts}_frozen"
@@ -91,12 +94,7 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
             epee("sparsify", "--model", src, "--output", str(d), "--sparsity", str(s), "--epochs", str(epochs),
                  "--dense-epochs", "0", "--num-prompts", str(frozen_prompts), "--freeze-backbone",
                  "--max-train", str(max_train), "--max-dev", str(max_dev), "--no-progress")
-            doc = json.loads((d / "epee_config.json").read_text())
-            row = {"sparsity_target": s, "prompts": frozen_prompts, "stage": FROZEN,
-                   "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(time.time() - t0, 1),
-                   **measure(str(d), dev_args, baseline)}
-            out["runs"].append(row)
-            print(json.dumps({"corpus": name, **row}), flush=True)
+            add_row(d, s, frozen_prompts, FROZEN, time.time() - t0)
     return out
 
 
