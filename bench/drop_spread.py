@@ -11,6 +11,10 @@ size run_all measured:
 
 ``--confidences`` also re-runs the calibration rule (``choose_robust``, tolerance 1 point) on the
 calibration half at each confidence and prints what its setting drops on the whole test half.
+``--alternatives`` does the same for two other calibration rules, neither adopted (docs/analyses.md):
+fixed-sequence testing (settings from deepest to fastest, each bootstrap-tested, stop at the first
+that fails) and per-layer temperature scaling of the heads (fitted by NLL on the calibration half)
+before the default rule.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resamples", type=int, default=300)
     p.add_argument("--confidences", type=float, nargs="*", default=[],
                    help="also calibrate on the calibration half at these bootstrap confidences")
+    p.add_argument("--alternatives", action="store_true",
+                   help="also calibrate with fixed-sequence testing and with per-layer temperatures")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -80,18 +86,87 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  random {measured}-record subsets of the test half: drop mean {np.mean(subsets):+.2f}, "
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
 
-    if args.confidences:
-        c_samples, c_gold = encoded(order[0::2])
-        c_outputs = collect_layer_outputs(model, c_samples)
-        points = sweep(c_outputs, lambda p: fn(c_gold, p), L)
-        c_full = next(p for p in points if p.kind == "none").score
-        for confidence in args.confidences:
-            r = choose_robust(c_outputs, points, c_gold, fn, 0.01, "epee", confidence=confidence)
-            test_run = simulate(outputs, ExitPolicy(r.point.policy_config(), L))
-            print(f"  confidence {confidence}: τ={r.point.entropy_threshold:.3g} P={r.point.patience}; calibration half "
-                  f"({len(c_samples)}): drop {100 * (c_full - r.point.score):+.2f} at {r.point.mean_exit_layer:.2f} layers "
-                  f"({r.candidates_tested} settings tested); whole test half: drop "
-                  f"{100 * (fn(gold, full) - fn(gold, test_run.predictions)):+.2f} at {test_run.mean_exit_layer:.2f} layers")
+    if not (args.confidences or args.alternatives):
+        return
+    c_samples, c_gold = encoded(order[0::2])
+    c_outputs = collect_layer_outputs(model, c_samples)
+    points = sweep(c_outputs, lambda p: fn(c_gold, p), L)
+    c_full = next(p for p in points if p.kind == "none").score
+
+    def report(label: str, point, test_outputs=outputs, tested: str = "") -> None:
+        test_run = simulate(test_outputs, ExitPolicy(point.policy_config(), L))
+        print(f"  {label}: τ={point.entropy_threshold:.3g} P={point.patience}; calibration half ({len(c_samples)}): "
+              f"drop {100 * (c_full - point.score):+.2f} at {point.mean_exit_layer:.2f} layers{tested}; whole test half: "
+              f"drop {100 * (fn(gold, full) - fn(gold, test_run.predictions)):+.2f} at {test_run.mean_exit_layer:.2f} layers")
+
+    for confidence in args.confidences:
+        r = choose_robust(c_outputs, points, c_gold, fn, 0.01, "epee", confidence=confidence)
+        report(f"confidence {confidence}", r.point, tested=f" ({r.candidates_tested} settings tested)")
+    if args.alternatives:
+        point = fixed_sequence(c_outputs, points, c_gold, fn, 0.01, 0.9)
+        if point is None:
+            print("  fixed-sequence testing, confidence 0.9: even the deepest EPEE setting fails")
+        else:
+            report("fixed-sequence testing, confidence 0.9", point)
+        temps = [fit_temperature(p, c_gold, c_outputs.token_mask) for p in c_outputs.probs]
+        print(f"  per-layer temperatures fitted on the calibration half: {' '.join(f'{t:.2f}' for t in temps)}")
+        tempered = tempered_outputs(c_outputs, temps)
+        t_points = sweep(tempered, lambda p: fn(c_gold, p), L)
+        r = choose_robust(tempered, t_points, c_gold, fn, 0.01, "epee")
+        report("tempered heads, confidence 0.9", r.point, tempered_outputs(outputs, temps))
+
+
+def fixed_sequence(outputs, points, gold, fn, tolerance: float, confidence: float, resamples: int = 200):
+    """Fixed-sequence testing: EPEE settings from deepest to fastest mean exit (an order that uses no
+    labels), each tested by the paired bootstrap of ``choose_robust``; the last one before the first
+    failure. None if even the deepest fails."""
+    from epee.calibration import simulate
+    from epee.config import ExitPolicyConfig
+    from epee.policies import ExitPolicy
+
+    L, n = outputs.num_layers, outputs.num_samples
+    full = simulate(outputs, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, n, size=n) for _ in range(resamples)]
+    full_scores = np.array([fn([gold[i] for i in d], [full[i] for i in d]) for d in draws])
+    chosen, quantiles = None, {}
+    for p in sorted((p for p in points if p.kind == "epee"), key=lambda p: (-p.mean_exit_layer, -p.score)):
+        run = simulate(outputs, ExitPolicy(p.policy_config(), L))
+        key = tuple(run.exit_layers)
+        if key not in quantiles:
+            drops = full_scores - np.array([fn([gold[i] for i in d], [run.predictions[i] for i in d]) for d in draws])
+            quantiles[key] = float(np.quantile(drops, confidence))
+        if quantiles[key] > tolerance + 1e-12:
+            break
+        chosen = p
+    return chosen
+
+
+def fit_temperature(probs, gold, token_mask) -> float:
+    """The temperature T minimising the NLL of softmax(log(probs) / T) on the gold labels (grid search)."""
+    import torch
+
+    logp = torch.log(probs.clamp_min(1e-12))
+    if token_mask is None:
+        target, keep = torch.tensor(gold), torch.ones(len(gold), dtype=torch.bool)
+    else:
+        target = torch.zeros(token_mask.shape, dtype=torch.long)
+        for i, g in enumerate(gold):
+            target[i, : min(len(g), target.shape[1])] = torch.tensor(g[: target.shape[1]])
+        target, keep = target.reshape(-1), token_mask.reshape(-1)
+    logp = logp.reshape(-1, logp.shape[-1])[keep]
+    grid = np.exp(np.linspace(np.log(0.3), np.log(8.0), 60))
+    nll = [torch.nn.functional.cross_entropy(logp / t, target[keep]).item() for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def tempered_outputs(outputs, temps):
+    import torch
+
+    from epee.calibration import LayerOutputs
+
+    probs = [torch.softmax(torch.log(p.clamp_min(1e-12)) / t, dim=-1) for p, t in zip(outputs.probs, temps)]
+    return LayerOutputs(probs, outputs.token_mask, outputs.lengths)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
                    help="also pass `epee train --distill ALPHA` (self-distillation of the earlier heads); "
                         "for experiments: write them to other --models/--docs directories")
+    p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                   help="append ARG to the `epee train` command (repeatable; a repeated option overrides the "
+                        "recorded one, e.g. --train-arg=--epochs --train-arg=3); for experiments, as --distill")
     args = p.parse_args(argv)
     if not DATA.is_dir():
         raise SystemExit(f"shared data not found at {DATA}; set EPEE_SHARED_DATA")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.models) / name
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
-        command = spec["train"] + (["--distill", str(args.distill)] if args.distill is not None else [])
+        command = spec["train"] + (["--distill", str(args.distill)] if args.distill is not None else []) + args.train_arg
         trained = call(["train", *command, "--output", str(out), "--no-progress"])
         calibrated = call(["calibrate", "--model", str(out)])
         ev_args = ["evaluate", "--model", str(out)] + (["--data", spec["eval_data"]] if spec["eval_data"] else [])
