@@ -11,7 +11,9 @@ size run_all measured:
 
 ``--confidences`` also re-runs the calibration rule (``choose_robust``, tolerance 1 point) on the
 calibration half at each confidence and prints what its setting drops on the whole test half.
-``--alternatives`` does the same for two other calibration rules, neither adopted (docs/analyses.md):
+``--splits K`` repeats run_all's protocol on K other random halvings of the held-out set (seeds
+1..K): calibrate with the default rule on one half, measure the drop on the other; the spread shows
+how much one halving decides. ``--alternatives`` does the same for two other calibration rules, neither adopted (docs/analyses.md):
 fixed-sequence testing (settings from deepest to fastest, each bootstrap-tested, stop at the first
 that fails) and per-layer temperature scaling of the heads (fitted by NLL on the calibration half)
 before the default rule.
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="also calibrate on the calibration half at these bootstrap confidences")
     p.add_argument("--alternatives", action="store_true",
                    help="also calibrate with fixed-sequence testing and with per-layer temperatures")
+    p.add_argument("--splits", type=int, default=0, help="also re-run calibrate-then-test on this many other halvings")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  random {measured}-record subsets of the test half: drop mean {np.mean(subsets):+.2f}, "
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
 
+    if args.splits:
+        resplit(model, *encoded(range(len(examples))), fn, args.splits)
     if not (args.confidences or args.alternatives):
         return
     c_samples, c_gold = encoded(order[0::2])
@@ -114,6 +119,41 @@ def main(argv: list[str] | None = None) -> None:
         t_points = sweep(tempered, lambda p: fn(c_gold, p), L)
         r = choose_robust(tempered, t_points, c_gold, fn, 0.01, "epee")
         report("tempered heads, confidence 0.9", r.point, tempered_outputs(outputs, temps))
+
+
+def subset(outputs, idx):
+    from epee.calibration import LayerOutputs
+
+    pick = lambda t: None if t is None else t[idx]  # noqa: E731
+    return LayerOutputs([p[idx] for p in outputs.probs], pick(outputs.token_mask), pick(outputs.lengths))
+
+
+def resplit(model, samples, gold, fn, splits: int) -> None:
+    """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times."""
+    from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
+    from epee.config import ExitPolicyConfig
+    from epee.policies import ExitPolicy
+
+    L = model.num_layers
+    outputs = collect_layer_outputs(model, samples)
+    drops, exits = [], []
+    for seed in range(1, splits + 1):
+        order = list(range(len(samples)))
+        random.Random(seed).shuffle(order)
+        halves = []
+        for idx in (order[0::2], order[1::2]):
+            halves.append((subset(outputs, idx), [gold[i] for i in idx]))
+        (c_out, c_gold), (t_out, t_gold) = halves
+        points = sweep(c_out, lambda p: fn(c_gold, p), L)
+        point = choose_robust(c_out, points, c_gold, fn, 0.01, "epee").point
+        full = simulate(t_out, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions
+        run = simulate(t_out, ExitPolicy(point.policy_config(), L))
+        drops.append(100 * (fn(t_gold, full) - fn(t_gold, run.predictions)))
+        exits.append(run.mean_exit_layer)
+        print(f"  halving {seed}: τ={point.entropy_threshold:.3g} P={point.patience}; other half: drop {drops[-1]:+.2f} "
+              f"at {exits[-1]:.2f} layers", flush=True)
+    print(f"  {splits} halvings: drop mean {np.mean(drops):+.2f}, median {np.median(drops):+.2f}, "
+          f"above 1 point in {sum(d > 1 for d in drops)}; mean exit {np.mean(exits):.2f}")
 
 
 def fixed_sequence(outputs, points, gold, fn, tolerance: float, confidence: float, resamples: int = 200):
