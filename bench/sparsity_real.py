@@ -59,7 +59,7 @@ FROZEN = "prompt tuning, backbone frozen"
 
 
 def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int, epochs: int, lr: float,
-               sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0) -> dict:
+               sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0, gradual_steps: int = 0) -> dict:
     src = str(models / name)
     dev_args = ["--max-examples", str(max_dev)]
     base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
@@ -75,18 +75,21 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
         out["runs"].append(row)
         print(json.dumps({"corpus": name, **row}), flush=True)
 
+    # gradual pruning: its rows are told apart from one-shot pruning by their stage names
+    gradual = ["--gradual-steps", str(gradual_steps)] if gradual_steps else []
+    suffix = f" (gradual, {gradual_steps} steps)" if gradual_steps else ""
     for prompts in prompt_counts:
         for s in sparsities:
-            tag = f"s{int(100 * s)}_p{prompts}"
+            tag = f"s{int(100 * s)}_p{prompts}" + (f"_g{gradual_steps}" if gradual_steps else "")
             sparse_dir, dense_dir = work / name / f"{tag}_sparse", work / name / f"{tag}_dense"
             t0 = time.time()
             epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
                  "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
                  "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
-                 "--lr", str(lr), "--no-progress")
+                 "--lr", str(lr), "--no-progress", *gradual)
             seconds = time.time() - t0
             for stage, d in (("sparse training", sparse_dir), ("dense fine-tuning", dense_dir)):
-                add_row(d, s, prompts, stage, seconds)
+                add_row(d, s, prompts, stage + suffix, seconds)
     if frozen_prompts:  # soft prompts and exit heads learn, the (pruned) backbone stays as it is
         for s in sparsities:
             d = work / name / f"s{int(100 * s)}_p{frozen_prompts}_frozen"
@@ -108,7 +111,7 @@ def plot(name: str, data: dict, path: Path) -> None:
     ax = fig.add_subplot()
     colours = {0.0: "tab:blue", 0.5: "tab:orange", 0.75: "tab:red"}
     for r in data["runs"]:
-        marker = {"sparse training": "o", FROZEN: "^"}.get(r["stage"], "s")
+        marker = "^" if r["stage"] == FROZEN else "o" if r["stage"].startswith("sparse training") else "s"
         fill = colours[r["sparsity_target"]] if r["prompts"] == 0 else "white"
         ax.scatter([r["full_macs_rel"]], [100 * r["full_score"]], marker=marker, s=40, color=fill,
                    edgecolor=colours[r["sparsity_target"]], linewidths=1.5)
@@ -204,6 +207,8 @@ def main(argv=None) -> None:
     p.add_argument("--frozen-prompts", type=int, default=0, metavar="N",
                    help="also, at each sparsity, train N soft prompts and the exit heads with the backbone frozen "
                         "(pruned, no dense stage)")
+    p.add_argument("--gradual-steps", type=int, default=0, metavar="N",
+                   help="prune gradually (cubic) over the first N steps of sparse training instead of at once")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -225,7 +230,8 @@ def main(argv=None) -> None:
 
                 real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
             fresh = run_corpus(name, Path(args.models), work, args.max_train or n_train, args.max_dev or n_dev,
-                               args.epochs, args.lr, args.sparsities, args.prompts, args.frozen_prompts)
+                               args.epochs, args.lr, args.sparsities, args.prompts, args.frozen_prompts,
+                               args.gradual_steps)
             # rows of earlier runs for other (sparsity, prompts, stage) settings are kept
             key = lambda r: (r["sparsity_target"], r["prompts"], r["stage"])  # noqa: E731
             new = {key(r) for r in fresh["runs"]}
@@ -234,7 +240,8 @@ def main(argv=None) -> None:
             raw.write_text(json.dumps({**results, "_meta": meta or {}}, indent=2) + "\n")
         meta = {"command": ".venv/bin/python -m bench.sparsity_real" + "".join(
                     f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("max_train", "max_dev") if getattr(args, k))
-                + (f" --frozen-prompts {args.frozen_prompts}" if args.frozen_prompts else ""),
+                + (f" --frozen-prompts {args.frozen_prompts}" if args.frozen_prompts else "")
+                + (f" --gradual-steps {args.gradual_steps}" if args.gradual_steps else ""),
                 "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "torch": torch.__version__, "sizes": f"training examples per epoch: {args.max_train or 'per corpus'}; "
                                                     f"dev records: {args.max_dev or 'per corpus'}"}
