@@ -57,8 +57,8 @@ def runs() -> dict[str, dict]:
         "chemprot": {
             "what": "ChemProt chemical-protein relations (13 types, inline markers), MiniLM-L6 (pretrained)",
             "train": ["--task", "relation", "--train", f"{d}/chemprot/train.jsonl", "--dev", f"{d}/chemprot/dev.jsonl",
-                      "--backbone", minilm(), "--max-length", "128", "--epochs", "2", "--batch-size", "16",
-                      "--lr", "8e-5", "--head-lr", "2e-3", "--max-train", "3000", "--max-dev", "1000"],
+                      "--backbone", minilm(), "--max-length", "128", "--epochs", "3", "--batch-size", "16",
+                      "--lr", "8e-5", "--head-lr", "2e-3", "--max-dev", "1000"],
             "eval_data": None,
         },
         "phee": {
