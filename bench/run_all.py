@@ -403,7 +403,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
              + "Text pipelines read at most one "
              "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Both Beam "
              "systems get the same RunInference batching (min = max batch size); the engine columns run "
-             "pre-tokenised inputs in-process with a warm-up first.", ""]
+             "pre-tokenised inputs in-process with a warm-up first. Corpora can be re-measured alone (`--only`), "
+             "so sections may come from different runs on different machines of the same kind, which differ in "
+             "speed: each section says when and where it ran; compare records/s and ratios within a section.", ""]
     if meta.get("precision", "float32") != "float32":
         lines += [f"Precision: our engine, calibration and pipelines ran in {meta['precision']} (`--precision "
                   f"{meta['precision']}`, torch.autocast; exit decisions in float32). `beam_stock` and the "
@@ -412,8 +414,11 @@ def render(results: dict, meta: dict, path: Path) -> None:
     for name, r in results.items():
         p, s = r["policies"], r["systems"]
         lines += [f"## {name}", "", CORPORA[name][1] + f"; test half: {r['test_records']} records, "
-                  f"calibration half: {r['calibration_records']}.", "",
-                  f"| policy | setting | {r['metric']} | mean exit layer | layer speedup | engine records/s |",
+                  f"calibration half: {r['calibration_records']}.", ""]
+        m = r.get("measured")  # corpora can be re-run alone (--only), on another machine of the same kind
+        lines += [f"Measured {m['date']} on {m['machine']}." if m else
+                  "Measured in an earlier run, before sections recorded their date and CPU model.", ""]
+        lines += [f"| policy | setting | {r['metric']} | mean exit layer | layer speedup | engine records/s |",
                   "|---|---|---|---|---|---|"]
         for kind in KINDS:
             if kind not in p:  # results saved before the plain-rule row existed
@@ -496,10 +501,21 @@ def render_saved(docs: Path) -> None:
     render(ordered, results.get("_meta") or run_meta(1.0), docs / "benchmarks.md")
 
 
+def machine() -> str:
+    """Architecture, CPU model (where /proc/cpuinfo names it) and cores: machines of one kind differ in speed."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)
+
+
 def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32") -> dict:
     return {"command": ".venv/bin/python -m bench.run_all" + (f" --precision {precision}" if precision != "float32" else ""),
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "machine": machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "tolerance": tolerance, "confidence": confidence,
             "precision": precision}
 
@@ -541,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size,
                                      args.repeat, args.confidence, args.precision)
         results[name]["seconds"] = round(time.time() - t0, 1)
+        results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
     meta = run_meta(args.tolerance, args.confidence, args.precision)
