@@ -512,8 +512,9 @@ def machine() -> str:
     return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)
 
 
-def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32") -> dict:
-    return {"command": ".venv/bin/python -m bench.run_all" + (f" --precision {precision}" if precision != "float32" else ""),
+def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32", docs: str = "docs") -> dict:
+    return {"command": ".venv/bin/python -m bench.run_all" + (f" --precision {precision}" if precision != "float32" else "")
+            + (f" --docs {docs}" if docs != "docs" else ""),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "tolerance": tolerance, "confidence": confidence,
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
-    meta = run_meta(args.tolerance, args.confidence, args.precision)
+    meta = run_meta(args.tolerance, args.confidence, args.precision, args.docs)
     figs = docs / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     results["_meta"] = meta
