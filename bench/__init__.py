@@ -1,0 +1,19 @@
+"""Benchmarks and real-data proofs (not tests); see docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    """Architecture, CPU model (where /proc/cpuinfo names it) and cores, for the figures' headers:
+    machines of one kind differ in speed, so a figure names the one it ran on."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+
+from bench import machine
 from torch import nn
 
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             ratios[name] = round(timings[a] / timings[b] - minus_one, 3)
     epee = summaries.get("pipeline_epee", {})
     print(json.dumps({
-        "model": model, "records": n, "max_windows": args.max_windows, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
+        "model": model, "records": n, "max_windows": args.max_windows, "machine": machine(), "threads": torch.get_num_threads(),
         "records_per_s": rate,
         "mean_exit_layer_epee": epee.get("mean_exit_layer"), "num_layers": epee.get("num_layers"),
         **ratios,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -43,6 +42,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
+
+from bench import machine
 from torch import nn
 
 CORPORA = {  # name -> (pipeline, what)
@@ -499,17 +500,6 @@ def render_saved(docs: Path) -> None:
     results = json.loads((docs / "benchmarks.json").read_text()) if (docs / "benchmarks.json").is_file() else {}
     ordered = {k: results[k] for k in CORPORA if k in results}
     render(ordered, results.get("_meta") or run_meta(1.0), docs / "benchmarks.md")
-
-
-def machine() -> str:
-    """Architecture, CPU model (where /proc/cpuinfo names it) and cores: machines of one kind differ in speed."""
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)
 
 
 def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32", docs: str = "docs") -> dict:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import machine
 
 CHILD = r"""
 import json, resource, sys, time
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                   key=lambda r: (r["notes"], r["workers"]))
     (docs / "scaling.json").write_text(json.dumps({
         "command": ".venv/bin/python -m bench.scaling [--sizes N ...] [--workers W ...]",
-        "date": today, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": today, "machine": machine(),
         "what": ("Generated notes with log-normal lengths (a few notes span several 128-token windows) in 20 "
                  "JSONL files; the sample notes model (pretrained MiniLM-L6, exit heads fitted as probes on generated notes) with its calibrated EPEE policy; one fresh "
                  "process per run; 2 workers = DirectRunner multi_processing. Peak RSS is the driver's and the "

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from bench import machine
 
 
 def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = {"command": f".venv/bin/python -m bench.sparse_speed --device {args.device}", "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "machine": machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
     if args.device == "cpu":
         rows = cpu_matrix()

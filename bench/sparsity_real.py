@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench import machine
 
 CORPORA = {  # name: (training examples per epoch, dev examples at most); sized for a 2-core CPU
     "medical_abstracts": (600, 400),
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
                     f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("max_train", "max_dev") if getattr(args, k))
                 + (f" --frozen-prompts {args.frozen_prompts}" if args.frozen_prompts else "")
                 + (f" --gradual-steps {args.gradual_steps}" if args.gradual_steps else ""),
-                "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                 "torch": torch.__version__, "sizes": f"training examples per epoch: {args.max_train or 'per corpus'}; "
                                                     f"dev records: {args.max_dev or 'per corpus'}"}
     raw.write_text(json.dumps({**results, "_meta": meta}, indent=2) + "\n")
