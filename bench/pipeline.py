@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from torch import nn
 
 from bench import machine
-from torch import nn
 
 
 class StockFullDepthClassifier(nn.Module):

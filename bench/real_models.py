@@ -180,10 +180,7 @@ NOTES = """## Observations (2026-11-22)
 
 
 def _rule(cal: dict) -> str:
-    sel = cal.get("selection")
-    if sel is None:  # recorded before `epee calibrate` chose by the paired bootstrap (commit 84e81c6)
-        return (f"plain rule, the fastest setting within {cal['tolerance_points']} point of full depth on the dev "
-                "split (recorded before `epee calibrate` adopted the paired-bootstrap rule)")
+    sel = cal["selection"]
     return (f"{sel['rule']} rule, the fastest setting whose drop stays within {cal['tolerance_points']} point at "
             f"confidence {sel['confidence']} ({sel['resamples']} resamples, "
             f"{sel['candidates_tested']} setting{'s' if sel['candidates_tested'] != 1 else ''} tested)")

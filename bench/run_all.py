@@ -42,9 +42,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
+from torch import nn
 
 from bench import machine
-from torch import nn
 
 CORPORA = {  # name -> (pipeline, what)
     "medical_abstracts": ("notes", "5-class medical abstract classification (accuracy)"),
