@@ -50,7 +50,9 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     missing = [f"--{n}" for n in ("input", "output", "model") if not getattr(opts, n)]
     if missing:
         raise StartupError(f"missing {', '.join(missing)} (see --help)")
-    if opts.min_batch_size is not None and not 1 <= opts.min_batch_size <= opts.max_batch_size:
+    if opts.max_batch_size is not None and opts.max_batch_size < 1:
+        raise StartupError(f"--max_batch_size must be >= 1, got {opts.max_batch_size}")
+    if opts.min_batch_size is not None and not 1 <= opts.min_batch_size <= (opts.max_batch_size or opts.min_batch_size):
         raise StartupError(f"--min_batch_size ({opts.min_batch_size}) must lie in [1, --max_batch_size "
                            f"({opts.max_batch_size})]")
     if opts.heap_trim_seconds < 0:

@@ -24,11 +24,12 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--text_field", default="text", help="note tables: field holding the text")
         g.add_argument("--id_field", default=None, help="note tables: field holding the record id (default: file#row)")
         g.add_argument("--min_batch_size", type=int, default=None,
-                       help="RunInference: smallest batch (default: --engine_batch_size, capped at --max_batch_size). "
+                       help="RunInference: smallest batch (default: --max_batch_size, a fixed batch size). "
                             "Beam's adaptive batching starting at 1 hands the engine calls of a few records, "
                             "which leaves it little to regroup; a batch is still flushed at each bundle's end")
-        g.add_argument("--max_batch_size", type=int, default=256,
-                       help="RunInference: largest batch; the engine regroups inside each batch")
+        g.add_argument("--max_batch_size", type=int, default=None,
+                       help="RunInference: largest batch; the engine regroups inside each batch (default: one "
+                            "engine window, 16 x --engine_batch_size = 512 records)")
         g.add_argument("--engine_batch_size", type=int, default=32, help="rows per layer call inside the engine")
         g.add_argument("--window_overlap", type=float, default=0.25,
                        help="long notes: share of each window that overlaps the previous one")

@@ -102,7 +102,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         run_id: str = "",
         engine_batch_size: int = 32,
         min_batch_size: int | None = None,
-        max_batch_size: int = 256,
+        max_batch_size: int | None = None,
         device: str = "cpu",
         large_model: bool = False,
         policy: ExitPolicyConfig | None = None,
@@ -122,11 +122,16 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
         self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision)
-        # Beam's adaptive batching starting at 1 hands the engine calls of a few records, which
-        # leaves it little to regroup: by default a RunInference batch holds at least one engine
-        # call's worth (bundle ends still flush smaller batches).
+        # The engine regroups survivors only inside one call: a RunInference batch of a few records
+        # leaves it half-empty layer calls after the first exits. By default a batch is fixed at one
+        # engine window (16 x engine_batch_size rows, 512 by default), the most it regroups at once;
+        # bundle ends still flush smaller batches, so nothing waits. (Beam's adaptive batching,
+        # starting at 1, handed it calls of about 8 records; 64-record calls ran DDI's EPEE pipeline
+        # about 30% slower than 512-record calls: docs/analyses.md.)
+        if max_batch_size is None:
+            max_batch_size = max(self.engine_config.effective_window, min_batch_size or 0)
         if min_batch_size is None:
-            min_batch_size = min(engine_batch_size, max_batch_size)
+            min_batch_size = max_batch_size
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
         self.device = device
         self.large_model = large_model

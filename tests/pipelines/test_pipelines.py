@@ -209,6 +209,9 @@ def test_startup_errors_are_clear(models, tmp_path):
     with pytest.raises(StartupError, match="--min_batch_size"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--min_batch_size", "64", "--max_batch_size", "8"])
+    with pytest.raises(StartupError, match="--max_batch_size must be >= 1"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--max_batch_size", "0"])
     with pytest.raises(StartupError, match="--heap_trim_seconds"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--heap_trim_seconds", "-1"])

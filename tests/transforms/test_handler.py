@@ -25,10 +25,17 @@ def test_batch_elements_kwargs_and_load(notes_model):
     h = EarlyExitModelHandler(notes_model, min_batch_size=4, max_batch_size=64)
     assert h.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 64}
     assert h.load_model().model.num_layers == 3
-    # default: at least one engine call's worth per RunInference batch, never above the maximum
-    assert EarlyExitModelHandler(notes_model, engine_batch_size=16).batch_elements_kwargs()["min_batch_size"] == 16
+    # default: a fixed batch of one engine window (16 x engine batch size), the most one call regroups
+    assert EarlyExitModelHandler(notes_model).batch_elements_kwargs() == {"min_batch_size": 512, "max_batch_size": 512}
+    assert EarlyExitModelHandler(notes_model, engine_batch_size=16).batch_elements_kwargs() == {
+        "min_batch_size": 256, "max_batch_size": 256}
+    # one bound given: the other follows it, and never crosses it
     assert EarlyExitModelHandler(notes_model, engine_batch_size=32, max_batch_size=8).batch_elements_kwargs() == {
         "min_batch_size": 8, "max_batch_size": 8}
+    assert EarlyExitModelHandler(notes_model, min_batch_size=8).batch_elements_kwargs() == {
+        "min_batch_size": 8, "max_batch_size": 512}
+    assert EarlyExitModelHandler(notes_model, min_batch_size=2000).batch_elements_kwargs() == {
+        "min_batch_size": 2000, "max_batch_size": 2000}
 
 
 def test_windows_fold_into_one_record_with_mean_probabilities(notes_model):
