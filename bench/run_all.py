@@ -215,8 +215,9 @@ def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
     return str(d / "test.jsonl"), gold
 
 
-def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, batch_size: int,
-                 repeat: int = 1, confidence: float = 0.9, precision: str = "float32") -> dict:
+def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, stock_batch_size: int,
+                 repeat: int = 1, confidence: float = 0.9, precision: str = "float32",
+                 pipeline_batch_size: int = 0) -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
@@ -284,19 +285,32 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     is_dicom = bundle.data_task == "image"
     n = len(gold_index)
     pipeline = CORPORA[name][0]
-    base = ["--model", model_dir, "--min_batch_size", str(batch_size), "--max_batch_size", str(batch_size),
-            "--precision", precision]  # Beam's stock handler and the batch-size-1 reference stay float32
+    # Beam's stock handler and the batch-size-1 reference stay float32. Each Beam system runs at its own
+    # RunInference batching: ours at the pipeline's default (a fixed batch of one engine window) unless
+    # --pipeline-batch-size, the stock handler at --stock-batch-size (it is no faster with larger batches)
+    base = ["--model", model_dir, "--precision", precision]
+    if pipeline_batch_size:
+        base += ["--min_batch_size", str(pipeline_batch_size), "--max_batch_size", str(pipeline_batch_size)]
     if not is_dicom:
         base += ["--id_field", "id", "--max_windows", "1"]
     epee = chosen["epee"]
     variants = {"pipeline_epee": ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
                                   "--patience", str(epee.patience)],
                 "pipeline_full": ["--exit_policy", "none"]}
+    from transforms.handler import EarlyExitModelHandler
+
+    our_batch = EarlyExitModelHandler(model_dir, max_batch_size=pipeline_batch_size or None).max_batch_size
+    result["run_inference_batch"] = {"beam_stock": stock_batch_size, "pipelines": our_batch}
+    if our_batch != stock_batch_size:  # what the batching alone is worth: our EPEE pipeline at the stock's batch
+        variants["pipeline_epee_at_stock_batch"] = variants["pipeline_epee"] + [
+            "--min_batch_size", str(stock_batch_size), "--max_batch_size", str(stock_batch_size)]
     for sysname, extra in variants.items():
         out = work / name / sysname
         t0 = time.perf_counter()
         summary = run_pipeline(pipeline, base + ["--input", input_glob, "--output", str(out)] + extra)
         result["systems"][sysname] = n / (time.perf_counter() - t0)
+        if sysname == "pipeline_epee_at_stock_batch":
+            continue
         result[f"{sysname}_summary"] = {k: summary.get(k) for k in ("records", "predictions", "dead_letters", "mean_exit_layer")}
         if bundle.data_task != "token":
             import pyarrow.parquet as pq
@@ -314,7 +328,8 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     def time_stock(glob: str, records: int, systems: dict, ratio_key: str) -> None:
         """Adds the stock systems' records/s to ``systems`` and our EPEE pipeline's ratios to them."""
         for sysname, prec in stock_precisions.items():
-            secs = run_stock(glob, model_dir, str(work / name / f"{ratio_key}_{sysname}"), batch_size, is_dicom, prec)
+            secs = run_stock(glob, model_dir, str(work / name / f"{ratio_key}_{sysname}"), stock_batch_size, is_dicom,
+                             prec)
             systems[sysname] = records / secs
         result[ratio_key] = systems["pipeline_epee"] / systems["beam_stock"]
         if len(stock_precisions) > 1:
@@ -402,8 +417,11 @@ def render(results: dict, meta: dict, path: Path) -> None:
                 "plain rule, fastest within tolerance on the half itself). " if meta.get("confidence") else
                 f"(fastest within {meta['tolerance']} point of full depth there). ")
              + "Text pipelines read at most one "
-             "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Both Beam "
-             "systems get the same RunInference batching (min = max batch size); the engine columns run "
+             "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Each Beam system "
+             "runs at its own RunInference batching, fixed (min = max), as each section says: ours at the pipeline's "
+             "default, one engine window of 512 records, where the engine regroups survivors; Beam's stock handler "
+             "at 64, since it is no faster with larger batches (`docs/analyses.md`); `pipeline_epee_at_stock_batch` "
+             "is our EPEE pipeline at the stock's batch size. The engine columns run "
              "pre-tokenised inputs in-process with a warm-up first. Corpora can be re-measured alone (`--only`), "
              "so sections may come from different runs on different machines of the same kind, which differ in "
              "speed: each section says when and where it ran; compare records/s and ratios within a section.", ""]
@@ -419,6 +437,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
         m = r.get("measured")  # corpora can be re-run alone (--only), on another machine of the same kind
         lines += [f"Measured {m['date']} on {m['machine']}." if m else
                   "Measured in an earlier run, before sections recorded their date and CPU model.", ""]
+        b = r.get("run_inference_batch")
+        lines += [f"RunInference batch (min = max): our pipelines {b['pipelines']}, Beam stock {b['beam_stock']}." if b else
+                  "RunInference batch (min = max): 64 for both Beam systems (run before each system had its own).", ""]
         lines += [f"| policy | setting | {r['metric']} | mean exit layer | layer speedup | engine records/s |",
                   "|---|---|---|---|---|---|"]
         for kind in KINDS:
@@ -502,9 +523,10 @@ def render_saved(docs: Path) -> None:
     render(ordered, results.get("_meta") or run_meta(1.0), docs / "benchmarks.md")
 
 
-def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32", docs: str = "docs") -> dict:
+def run_meta(tolerance: float, confidence: float | None = None, precision: str = "float32", docs: str = "docs",
+             options: str = "") -> dict:
     return {"command": ".venv/bin/python -m bench.run_all" + (f" --precision {precision}" if precision != "float32" else "")
-            + (f" --docs {docs}" if docs != "docs" else ""),
+            + options + (f" --docs {docs}" if docs != "docs" else ""),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "tolerance": tolerance, "confidence": confidence,
@@ -521,8 +543,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-test", type=int, default=500, help="records in the measured half (at most)")
     p.add_argument("--tolerance", type=float, default=1.0, help="calibration tolerance in points")
     p.add_argument("--confidence", type=float, default=0.9, help="bootstrap confidence of the calibration rule")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="RunInference batch size, min = max, for both Beam systems (stock and ours)")
+    p.add_argument("--stock-batch-size", type=int, default=64,
+                   help="RunInference batch size (min = max) of Beam's stock handler; it is no faster with larger "
+                        "batches (docs/analyses.md)")
+    p.add_argument("--pipeline-batch-size", type=int, default=0,
+                   help="RunInference batch size (min = max) of our pipelines (0: the pipeline's default, one engine "
+                        "window); when it differs from the stock's, our EPEE pipeline also runs at the stock's")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="our engine and pipelines (calibration too); adds Beam's stock handler in that precision "
                         "(beam_stock and the reference stay float32). Write it to another --docs (docs/bf16)")
@@ -545,13 +571,15 @@ def main(argv: list[str] | None = None) -> None:
 
             real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
         t0 = time.time()
-        results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.batch_size,
-                                     args.repeat, args.confidence, args.precision)
+        results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.stock_batch_size,
+                                     args.repeat, args.confidence, args.precision, args.pipeline_batch_size)
         results[name]["seconds"] = round(time.time() - t0, 1)
         results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
-    meta = run_meta(args.tolerance, args.confidence, args.precision, args.docs)
+    meta = run_meta(args.tolerance, args.confidence, args.precision, args.docs,
+                    "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, default in
+                            (("stock_batch_size", 64), ("pipeline_batch_size", 0)) if getattr(args, k) != default))
     figs = docs / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     results["_meta"] = meta
