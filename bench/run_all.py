@@ -17,7 +17,9 @@ the second half only:
 * ``pipeline_epee`` / ``pipeline_full``: our Beam pipeline end to end on the DirectRunner (read,
   tokenise, infer, write Parquet, manifest, report), with the half-1 EPEE setting or at full depth,
   on the same file (``--max_windows 1``: the same 128 tokens the stock handler sees). PneumoniaMNIST
-  is also wrapped as DICOM files and sent through the DICOM pipeline.
+  is also wrapped as DICOM files and sent through the DICOM pipeline. Each Beam system runs at its
+  own RunInference batch: ours at the pipeline default (one engine window, 512), the stock handler
+  at ``--stock-batch-size`` (64); ``pipeline_epee_at_stock_batch`` is our EPEE pipeline at 64 too.
 
 ``--precision bfloat16`` runs our engine, calibration and pipelines in bfloat16 (torch.autocast) and
 adds ``beam_stock_bfloat16``: the stock handler with its ``inference_fn`` under the same autocast,
@@ -178,6 +180,35 @@ def held_out(model_dir: str):
     return bundle, examples
 
 
+def halves(examples: list) -> tuple[list, list]:
+    """The held-out set's two fixed halves: (calibration half, test half)."""
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    return [examples[i] for i in order[0::2]], [examples[i] for i in order[1::2]]
+
+
+def repeat_inputs(input_glob: str, is_dicom: bool, repeat: int, d: Path) -> tuple[str, int]:
+    """The test half's input K times over with new ids (DICOM: 4K copies of each file under new
+    names, the test half of PneumoniaMNIST being 135 tiny images); returns (input glob, records)."""
+    d.mkdir(parents=True)
+    if is_dicom:
+        import shutil
+
+        files = sorted(Path(input_glob).parent.glob("*.dcm"))
+        for k in range(4 * repeat):
+            for f in files:
+                shutil.copyfile(f, d / f"{k}-{f.name}")
+        return str(d / "*.dcm"), len(files) * 4 * repeat
+    lines = Path(input_glob).read_text().splitlines()
+    with open(d / "test.jsonl", "w") as f:
+        for k in range(repeat):
+            for line in lines:
+                row = json.loads(line)
+                row["id"] = f"{row['id']}-{k}"
+                f.write(json.dumps(row) + "\n")
+    return str(d / "test.jsonl"), len(lines) * repeat
+
+
 def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
     """The test half as the pipelines read it; returns (input glob, record id -> gold index)."""
     d.mkdir(parents=True)
@@ -228,10 +259,8 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
 
     bundle, examples = held_out(model_dir)
     model = bundle.model
-    order = list(range(len(examples)))
-    random.Random(0).shuffle(order)
-    calib = [examples[i] for i in order[0::2]]
-    test = [examples[i] for i in order[1::2]][:max_test]
+    calib, test = halves(examples)
+    test = test[:max_test]
     metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
 
     c_samples, c_gold, _ = encode_examples(bundle, calib)
@@ -340,26 +369,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
         # Steady state: a run over a few hundred records is half start-up (Beam, model load,
         # Parquet, report, the DICOM decoder's child process); a nightly archive is not. The same
         # records K times, new ids (DICOM: K copies of each file under new names).
-        steady_dir = work / name / "steady"
-        steady_dir.mkdir()
-        if is_dicom:
-            import shutil
-
-            files = sorted(Path(input_glob).parent.glob("*.dcm"))
-            repeat = 4 * repeat  # the test half of PneumoniaMNIST is 135 tiny images
-            for k in range(repeat):
-                for f in files:
-                    shutil.copyfile(f, steady_dir / f"{k}-{f.name}")
-            steady_glob, m = str(steady_dir / "*.dcm"), len(files) * repeat
-        else:
-            lines = Path(input_glob).read_text().splitlines()
-            with open(steady_dir / "test.jsonl", "w") as f:
-                for k in range(repeat):
-                    for line in lines:
-                        row = json.loads(line)
-                        row["id"] = f"{row['id']}-{k}"
-                        f.write(json.dumps(row) + "\n")
-            steady_glob, m = str(steady_dir / "test.jsonl"), n * repeat
+        steady_glob, m = repeat_inputs(input_glob, is_dicom, repeat, work / name / "steady")
         steady = {}
         for sysname, extra in variants.items():
             t0 = time.perf_counter()

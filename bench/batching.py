@@ -1,0 +1,87 @@
+"""What the RunInference batch size is worth to each Beam system, on one real corpus. Not a test.
+
+The engine regroups the samples still running only inside one engine call, and our handler makes
+one call per RunInference batch: a small batch leaves half-empty layer calls after the first
+exits. Beam's stock handler runs every record through every layer, so its batch size only changes
+the size of its matrix products. This script times both on the same input, the test half that
+``bench.run_all`` measures on, repeated ``--repeat`` times (steady state), for each batch size
+(min = max), alternating the sizes within each of ``--reps`` rounds so drifts in the machine's
+speed spread over all of them. Our pipeline runs with the exit policy calibrated and stored in the
+model directory (what a user gets). It prints one row per system and batch size: records/s in
+each round, and their median.
+
+    .venv/bin/python -m bench.batching --corpus ddi
+    .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 64 512 --stock 64 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bench import machine
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.run_all import CORPORA, halves, held_out, repeat_inputs, run_stock, write_inputs
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="ddi", choices=[c for c in CORPORA if c != "pneumoniamnist"])
+    p.add_argument("--models", default="models")
+    p.add_argument("--max-test", type=int, default=500, help="records of the test half (at most), as in run_all")
+    p.add_argument("--repeat", type=int, default=4, help="the test half this many times over")
+    p.add_argument("--ours", type=int, nargs="+", default=[64, 256, 512], help="our pipeline's batch sizes")
+    p.add_argument("--stock", type=int, nargs="+", default=[32, 64, 256, 512], help="the stock handler's batch sizes")
+    p.add_argument("--reps", type=int, default=2, help="rounds over every batch size")
+    args = p.parse_args(argv)
+    import logging
+
+    import torch
+
+    from pipelines.common import run as run_pipeline
+
+    logging.basicConfig(level=logging.ERROR)
+    model_dir = str(Path(args.models) / args.corpus)
+    if not (Path(model_dir) / "epee_config.json").is_file():
+        raise SystemExit(f"no model in {model_dir}: .venv/bin/python -m bench.real_models --only {args.corpus}")
+    bundle, examples = held_out(model_dir)
+    test = halves(examples)[1][: args.max_test]
+    work = Path(tempfile.mkdtemp(prefix="epee-batching-"))
+    input_glob, _ = write_inputs(bundle, test, work / "input")
+    glob, n = repeat_inputs(input_glob, False, args.repeat, work / "steady")
+    pipeline = CORPORA[args.corpus][0]
+
+    def ours(b: int, out: Path) -> float:
+        t0 = time.perf_counter()
+        run_pipeline(pipeline, ["--model", model_dir, "--input", glob, "--output", str(out), "--max_windows", "1",
+                                "--id_field", "id", "--min_batch_size", str(b), "--max_batch_size", str(b)])
+        return n / (time.perf_counter() - t0)
+
+    def stock(b: int, out: Path) -> float:
+        return n / run_stock(glob, model_dir, str(out), b, False)
+
+    ours(64, work / "warm-ours")  # the first run in a process pays for imports and allocator growth
+    stock(64, work / "warm-stock")
+    rates: dict[tuple[str, int], list[float]] = {}
+    for r in range(args.reps):
+        for system, fn, sizes in (("our pipeline (stored EPEE policy)", ours, args.ours),
+                                  ("Beam stock (full depth)", stock, args.stock)):
+            for b in sizes:
+                rates.setdefault((system, b), []).append(fn(b, work / f"{r}-{system[:4]}-{b}"))
+    print(f"\n{args.corpus}: test half x {args.repeat} = {n} records; {machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}\n")
+    print("| system | RunInference batch (min = max) | records/s per round | median |")
+    print("|---|---|---|---|")
+    for (system, b), v in rates.items():
+        print(f"| {system} | {b} | {' '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
