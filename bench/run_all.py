@@ -428,10 +428,11 @@ def render(results: dict, meta: dict, path: Path) -> None:
                 f"(fastest within {meta['tolerance']} point of full depth there). ")
              + "Text pipelines read at most one "
              "128-token window per record (`--max_windows 1`), the same text the stock handler sees. Each Beam system "
-             "runs at its own RunInference batching, fixed (min = max), as each section says: ours at the pipeline's "
-             "default, one engine window of 512 records, where the engine regroups survivors; Beam's stock handler "
-             "at 64, since it is no faster with larger batches (`docs/analyses.md`); `pipeline_epee_at_stock_batch` "
-             "is our EPEE pipeline at the stock's batch size. The engine columns run "
+             "runs at its own fixed RunInference batch (min = max; each section gives both): ours at the pipeline's "
+             "default, one engine window, the most the engine regroups at once (or `--pipeline-batch-size`); Beam's "
+             "stock handler at `--stock-batch-size`, default 64, since it is no faster with larger batches "
+             "(`docs/analyses.md`); `pipeline_epee_at_stock_batch` is our EPEE pipeline at the stock's batch size. "
+             "The engine columns run "
              "pre-tokenised inputs in-process with a warm-up first. Corpora can be re-measured alone (`--only`), "
              "so sections may come from different runs on different machines of the same kind, which differ in "
              "speed: each section says when and where it ran; compare records/s and ratios within a section.", ""]
