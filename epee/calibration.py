@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .config import ExitPolicyConfig
 from .inputs import EncodedSample, collate
+from .kernels import linear_kernel_mode, resolve_linear_kernel
 from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, ExitPolicy, ExitSignal, exit_signal, update_streak
 
@@ -84,14 +85,17 @@ def collect_layer_outputs(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     precision: str = "float32",
+    linear_kernel: str = "auto",
 ) -> LayerOutputs:
     """Run every sample through every layer once and keep each exit head's probabilities.
 
     Samples are batched by length (less padding) and the result is put back in input order.
     ``device`` is where batches go; the model must already be there, as with the engine.
-    ``precision`` as in :class:`EngineConfig` (calibrate in the precision the pipeline runs in).
+    ``precision`` and ``linear_kernel`` as in :class:`EngineConfig` (calibrate with the
+    arithmetic the pipeline runs with).
     """
     autocast = precision_autocast(device, precision)
+    kernel = linear_kernel_mode(resolve_linear_kernel(linear_kernel, device, precision))
     if not samples:
         raise ValueError("no samples to collect layer outputs from")
     if batch_size < 1:
@@ -103,7 +107,7 @@ def collect_layer_outputs(
     chunks: list[list[torch.Tensor]] = []  # per batch: L probs tensors
     masks: list[torch.Tensor] = []
     lengths: list[torch.Tensor] = []
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, kernel:
         for start in range(0, len(order), batch_size):
             batch = collate([samples[i] for i in order[start : start + batch_size]], model.adapter.pad_token_id)
             out = model(batch.to(device))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import PRECISIONS
+from .config import LINEAR_KERNELS, PRECISIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -290,7 +290,8 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
     gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
     metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
-    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size, precision=args.precision)
+    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size, precision=args.precision,
+                                    linear_kernel=args.linear_kernel)
     points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=args.min_exit_layer)
     full = next(p for p in points if p.kind == "none")
     if args.confidence:
@@ -343,7 +344,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     policy_cfg = model.config.policy if args.policy is None else ExitPolicyConfig(
         kind=args.policy, entropy_threshold=args.tau if args.tau is not None else model.config.policy.entropy_threshold,
         patience=args.patience if args.patience is not None else model.config.policy.patience)
-    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size, precision=args.precision))
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size, precision=args.precision,
+                                                 linear_kernel=args.linear_kernel))
     t0 = time.perf_counter()
     result = engine.run(samples, ExitPolicy(policy_cfg, model.num_layers))
     t_run = time.perf_counter() - t0
@@ -487,6 +489,12 @@ def cmd_convert(args: argparse.Namespace) -> dict:
     return convert_pickle_weights(args.model)
 
 
+def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS,
+                   help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs, see epee.kernels), "
+                        "aten (PyTorch's default) or onednn")
+
+
 def _add_pickle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="load a model directory whose weights are a pickle file (pytorch_model.bin, model.pt) "
@@ -562,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-examples", type=int)
     c.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="calibrate in the precision the pipelines will run in (--precision there)")
+    _add_kernel_arg(c)
     _add_data_args(c)
     _add_pickle_arg(c)
     c.set_defaults(func=cmd_calibrate)
@@ -578,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="run the engine in this precision (bfloat16: torch.autocast), to check its scores "
                         "before a pipeline runs with --precision bfloat16")
+    _add_kernel_arg(e)
     _add_data_args(e)
     _add_pickle_arg(e)
     e.set_defaults(func=cmd_evaluate)

@@ -140,6 +140,7 @@ class EarlyExitConfig:
 
 
 PRECISIONS = ("float32", "bfloat16")  # EngineConfig.precision
+LINEAR_KERNELS = ("auto", "aten", "onednn")  # EngineConfig.linear_kernel (epee.kernels)
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,15 @@ class EngineConfig:
     # "bfloat16": layers and heads run under torch.autocast in bfloat16 (exit decisions stay float32).
     # Pays on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs; emulated elsewhere, and slower.
     precision: str = "float32"
+    # Kernel of the float32 linear layers on a CPU: "auto" (oneDNN where it runs, see epee.kernels),
+    # "aten" (PyTorch's default, MKL) or "onednn" (an error where it cannot run).
+    linear_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel ({self.linear_kernel!r}) must be one of {', '.join(LINEAR_KERNELS)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size ({self.batch_size!r}) must be an integer >= 1")
         if not isinstance(self.window_size, int) or self.window_size < 0:

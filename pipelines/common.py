@@ -57,6 +57,12 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
                            f"({opts.max_batch_size})]")
     if opts.heap_trim_seconds < 0:
         raise StartupError(f"--heap_trim_seconds must be >= 0 (0 disables), got {opts.heap_trim_seconds}")
+    from epee.kernels import check_linear_kernel
+
+    try:
+        check_linear_kernel(opts.linear_kernel, opts.device, opts.precision)
+    except ValueError as exc:
+        raise StartupError(f"--linear_kernel: {exc}") from None
     doc = read_model_config(opts.model)
     task = doc.get("preprocessing", {}).get("data_task", doc["model"]["task"])
     if task != PIPELINE_TASKS[pipeline]:
@@ -135,7 +141,8 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc),
                                     s3_client_kwargs=s3_client_kwargs(options),
                                     allow_pickle_weights=opts.allow_pickle_weights,
-                                    heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision)
+                                    heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
+                                    linear_kernel=opts.linear_kernel)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None

@@ -110,6 +110,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         allow_pickle_weights: bool = False,
         heap_trim_seconds: float = 2.0,
         precision: str = "float32",
+        linear_kernel: str = "auto",
     ) -> None:
         super().__init__()
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
@@ -121,7 +122,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
-        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision)
+        from epee.kernels import check_linear_kernel
+
+        check_linear_kernel(linear_kernel, device, precision)  # at start-up, not in every worker's first batch
+        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision,
+                                          linear_kernel=linear_kernel)
         # The engine regroups survivors only inside one call: a RunInference batch of a few records
         # leaves it half-empty layer calls after the first exits. By default a batch is fixed at one
         # engine window (16 x engine_batch_size rows, 512 by default), the most it regroups at once;
@@ -148,6 +153,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         self._use_sparse_kernels(bundle)
+        from epee.kernels import resolve_linear_kernel
+
+        log.info("float32 linear layers run with %s (--linear_kernel %s)",
+                 resolve_linear_kernel(self.engine_config.linear_kernel, self.device, self.engine_config.precision),
+                 self.engine_config.linear_kernel)
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 

@@ -215,6 +215,12 @@ def test_startup_errors_are_clear(models, tmp_path):
     with pytest.raises(StartupError, match="--heap_trim_seconds"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--heap_trim_seconds", "-1"])
+    with pytest.raises(StartupError, match="--linear_kernel: .*CPU only"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--linear_kernel", "onednn", "--device", "cuda"])
+    with pytest.raises(StartupError, match="--linear_kernel: .*float32"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--linear_kernel", "onednn", "--precision", "bfloat16"])
 
 
 def test_help_documents_options(capsys):

@@ -1,0 +1,106 @@
+"""PyTorch's float32 linear (MKL) against oneDNN's on this CPU, alone and in the engine. Not a test.
+
+The engine runs float32 linear layers through oneDNN on x86-64 CPUs by default
+(``--linear_kernel auto``, :mod:`epee.kernels`): on the AMD EPYC machines our benchmarks ran on it was
+about 25% faster than PyTorch's default. Another CPU may differ; this script says which to pick.
+
+1. One linear layer per shape of a BERT-style layer (hidden H: H->H, H->4H, 4H->H) on M token rows,
+   each kernel timed alternately over ``--reps`` rounds; prints ms per call and the ratio.
+2. With ``--model DIR`` (a trained model directory, e.g. ``models/medical_abstracts``), the engine
+   over that corpus' test half (as ``bench.run_all`` measures it) with each kernel, alternating
+   rounds: records/s, and whether both gave the same exit layers and labels.
+
+    .venv/bin/python -m bench.kernels
+    .venv/bin/python -m bench.kernels --model models/medical_abstracts --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from bench import machine
+
+
+def time_call(fn, n: int) -> float:
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    from epee.kernels import OneDNNLinear, onednn_linear_available
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=384, help="hidden size (MiniLM-L6: 384; BERT-base: 768)")
+    p.add_argument("--rows", type=int, default=32 * 125, help="token rows per call (32 records x 125 tokens)")
+    p.add_argument("--calls", type=int, default=20, help="calls per timing")
+    p.add_argument("--reps", type=int, default=3, help="rounds, alternating the kernels")
+    p.add_argument("--model", help="also time the engine on this model directory's test half")
+    p.add_argument("--max-test", type=int, default=500)
+    args = p.parse_args(argv)
+    if not onednn_linear_available():
+        raise SystemExit("this PyTorch build has no oneDNN linear op: the engine uses PyTorch's own")
+    print(f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(f"| linear (rows {args.rows}) | PyTorch (aten) ms | oneDNN ms | aten / oneDNN |")
+    print("|---|---|---|---|")
+    h = args.hidden
+    torch.manual_seed(0)
+    for fan_in, fan_out in ((h, h), (h, 4 * h), (4 * h, h)):
+        lin = torch.nn.Linear(fan_in, fan_out).eval()
+        x = torch.randn(args.rows, fan_in)
+        mode = OneDNNLinear()
+
+        def onednn():
+            with mode:
+                lin(x)
+
+        times: dict[str, list[float]] = {"aten": [], "onednn": []}
+        for _ in range(args.reps):
+            times["aten"].append(time_call(lambda: lin(x), args.calls))
+            times["onednn"].append(time_call(onednn, args.calls))
+        a, o = statistics.median(times["aten"]), statistics.median(times["onednn"])
+        print(f"| {fan_in} -> {fan_out} | {a:.2f} | {o:.2f} | {a / o:.2f}x |")
+    if args.model:
+        engine_rows(args)
+
+
+def engine_rows(args) -> None:
+    from bench.run_all import encode_examples, halves, held_out
+    from epee import EarlyExitEngine, EngineConfig
+
+    bundle, examples = held_out(args.model)
+    samples = encode_examples(bundle, halves(examples)[1][: args.max_test])[0]
+    rates: dict[str, list[float]] = {"aten": [], "onednn": []}
+    outcome: dict[str, list] = {}
+    EarlyExitEngine(bundle.model, EngineConfig(batch_size=32)).run(samples[:64])  # warm-up
+    for _ in range(args.reps):
+        for kernel in rates:
+            engine = EarlyExitEngine(bundle.model, EngineConfig(batch_size=32, linear_kernel=kernel))
+            t0 = time.perf_counter()
+            result = engine.run(samples)
+            rates[kernel].append(len(samples) / (time.perf_counter() - t0))
+            outcome[kernel] = [(q.exit_layer, q.label) for q in result.predictions]
+    same = sum(a == b for a, b in zip(outcome["aten"], outcome["onednn"]))
+    mean_exit = statistics.mean(e for e, _ in outcome["onednn"])
+    print(f"\nengine on {args.model}, test half: {len(samples)} records, stored policy, mean exit layer {mean_exit:.2f}; "
+          f"same exit layer and label with both kernels: {same}/{len(samples)}\n")
+    print("| kernel | records/s per round | median |")
+    print("|---|---|---|")
+    for kernel, v in rates.items():
+        print(f"| {kernel} | {' '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The float32 linear kernel (epee.kernels): oneDNN where sound, the same answers as PyTorch's own."""
+
+import pytest
+import torch
+from torch import nn
+
+import epee.engine
+from epee import EarlyExitEngine, EngineConfig
+from epee.calibration import collect_layer_outputs
+from epee.kernels import (
+    OneDNNLinear,
+    check_linear_kernel,
+    linear_kernel_mode,
+    onednn_linear_available,
+    resolve_linear_kernel,
+)
+from tests.conftest import FAMILY_TASKS, make_samples
+from tests.epee.test_engine import assert_same_predictions, epee_model
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_pytorch_linear(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=bias)
+    inputs = [torch.randn(5, 48), torch.randn(3, 7, 48), torch.randn(48, 7, 3).permute(2, 1, 0), torch.randn(0, 4, 48)]
+    with torch.inference_mode():
+        for x in inputs:
+            mode = OneDNNLinear()
+            with mode:
+                got = lin(x)
+            assert mode.calls == 1
+            assert got.shape == (*x.shape[:-1], 80) and got.dtype == torch.float32
+            torch.testing.assert_close(got, lin(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_calls_needing_gradients_keep_pytorch_linear():
+    """Training inside the mode (it never is, but a caller could) still gets gradients."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    mode = OneDNNLinear()
+    with mode:
+        lin(torch.randn(3, 8)).sum().backward()
+    assert mode.calls == 0 and lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    with torch.no_grad(), mode:  # no gradients wanted: oneDNN again
+        lin(torch.randn(3, 8))
+    assert mode.calls == 1
+
+
+@needs_onednn
+def test_autocast_and_other_dtypes_keep_pytorch_linear():
+    lin = nn.Linear(8, 4)
+    mode = OneDNNLinear()
+    with torch.inference_mode(), mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lin(torch.randn(3, 8))
+        assert out.dtype == torch.bfloat16  # autocast's semantics kept, not silently float32
+        out64 = lin.double()(torch.randn(3, 8, dtype=torch.float64))
+        assert out64.dtype == torch.float64
+    assert mode.calls == 0
+
+
+def test_kernel_choice_rules():
+    assert resolve_linear_kernel("aten", "cpu", "float32") == "aten"
+    assert resolve_linear_kernel("auto", "cpu", "bfloat16") == "aten"  # autocast keeps PyTorch's path
+    assert resolve_linear_kernel("auto", "cuda", "float32") == "aten"
+    with pytest.raises(ValueError, match="CPU only"):
+        check_linear_kernel("onednn", "cuda:0", "float32")
+    with pytest.raises(ValueError, match="float32"):
+        check_linear_kernel("onednn", "cpu", "bfloat16")
+    with pytest.raises(ValueError, match="must be one of"):
+        check_linear_kernel("mkl", "cpu", "float32")
+    with pytest.raises(ValueError, match="linear_kernel"):
+        EngineConfig(linear_kernel="mkl")
+    with pytest.raises(ValueError, match="must be 'onednn' or 'aten'"):
+        linear_kernel_mode("auto")
+
+
+def test_auto_follows_the_machine(monkeypatch):
+    import epee.kernels
+
+    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "onednn"
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: False)
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
+    with pytest.raises(ValueError, match="no oneDNN linear op"):
+        resolve_linear_kernel("onednn", "cpu", "float32")
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
+    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "aarch64")
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
+
+
+@needs_onednn
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_engine_gives_the_same_results_with_either_kernel(family, task, monkeypatch):
+    samples = make_samples(family, task, n=24)
+    model = epee_model(family, task, samples)
+    modes = []
+
+    def recording(kernel):
+        mode = linear_kernel_mode(kernel)
+        modes.append(mode)
+        return mode
+
+    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    aten = EarlyExitEngine(model, EngineConfig(batch_size=5, linear_kernel="aten")).run(samples)
+    onednn_engine = EarlyExitEngine(model, EngineConfig(batch_size=5, linear_kernel="onednn"))
+    assert onednn_engine.linear_kernel == "onednn"
+    onednn = onednn_engine.run(samples)
+    assert_same_predictions(onednn.predictions, aten.predictions)
+    assert not isinstance(modes[0], OneDNNLinear)
+    assert isinstance(modes[1], OneDNNLinear) and modes[1].calls > 0  # the layers really ran through it
+    assert onednn.stats.rows_per_layer == aten.stats.rows_per_layer
+
+
+@needs_onednn
+def test_calibration_collects_the_same_probabilities_with_either_kernel():
+    samples = make_samples("bert", "sequence", n=20)
+    model = epee_model("bert", "sequence", samples)
+    a = collect_layer_outputs(model, samples, batch_size=6, linear_kernel="aten")
+    b = collect_layer_outputs(model, samples, batch_size=6, linear_kernel="onednn")
+    for pa, pb in zip(a.probs, b.probs):
+        torch.testing.assert_close(torch.as_tensor(pb), torch.as_tensor(pa), atol=1e-5, rtol=0)
+
+
+def test_handler_refuses_onednn_off_the_cpu_at_construction(tmp_path):
+    from transforms.handler import EarlyExitModelHandler
+
+    with pytest.raises(ValueError, match="CPU only"):
+        EarlyExitModelHandler(str(tmp_path), device="cuda", linear_kernel="onednn")
+    handler = EarlyExitModelHandler(str(tmp_path), linear_kernel="aten")
+    assert handler.engine_config.linear_kernel == "aten"
