@@ -12,11 +12,13 @@ each round, and their median.
 
     .venv/bin/python -m bench.batching --corpus ddi
     .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 64 512 --stock 64 --reps 3
+    .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 512 --stock 64 --linear-kernels aten auto
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours", type=int, nargs="+", default=[64, 256, 512], help="our pipeline's batch sizes")
     p.add_argument("--stock", type=int, nargs="+", default=[32, 64, 256, 512], help="the stock handler's batch sizes")
     p.add_argument("--reps", type=int, default=2, help="rounds over every batch size")
+    p.add_argument("--linear-kernels", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
+                   help="our pipeline with each of these --linear_kernel values (epee/kernels.py)")
     args = p.parse_args(argv)
     import logging
 
@@ -58,10 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     glob, n = repeat_inputs(input_glob, False, args.repeat, work / "steady")
     pipeline = CORPORA[args.corpus][0]
 
-    def ours(b: int, out: Path) -> float:
+    def ours(b: int, out: Path, kernel: str = "auto") -> float:
         t0 = time.perf_counter()
         run_pipeline(pipeline, ["--model", model_dir, "--input", glob, "--output", str(out), "--max_windows", "1",
-                                "--id_field", "id", "--min_batch_size", str(b), "--max_batch_size", str(b)])
+                                "--id_field", "id", "--min_batch_size", str(b), "--max_batch_size", str(b),
+                                "--linear_kernel", kernel])
         return n / (time.perf_counter() - t0)
 
     def stock(b: int, out: Path) -> float:
@@ -70,17 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     ours(64, work / "warm-ours")  # the first run in a process pays for imports and allocator growth
     stock(64, work / "warm-stock")
     rates: dict[tuple[str, int], list[float]] = {}
+    systems = [(f"our pipeline (stored EPEE policy, --linear_kernel {k})", functools.partial(ours, kernel=k), args.ours)
+               for k in args.linear_kernels] + [("Beam stock (full depth)", stock, args.stock)]
     for r in range(args.reps):
-        for system, fn, sizes in (("our pipeline (stored EPEE policy)", ours, args.ours),
-                                  ("Beam stock (full depth)", stock, args.stock)):
+        for i, (system, fn, sizes) in enumerate(systems):
             for b in sizes:
-                rates.setdefault((system, b), []).append(fn(b, work / f"{r}-{system[:4]}-{b}"))
+                rates.setdefault((system, b), []).append(fn(b, work / f"{r}-{i}-{b}"))
     print(f"\n{args.corpus}: test half x {args.repeat} = {n} records; {machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}\n")
-    print("| system | RunInference batch (min = max) | records/s per round | median |")
-    print("|---|---|---|---|")
+    base = rates[("Beam stock (full depth)", args.stock[0])]
+    print(f"| system | RunInference batch (min = max) | records/s per round | median | vs Beam stock at {args.stock[0]}, "
+          "per round (same round) |")
+    print("|---|---|---|---|---|")
     for (system, b), v in rates.items():
-        print(f"| {system} | {b} | {' '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} |")
+        print(f"| {system} | {b} | {' '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} | "
+              f"{' '.join(f'{x / y:.2f}x' for x, y in zip(v, base))} |")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     # rows of earlier runs for other (notes, workers) settings are kept, each with its own date
     today = time.strftime("%Y-%m-%d")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout.strip()
     for r in rows:
         r.setdefault("date", today)
+        r["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if commit:
+            r["commit"] = commit  # the code it ran: defaults (batch size, kernels) change between commits
     before = json.loads((docs / "scaling.json").read_text()) if (docs / "scaling.json").is_file() else {}
     previous = before.get("rows", [])
     fresh = {(r["notes"], r["workers"]) for r in rows}
