@@ -1,26 +1,30 @@
-"""Which CPU kernel runs the float32 linear layers at inference.
+"""Which CPU kernel runs the float32 linear layers at inference: PyTorch's default or oneDNN.
 
 PyTorch's CPU ``linear`` in float32 calls MKL's ``sgemm``. On the AMD EPYC machines our benchmarks
 run on, oneDNN (the library PyTorch already ships for its ``mkldnn`` ops) computes the same float32
-products about 25% faster for MiniLM's shapes (32 x 125 tokens by 384 -> 1536: 23.6 ms against 32.1 ms;
-``bench.kernels`` measures any machine). Linear layers are three quarters of the engine's time, so
-the engine routes them through oneDNN by default wherever that is sound:
+products about 25% faster for MiniLM's shapes (32 x 125 tokens by 384 -> 1536: 23.6 ms against
+32.1 ms; ``bench.kernels`` measures any machine), and linear layers are three quarters of the
+engine's time. ``linear_kernel="onednn"`` (``--linear_kernel onednn``) routes them there:
 
-- on a CPU, in float32, outside autocast (``--precision bfloat16`` keeps PyTorch's own path);
+- on a CPU, in float32, outside autocast (``--precision bfloat16`` is refused with it);
 - at inference only: a call that needs gradients keeps PyTorch's ``linear`` (training is untouched);
 - plain dense weights only (2:4 semi-structured tensors and other subclasses keep theirs).
 
 It is a :class:`torch.overrides.TorchFunctionMode`, active only inside the engine's and
 calibration's loops: no module is modified, nothing is saved differently, and the products are
 float32 ones, equal to PyTorch's within float32 rounding (about 3e-6 on MiniLM's activations).
-``linear_kernel="aten"`` (``--linear_kernel aten``) keeps PyTorch's default everywhere.
+
+**It is not the default.** The process's memory grows with every new input shape oneDNN sees
+(3000 random batch shapes in a probe: 2.2 GiB, 0.7 GiB after ``malloc_trim``, against 0.3 GiB with
+PyTorch's kernel; two shapes repeated stay flat), and the engine's batch shapes vary with note
+lengths and exits. Until that is bounded, a nightly job's memory would not stay flat
+(``docs/analyses.md``). Default: ``"aten"``, PyTorch's own kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 from typing import Any, ContextManager
 
 import torch
@@ -56,20 +60,12 @@ def check_linear_kernel(kernel: str, device: str | torch.device, precision: str)
 
 
 def resolve_linear_kernel(kernel: str, device: str | torch.device, precision: str) -> str:
-    """The kernel a run uses: ``"onednn"`` or ``"aten"``.
-
-    ``"auto"`` picks oneDNN on an x86-64 CPU in float32 where the op exists, else PyTorch's own;
-    ``"onednn"`` asked for where it cannot run is an error, not a silent fallback."""
+    """The kernel a run uses, ``"onednn"`` or ``"aten"``: the one asked for, checked. ``"onednn"``
+    asked for where it cannot run is an error, not a silent fallback."""
     check_linear_kernel(kernel, device, precision)
-    if kernel == "aten":
-        return "aten"
-    if kernel == "onednn":
-        if not onednn_linear_available():
-            raise ValueError("linear_kernel 'onednn': this PyTorch build has no oneDNN linear op")
-        return "onednn"
-    on_cpu = torch.device(device).type == "cpu"
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if on_cpu and precision == "float32" and x86 and onednn_linear_available() else "aten"
+    if kernel == "onednn" and not onednn_linear_available():
+        raise ValueError("linear_kernel 'onednn': this PyTorch build has no oneDNN linear op")
+    return kernel
 
 
 def _plain(t: Any) -> bool:

@@ -110,7 +110,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         allow_pickle_weights: bool = False,
         heap_trim_seconds: float = 2.0,
         precision: str = "float32",
-        linear_kernel: str = "auto",
+        linear_kernel: str = "aten",
     ) -> None:
         super().__init__()
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs

@@ -64,34 +64,29 @@ def test_autocast_and_other_dtypes_keep_pytorch_linear():
 
 
 def test_kernel_choice_rules():
+    assert EngineConfig().linear_kernel == "aten"  # oneDNN's memory grows with batch shapes: opt-in only
     assert resolve_linear_kernel("aten", "cpu", "float32") == "aten"
-    assert resolve_linear_kernel("auto", "cpu", "bfloat16") == "aten"  # autocast keeps PyTorch's path
-    assert resolve_linear_kernel("auto", "cuda", "float32") == "aten"
+    assert resolve_linear_kernel("aten", "cuda", "bfloat16") == "aten"
     with pytest.raises(ValueError, match="CPU only"):
         check_linear_kernel("onednn", "cuda:0", "float32")
     with pytest.raises(ValueError, match="float32"):
         check_linear_kernel("onednn", "cpu", "bfloat16")
     with pytest.raises(ValueError, match="must be one of"):
-        check_linear_kernel("mkl", "cpu", "float32")
+        check_linear_kernel("auto", "cpu", "float32")
     with pytest.raises(ValueError, match="linear_kernel"):
         EngineConfig(linear_kernel="mkl")
     with pytest.raises(ValueError, match="must be 'onednn' or 'aten'"):
         linear_kernel_mode("auto")
 
 
-def test_auto_follows_the_machine(monkeypatch):
+def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
     import epee.kernels
 
-    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
-    assert resolve_linear_kernel("auto", "cpu", "float32") == "onednn"
     monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: False)
-    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
     with pytest.raises(ValueError, match="no oneDNN linear op"):
         resolve_linear_kernel("onednn", "cpu", "float32")
-    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
-    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "aarch64")
-    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
+    with pytest.raises(ValueError, match="no oneDNN linear op"):
+        EarlyExitEngine(epee_model("bert", "sequence"), EngineConfig(linear_kernel="onednn"))
 
 
 @needs_onednn
