@@ -15,8 +15,8 @@ calibration's loops: no module is modified, nothing is saved differently, and th
 float32 ones, equal to PyTorch's within float32 rounding (about 3e-6 on MiniLM's activations).
 
 **It is not the default.** The process's memory grows with every new input shape oneDNN sees
-(3000 random batch shapes in a probe: 2.2 GiB, 0.7 GiB after ``malloc_trim``, against 0.3 GiB with
-PyTorch's kernel; two shapes repeated stay flat), and the engine's batch shapes vary with note
+(a probe over 2000 random batch shapes: 2.2 GiB, 0.7 GiB after ``malloc_trim``; with PyTorch's
+kernel 0.3 GiB; two shapes repeated stay flat), and the engine's batch shapes vary with note
 lengths and exits. Until that is bounded, a nightly job's memory would not stay flat
 (``docs/analyses.md``). Default: ``"aten"``, PyTorch's own kernel.
 """

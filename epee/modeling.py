@@ -215,7 +215,7 @@ class EarlyExitModel(nn.Module):
         from transformers.initialization import no_init_weights
 
         # every weight is overwritten below (strict): random initialisation would only cost time
-        # (0.3 s of a MiniLM-L6 load), as transformers' own from_pretrained skips it too
+        # (0.23 s of a MiniLM-L6 load), as transformers' own from_pretrained skips it too
         with no_init_weights():
             model = cls.from_config(backbone_config, config)
         if is_pickle_weights(weights.name):

@@ -153,11 +153,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         self._use_sparse_kernels(bundle)
-        from epee.kernels import resolve_linear_kernel
+        if self.engine_config.linear_kernel == "onednn":
+            from epee.kernels import resolve_linear_kernel
 
-        log.info("float32 linear layers run with %s (--linear_kernel %s)",
-                 resolve_linear_kernel(self.engine_config.linear_kernel, self.device, self.engine_config.precision),
-                 self.engine_config.linear_kernel)
+            resolve_linear_kernel("onednn", self.device, self.engine_config.precision)  # the op exists here, or fail now
+            log.info("float32 linear layers run through oneDNN (--linear_kernel onednn)")
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 
