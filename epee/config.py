@@ -161,8 +161,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
-        if self.linear_kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear_kernel ({self.linear_kernel!r}) must be one of {', '.join(LINEAR_KERNELS)}")
+        from .kernels import check_linear_kernel  # the kernel's device and precision rules live there
+
+        check_linear_kernel(self.linear_kernel, self.device, self.precision)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size ({self.batch_size!r}) must be an integer >= 1")
         if not isinstance(self.window_size, int) or self.window_size < 0:

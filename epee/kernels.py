@@ -81,7 +81,7 @@ class OneDNNLinear(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear or func is torch._C._nn.linear:
+        if func is F.linear:  # nn.Linear's call (F.linear is torch._C._nn.linear)
             x = args[0] if args else kwargs.get("input")
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")

@@ -122,9 +122,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
         self.s3_client_kwargs = dict(s3_client_kwargs or {})
         self.run_id = run_id
-        from epee.kernels import check_linear_kernel
-
-        check_linear_kernel(linear_kernel, device, precision)  # at start-up, not in every worker's first batch
+        # validated here, at start-up (a kernel the device or precision cannot run), not in a worker
         self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision,
                                           linear_kernel=linear_kernel)
         # The engine regroups survivors only inside one call: a RunInference batch of a few records
