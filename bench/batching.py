@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours", type=int, nargs="+", default=[64, 256, 512], help="our pipeline's batch sizes")
     p.add_argument("--stock", type=int, nargs="+", default=[32, 64, 256, 512], help="the stock handler's batch sizes")
     p.add_argument("--reps", type=int, default=2, help="rounds over every batch size")
-    p.add_argument("--linear-kernels", nargs="+", default=["aten"], choices=["aten", "onednn"],
+    p.add_argument("--linear-kernels", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
                    help="our pipeline with each of these --linear_kernel values (epee/kernels.py)")
     args = p.parse_args(argv)
     import logging
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     glob, n = repeat_inputs(input_glob, False, args.repeat, work / "steady")
     pipeline = CORPORA[args.corpus][0]
 
-    def ours(b: int, out: Path, kernel: str = "aten") -> float:
+    def ours(b: int, out: Path, kernel: str = "auto") -> float:
         t0 = time.perf_counter()
         run_pipeline(pipeline, ["--model", model_dir, "--input", glob, "--output", str(out), "--max_windows", "1",
                                 "--id_field", "id", "--min_batch_size", str(b), "--max_batch_size", str(b),

@@ -446,7 +446,7 @@ def render(results: dict, meta: dict, path: Path) -> None:
         lines += [f"## {name}", "", CORPORA[name][1] + f"; test half: {r['test_records']} records, "
                   f"calibration half: {r['calibration_records']}.", ""]
         m = r.get("measured")  # corpora can be re-run alone (--only), on another machine of the same kind
-        kernel = {"onednn": " Our engine's float32 linear layers ran through oneDNN (`--linear_kernel onednn`, "
+        kernel = {"onednn": " Our engine's float32 linear layers ran through oneDNN (`--linear_kernel auto`, "
                             "`epee/kernels.py`); Beam's stock handler and the batch-size-1 reference through PyTorch's "
                             "default.",
                   "aten": " Every system's linear layers ran through PyTorch's default kernel."}
@@ -590,9 +590,11 @@ def main(argv: list[str] | None = None) -> None:
                                      args.repeat, args.confidence, args.precision, args.pipeline_batch_size)
         results[name]["seconds"] = round(time.time() - t0, 1)
         from epee.config import EngineConfig
+        from epee.kernels import resolve_linear_kernel
 
         results[name]["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                                     "linear_kernel": EngineConfig().linear_kernel}
+                                     "linear_kernel": resolve_linear_kernel(EngineConfig().linear_kernel, "cpu",
+                                                                            args.precision)}
         raw_path.write_text(json.dumps(results, indent=2, default=float))
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
     meta = run_meta(args.tolerance, args.confidence, args.precision, args.docs,

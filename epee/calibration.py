@@ -85,7 +85,7 @@ def collect_layer_outputs(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     precision: str = "float32",
-    linear_kernel: str = "aten",
+    linear_kernel: str = "auto",
 ) -> LayerOutputs:
     """Run every sample through every layer once and keep each exit head's probabilities.
 

@@ -490,9 +490,9 @@ def cmd_convert(args: argparse.Namespace) -> dict:
 
 
 def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--linear-kernel", default="aten", choices=LINEAR_KERNELS,
-                   help="float32 CPU kernel of the linear layers: aten (PyTorch's default) or onednn (faster on some "
-                        "CPUs, memory grows with batch shapes; see epee/kernels.py)")
+    p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS,
+                   help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs in float32, see "
+                        "epee/kernels.py; PyTorch's elsewhere), aten (PyTorch's default) or onednn")
 
 
 def _add_pickle_arg(p: argparse.ArgumentParser) -> None:

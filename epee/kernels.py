@@ -4,9 +4,11 @@ PyTorch's CPU ``linear`` in float32 calls MKL's ``sgemm``. On the AMD EPYC machi
 run on, oneDNN (the library PyTorch already ships for its ``mkldnn`` ops) computes the same float32
 products about 25% faster for MiniLM's shapes (32 x 125 tokens by 384 -> 1536: 23.6 ms against
 32.1 ms; ``bench.kernels`` measures any machine), and linear layers are three quarters of the
-engine's time. ``linear_kernel="onednn"`` (``--linear_kernel onednn``) routes them there:
+engine's time. ``linear_kernel="auto"`` (the default) routes them there on x86-64 CPUs, and
+``"onednn"`` anywhere it can run (``"aten"`` keeps PyTorch's own):
 
-- on a CPU, in float32, outside autocast (``--precision bfloat16`` is refused with it);
+- on a CPU, in float32, outside autocast (under ``--precision bfloat16``, ``auto`` keeps PyTorch's
+  kernel and ``onednn`` is refused);
 - at inference only: a call that needs gradients keeps PyTorch's ``linear`` (training is untouched);
 - plain dense weights only (2:4 semi-structured tensors and other subclasses keep theirs).
 
@@ -14,17 +16,21 @@ It is a :class:`torch.overrides.TorchFunctionMode`, active only inside the engin
 calibration's loops: no module is modified, nothing is saved differently, and the products are
 float32 ones, equal to PyTorch's within float32 rounding (about 3e-6 on MiniLM's activations).
 
-**It is not the default.** The process's memory grows with every new input shape oneDNN sees
-(a probe over 2000 random batch shapes: 2.2 GiB, 0.7 GiB after ``malloc_trim``; with PyTorch's
-kernel 0.3 GiB; two shapes repeated stay flat), and the engine's batch shapes vary with note
-lengths and exits. Until that is bounded, a nightly job's memory would not stay flat
-(``docs/analyses.md``). Default: ``"aten"``, PyTorch's own kernel.
+**Shapes are bounded.** A process's memory grows with every distinct input shape oneDNN sees (a
+probe over 3000 random batch shapes of 1-32 rows x 8-128 tokens: 2.6 GiB and growing, against
+0.3 GiB with PyTorch's kernel; setting oneDNN's primitive cache to 0 did not stop it, so the cause
+inside oneDNN is not pinned down). The engine's shapes vary with note lengths and exits, so the
+token rows of each call are padded up to one of :data:`ROW_STEPS` sizes per power of two
+(:func:`bucket_rows`: at most 12.5% more rows, about 6% on average; the padded rows' outputs are
+dropped). The same probe then stays flat, at about 0.54 GiB from its first 500 shapes to 8000
+(``docs/analyses.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from typing import Any, ContextManager
 
 import torch
@@ -60,12 +66,55 @@ def check_linear_kernel(kernel: str, device: str | torch.device, precision: str)
 
 
 def resolve_linear_kernel(kernel: str, device: str | torch.device, precision: str) -> str:
-    """The kernel a run uses, ``"onednn"`` or ``"aten"``: the one asked for, checked. ``"onednn"``
-    asked for where it cannot run is an error, not a silent fallback."""
+    """The kernel a run uses, ``"onednn"`` or ``"aten"``.
+
+    ``"auto"`` picks oneDNN on an x86-64 CPU in float32 where the op exists, else PyTorch's own;
+    ``"onednn"`` asked for where it cannot run is an error, not a silent fallback."""
     check_linear_kernel(kernel, device, precision)
-    if kernel == "onednn" and not onednn_linear_available():
-        raise ValueError("linear_kernel 'onednn': this PyTorch build has no oneDNN linear op")
-    return kernel
+    if kernel == "aten":
+        return "aten"
+    if kernel == "onednn":
+        if not onednn_linear_available():
+            raise ValueError("linear_kernel 'onednn': this PyTorch build has no oneDNN linear op")
+        return "onednn"
+    on_cpu = torch.device(device).type == "cpu"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if on_cpu and precision == "float32" and x86 and onednn_linear_available() else "aten"
+
+
+# Row sizes per power of two that oneDNN is called with (see the module docstring). 8: at most
+# 12.5% padding. The probe (3000 random shapes of 1-32 rows x 8-128 tokens) stayed flat at about
+# 540 MiB with 8 and about 700 MiB with 16, against 2.6 GiB growing without buckets.
+ROW_STEPS = 8
+
+
+def bucket_rows(m: int, steps: int = ROW_STEPS) -> int:
+    """``m`` rounded up to the next of ``steps`` evenly spaced sizes in its power of two
+    (``[2**k, 2**(k+1))``); sizes up to ``steps`` stay as they are. So rows 1..4096 map to at most
+    8 + 8 x 9 = 80 sizes, and ``m <= bucket_rows(m) < m * (1 + 1 / steps)``."""
+    if m <= steps:
+        return m
+    quantum = 1 << (m.bit_length() - steps.bit_length())  # 2**k / steps for a power-of-two steps
+    return -(-m // quantum) * quantum
+
+
+def _onednn_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, w, b, "none", [], "")
+
+
+def bucketed_onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear over ``x``'s token rows padded to :func:`bucket_rows`; the padding's
+    outputs are dropped, so the result is ``F.linear(x, w, b)`` within float32 rounding."""
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    padded_m = bucket_rows(m)
+    if padded_m != m:
+        padded = rows.new_empty(padded_m, rows.shape[1])
+        padded[:m].copy_(rows)
+        padded[m:].zero_()
+        rows = padded
+    out = _onednn_linear(rows, w, b)
+    return out[:m].view(*x.shape[:-1], w.shape[0])
 
 
 def _plain(t: Any) -> bool:
@@ -87,7 +136,7 @@ class OneDNNLinear(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._eligible(x, w, b):
                 self.calls += 1
-                return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+                return bucketed_onednn_linear(x, w, b)
         return func(*args, **kwargs)
 
     @staticmethod

@@ -53,10 +53,11 @@ class EpeeOptions(PipelineOptions):
                        help="bfloat16: run the model under torch.autocast in bfloat16 (exit decisions stay float32); "
                             "about 3x faster on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs, slower on CPUs "
                             "without it. Scores move slightly: check them on your dev set (epee evaluate --precision)")
-        g.add_argument("--linear_kernel", default="aten", choices=LINEAR_KERNELS,
-                       help="float32 CPU kernel of the linear layers: aten (PyTorch's default, MKL) or onednn (about "
-                            "25%% faster on AMD EPYC, float32 either way, refused off the CPU or outside float32; its "
-                            "memory grows with the batch shapes it sees, so not for long jobs yet: epee/kernels.py)")
+        g.add_argument("--linear_kernel", default="auto", choices=LINEAR_KERNELS,
+                       help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs in float32, about "
+                            "20%% faster than PyTorch's default on AMD EPYC, float32 either way; PyTorch's elsewhere; "
+                            "see epee/kernels.py), aten (PyTorch's default, MKL) or onednn (refused off the CPU or "
+                            "outside float32)")
         g.add_argument("--heap_trim_seconds", type=float, default=2.0,
                        help="workers hand freed heap memory back to the system (glibc malloc_trim) at most this "
                             "often, so their memory stays flat on long runs; 0 disables")

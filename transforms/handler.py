@@ -110,7 +110,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         allow_pickle_weights: bool = False,
         heap_trim_seconds: float = 2.0,
         precision: str = "float32",
-        linear_kernel: str = "aten",
+        linear_kernel: str = "auto",
     ) -> None:
         super().__init__()
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
@@ -151,11 +151,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
         self._use_sparse_kernels(bundle)
-        if self.engine_config.linear_kernel == "onednn":
-            from epee.kernels import resolve_linear_kernel
+        from epee.kernels import resolve_linear_kernel
 
-            resolve_linear_kernel("onednn", self.device, self.engine_config.precision)  # the op exists here, or fail now
-            log.info("float32 linear layers run through oneDNN (--linear_kernel onednn)")
+        # "onednn" fails now where this worker's PyTorch lacks the op; "auto" falls back to PyTorch's kernel
+        if resolve_linear_kernel(self.engine_config.linear_kernel, self.device, self.engine_config.precision) == "onednn":
+            log.info("float32 linear layers run through oneDNN (--linear_kernel %s)", self.engine_config.linear_kernel)
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 

@@ -7,8 +7,11 @@ from torch import nn
 import epee.engine
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
+import epee.kernels
 from epee.kernels import (
+    ROW_STEPS,
     OneDNNLinear,
+    bucket_rows,
     check_linear_kernel,
     linear_kernel_mode,
     onednn_linear_available,
@@ -25,7 +28,8 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this Py
 def test_onednn_linear_equals_pytorch_linear(bias):
     torch.manual_seed(0)
     lin = nn.Linear(48, 80, bias=bias)
-    inputs = [torch.randn(5, 48), torch.randn(3, 7, 48), torch.randn(48, 7, 3).permute(2, 1, 0), torch.randn(0, 4, 48)]
+    inputs = [torch.randn(5, 48), torch.randn(3, 7, 48), torch.randn(48, 7, 3).permute(2, 1, 0), torch.randn(0, 4, 48),
+              torch.randn(4, 33, 48)]  # 21 and 132 token rows are padded (to 22 and 144), 5 and 0 are not
     with torch.inference_mode():
         for x in inputs:
             mode = OneDNNLinear()
@@ -34,6 +38,36 @@ def test_onednn_linear_equals_pytorch_linear(bias):
             assert mode.calls == 1
             assert got.shape == (*x.shape[:-1], 80) and got.dtype == torch.float32
             torch.testing.assert_close(got, lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bucket_rows_bounds_the_padding_and_the_number_of_shapes():
+    sizes = [bucket_rows(m) for m in range(1, 4097)]
+    assert all(m <= b < m * (1 + 1 / ROW_STEPS) for m, b in zip(range(1, 4097), sizes))
+    assert sizes == sorted(sizes)  # more rows never get fewer padded rows
+    assert [bucket_rows(m) for m in (1, 8, 9, 16, 17, 100, 1000, 4096, 4097)] == [1, 8, 9, 16, 18, 104, 1024, 4096, 4608]
+    assert len(set(sizes)) == 8 + 8 * 9  # 1..8 as they are, then 8 sizes per power of two up to 4096
+    assert bucket_rows(0) == 0
+    assert bucket_rows(97, steps=16) == 100 and bucket_rows(97) == 104
+
+
+@needs_onednn
+def test_engine_calls_onednn_with_bucketed_row_counts_only(monkeypatch):
+    """Whatever the lengths and exits, oneDNN sees padded row counts from the bounded set."""
+    seen = []
+    call = epee.kernels._onednn_linear
+
+    def recording(rows, w, b):
+        seen.append(rows.shape[0])
+        return call(rows, w, b)
+
+    monkeypatch.setattr(epee.kernels, "_onednn_linear", recording)
+    samples = make_samples("bert", "sequence", n=40)
+    model = epee_model("bert", "sequence", samples)
+    aten = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="aten")).run(samples)
+    onednn = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="onednn")).run(samples)
+    assert_same_predictions(onednn.predictions, aten.predictions)
+    assert seen and all(bucket_rows(m) == m for m in seen)
+    assert len({s.length for s in samples}) > 3  # the samples really varied
 
 
 @needs_onednn
@@ -64,29 +98,41 @@ def test_autocast_and_other_dtypes_keep_pytorch_linear():
 
 
 def test_kernel_choice_rules():
-    assert EngineConfig().linear_kernel == "aten"  # oneDNN's memory grows with batch shapes: opt-in only
+    assert EngineConfig().linear_kernel == "auto"
     assert resolve_linear_kernel("aten", "cpu", "float32") == "aten"
     assert resolve_linear_kernel("aten", "cuda", "bfloat16") == "aten"
+    assert resolve_linear_kernel("auto", "cpu", "bfloat16") == "aten"  # autocast keeps PyTorch's path
+    assert resolve_linear_kernel("auto", "cuda", "float32") == "aten"
     with pytest.raises(ValueError, match="CPU only"):
         check_linear_kernel("onednn", "cuda:0", "float32")
     with pytest.raises(ValueError, match="float32"):
         check_linear_kernel("onednn", "cpu", "bfloat16")
     with pytest.raises(ValueError, match="must be one of"):
-        check_linear_kernel("auto", "cpu", "float32")
+        check_linear_kernel("mkl", "cpu", "float32")
     with pytest.raises(ValueError, match="linear_kernel"):
         EngineConfig(linear_kernel="mkl")
     with pytest.raises(ValueError, match="must be 'onednn' or 'aten'"):
         linear_kernel_mode("auto")
 
 
-def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
-    import epee.kernels
+def test_auto_follows_the_machine(monkeypatch):
+    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "onednn"
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: False)
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
+    monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: True)
+    monkeypatch.setattr(epee.kernels.platform, "machine", lambda: "aarch64")
+    assert resolve_linear_kernel("auto", "cpu", "float32") == "aten"
 
+
+def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
     monkeypatch.setattr(epee.kernels, "onednn_linear_available", lambda: False)
     with pytest.raises(ValueError, match="no oneDNN linear op"):
         resolve_linear_kernel("onednn", "cpu", "float32")
     with pytest.raises(ValueError, match="no oneDNN linear op"):
         EarlyExitEngine(epee_model("bert", "sequence"), EngineConfig(linear_kernel="onednn"))
+    assert EarlyExitEngine(epee_model("bert", "sequence")).linear_kernel == "aten"  # auto falls back
 
 
 @needs_onednn
