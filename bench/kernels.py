@@ -1,9 +1,10 @@
 """PyTorch's float32 linear (MKL) against oneDNN's on this CPU, alone and in the engine. Not a test.
 
-``--linear_kernel onednn`` (:mod:`epee.kernels`) runs the engine's float32 linear layers through
-oneDNN: on the AMD EPYC machines our benchmarks ran on it was about 25% faster than PyTorch's
-default (MKL). Another CPU may differ; this script says which is faster. (Its memory cost,
-which keeps it off by default, is not measured here: see docs/analyses.md.)
+On x86-64 CPUs the engine runs its float32 linear layers through oneDNN by default
+(``--linear_kernel auto``, :mod:`epee.kernels`, token rows padded to bounded sizes): on the AMD
+EPYC machines our benchmarks ran on it was about 20% faster in the engine than PyTorch's default
+(MKL). Another CPU may differ; this script says which is faster (``--linear_kernel aten`` keeps
+PyTorch's). Its memory is measured by ``bench.scaling``, not here: see docs/analyses.md.
 
 1. One linear layer per shape of a BERT-style layer (hidden H: H->H, H->4H, 4H->H) on M token rows,
    each kernel timed alternately over ``--reps`` rounds; prints ms per call and the ratio.
