@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import epee.engine
+import epee.kernels
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
-import epee.kernels
 from epee.kernels import (
     ROW_STEPS,
     OneDNNLinear,
