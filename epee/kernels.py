@@ -107,12 +107,9 @@ def bucketed_onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     outputs are dropped, so the result is ``F.linear(x, w, b)`` within float32 rounding."""
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
-    padded_m = bucket_rows(m)
-    if padded_m != m:
-        padded = rows.new_empty(padded_m, rows.shape[1])
-        padded[:m].copy_(rows)
-        padded[m:].zero_()
-        rows = padded
+    extra = bucket_rows(m) - m
+    if extra:  # F.pad copies even when there is nothing to pad
+        rows = F.pad(rows, (0, 0, 0, extra))  # zero rows appended
     out = _onednn_linear(rows, w, b)
     return out[:m].view(*x.shape[:-1], w.shape[0])
 
