@@ -528,6 +528,16 @@ def scaling_section(path: Path) -> list[str]:
         lines.append(f"| {r['notes']} | {r['bytes'] / 1e6:.1f} | {r['mean_words']} | {r['workers']} | {r['records_per_s']} | "
                      f"{r['seconds']} | {r['mean_exit_layer']:.2f} | {r['peak_rss_mib']:.0f} | {r['largest_child_rss_mib']:.0f} | "
                      f"{r.get('date', data['date'])} |")
+    traced = [r for r in data["rows"] if r.get("rss_by_tenth")]
+    if traced:  # bench.scaling samples RSS during each run (Linux): growth shows as a rising row
+        lines += ["", "Resident memory through each run, the largest sample in each tenth of its wall time (MiB; "
+                  "with 2 workers the largest worker, with 1 the driver, which runs the model):", "",
+                  "| notes | workers | 1st | 2nd | 3rd | 4th | 5th | 6th | 7th | 8th | 9th | 10th | measured |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in traced:
+            col = 1 if r["workers"] > 1 else 0
+            lines.append(f"| {r['notes']} | {r['workers']} | " + " | ".join(str(t[col]) for t in r["rss_by_tenth"])
+                         + f" | {r.get('measured', r.get('date', data['date']))} |")
     return lines + [""] + [f"{n}\n" for n in data.get("notes", [])]
 
 

@@ -9,6 +9,12 @@ worker's). The archive is never held in memory: JSONL is streamed per file, and 
 shards are written by an external merge sort (runs of at most 20,000 rows spilled to temporary
 files, then merged), so no step holds more than one run of prediction rows.
 
+Peaks alone cannot tell growth from a run's spread, so on Linux each run's resident memory is also
+sampled every ``--sample-seconds`` from ``/proc`` (the driver and every process below it) and
+reported per tenth of the run (``rss_by_tenth``: the driver's and the largest worker's largest
+sample in each tenth of the wall time). A streaming job's curve rises while the model loads and then
+stays level; one that holds the archive keeps climbing to the end.
+
     .venv/bin/python -m bench.scaling                       # 1k, 10k, 100k x 1, 2 workers
     .venv/bin/python -m bench.scaling --sizes 1000 10000
 """
@@ -39,6 +45,61 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "records": s["records"], 
 """
 
 
+def _rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def sample_rss(proc: subprocess.Popen, every: float) -> list[tuple[float, float, float]]:
+    """(seconds since start, driver MiB, largest descendant MiB) every ``every`` s until ``proc`` ends."""
+    samples, t0 = [], time.perf_counter()
+    while proc.poll() is None:
+        driver = _rss_mib(proc.pid)
+        workers = [m for m in map(_rss_mib, _descendants(proc.pid)) if m is not None]
+        if driver is not None:
+            samples.append((time.perf_counter() - t0, driver, max(workers, default=0.0)))
+        time.sleep(every)
+    return samples
+
+
+def by_tenth(samples: list[tuple[float, float, float]]) -> list[list[float]]:
+    """[driver MiB, largest worker MiB] per tenth of the run: the largest sample in each tenth."""
+    if not samples:
+        return []
+    end = samples[-1][0] or 1.0
+    tenths: list[list[float]] = [[0.0, 0.0] for _ in range(10)]
+    for t, driver, worker in samples:
+        k = min(int(10 * t / end), 9)
+        tenths[k] = [max(tenths[k][0], driver), max(tenths[k][1], worker)]
+    return [[round(d), round(w)] for d, w in tenths]
+
+
 def write_archive(n: int, d: Path, files: int = 20, seed: int = 5) -> dict:
     from pipelines.sample_data import generate_notes
 
@@ -62,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--model", help="model directory (default: the sample notes model)")
+    p.add_argument("--sample-seconds", type=float, default=2.0, help="RSS sampling period (Linux /proc)")
     p.add_argument("--docs", default="docs", help="writes scaling.json there and re-renders benchmarks.md")
     p.add_argument("--pipeline-arg", action="append", default=[], metavar="ARG",
                    help="extra notes-pipeline argument, repeatable (e.g. --pipeline-arg=--heap_trim_seconds=0); "
@@ -79,12 +141,20 @@ def main(argv: list[str] | None = None) -> None:
             argv_ = ["--input", str(work / f"in_{n}" / "*.jsonl"), "--model", model, "--id_field", "id",
                      "--output", str(work / f"out_{n}_{w}"), *mode, *args.pipeline_arg]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-            done = subprocess.run([sys.executable, "-c", CHILD, *argv_], capture_output=True, text=True, env=env,
-                                  cwd=Path(__file__).resolve().parent.parent)
-            if done.returncode:
-                raise SystemExit(done.stderr[-3000:])
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+            with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+                proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv_], stdout=out, stderr=err, text=True,
+                                        env=env, cwd=Path(__file__).resolve().parent.parent)
+                samples = sample_rss(proc, args.sample_seconds) if os.path.isdir("/proc/self") else []
+                proc.wait()
+                out.seek(0)
+                err.seek(0)
+                stdout, stderr = out.read(), err.read()
+            if proc.returncode:
+                raise SystemExit(stderr[-3000:])
+            r = json.loads(stdout.strip().splitlines()[-1])
             row = {**archive, "workers": w, "records_per_s": round(n / r["seconds"], 1), **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}}
+            if samples:
+                row["rss_by_tenth"] = by_tenth(samples)
             if args.pipeline_arg:
                 row["pipeline_args"] = " ".join(args.pipeline_arg)
             rows.append(row)
