@@ -10,7 +10,9 @@ PyTorch's). Its memory is measured by ``bench.scaling``, not here: see docs/anal
    each kernel timed alternately over ``--reps`` rounds; prints ms per call and the ratio.
 2. With ``--model DIR`` (a trained model directory, e.g. ``models/medical_abstracts``), the engine
    over that corpus' test half (as ``bench.run_all`` measures it) with each kernel, alternating
-   rounds: records/s, and whether both gave the same exit layers and labels.
+   rounds: records/s, and whether both gave the same exit layers and labels; also oneDNN with
+   BERT's GELU as a second pass (``onednn, GELU unfused``), what the engine ran before GELU was
+   fused into the up-projection (:func:`epee.kernels.linear_gelu`).
 
     .venv/bin/python -m bench.kernels
     .venv/bin/python -m bench.kernels --model models/medical_abstracts --reps 3
@@ -19,6 +21,7 @@ PyTorch's). Its memory is measured by ``bench.scaling``, not here: see docs/anal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -74,8 +77,50 @@ def main(argv: list[str] | None = None) -> None:
             times["onednn"].append(time_call(onednn, args.calls))
         a, o = statistics.median(times["aten"]), statistics.median(times["onednn"])
         print(f"| {fan_in} -> {fan_out} | {a:.2f} | {o:.2f} | {a / o:.2f}x |")
+    gelu_row(args)
     if args.model:
         engine_rows(args)
+
+
+def gelu_row(args) -> None:
+    """BERT's up-projection and its GELU: two passes against one oneDNN call with GELU fused."""
+    from epee.kernels import OneDNNLinear, linear_gelu
+
+    h = args.hidden
+    lin = torch.nn.Linear(h, 4 * h).eval()
+    x = torch.randn(args.rows, h)
+    mode = OneDNNLinear()
+
+    def separate():
+        with mode:
+            torch.nn.functional.gelu(lin(x))
+
+    def fused():
+        with mode:
+            linear_gelu(x, lin)
+
+    times: dict[str, list[float]] = {"aten": [], "separate": [], "fused": []}
+    for _ in range(args.reps):
+        times["aten"].append(time_call(lambda: torch.nn.functional.gelu(lin(x)), args.calls))
+        times["separate"].append(time_call(separate, args.calls))
+        times["fused"].append(time_call(fused, args.calls))
+    a, s, f = (statistics.median(times[k]) for k in ("aten", "separate", "fused"))
+    print(f"\n| {h} -> {4 * h} then GELU | PyTorch (aten) ms | oneDNN, GELU a second pass ms | oneDNN, GELU fused ms |")
+    print("|---|---|---|---|")
+    print(f"| rows {args.rows} | {a:.2f} | {s:.2f} | {f:.2f} |")
+
+
+@contextlib.contextmanager
+def gelu_unfused():
+    """The engine with BERT's GELU as its own pass after oneDNN's up-projection (before fusion)."""
+    import epee.backbones as backbones
+
+    saved = backbones._exact_gelu_ffn
+    backbones._exact_gelu_ffn = lambda layer: False
+    try:
+        yield
+    finally:
+        backbones._exact_gelu_ffn = saved
 
 
 def engine_rows(args) -> None:
@@ -84,20 +129,23 @@ def engine_rows(args) -> None:
 
     bundle, examples = held_out(args.model)
     samples = encode_examples(bundle, halves(examples)[1][: args.max_test])[0]
-    rates: dict[str, list[float]] = {"aten": [], "onednn": []}
+    # "onednn, GELU unfused": oneDNN's linear with BERT's GELU as a second pass, as before linear_gelu
+    rates: dict[str, list[float]] = {"aten": [], "onednn": [], "onednn, GELU unfused": []}
     outcome: dict[str, list] = {}
     EarlyExitEngine(bundle.model, EngineConfig(batch_size=32)).run(samples[:64])  # warm-up
     for _ in range(args.reps):
-        for kernel in rates:
+        for variant in rates:
+            kernel = variant.split(",")[0]
             engine = EarlyExitEngine(bundle.model, EngineConfig(batch_size=32, linear_kernel=kernel))
-            t0 = time.perf_counter()
-            result = engine.run(samples)
-            rates[kernel].append(len(samples) / (time.perf_counter() - t0))
-            outcome[kernel] = [(q.exit_layer, q.label) for q in result.predictions]
-    same = sum(a == b for a, b in zip(outcome["aten"], outcome["onednn"]))
+            with gelu_unfused() if "unfused" in variant else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                result = engine.run(samples)
+                rates[variant].append(len(samples) / (time.perf_counter() - t0))
+            outcome[variant] = [(q.exit_layer, q.label) for q in result.predictions]
+    same = min(sum(a == b for a, b in zip(outcome["aten"], v)) for v in outcome.values())
     mean_exit = statistics.mean(e for e, _ in outcome["onednn"])
     print(f"\nengine on {args.model}, test half: {len(samples)} records, stored policy, mean exit layer {mean_exit:.2f}; "
-          f"same exit layer and label with both kernels: {same}/{len(samples)}\n")
+          f"same exit layer and label as PyTorch's kernel in every variant: {same}/{len(samples)}\n")
     print("| kernel | records/s per round | median |")
     print("|---|---|---|")
     for kernel, v in rates.items():

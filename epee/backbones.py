@@ -25,9 +25,12 @@ from transformers import (
     ViTConfig,
     ViTModel,
 )
+from transformers.activations import GELUActivation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.models.bert.modeling_bert import BertIntermediate, BertLayer
 
 from .inputs import Batch
+from .kernels import linear_gelu
 
 
 class BackboneAdapter:
@@ -108,6 +111,22 @@ class BackboneAdapter:
         raise NotImplementedError
 
 
+def _exact_gelu_ffn(layer: nn.Module) -> bool:
+    """Whether a BERT layer is the stock encoder layer whose feed-forward block is
+    ``output(F.gelu(intermediate.dense(x)), x)`` (``hidden_act="gelu"``), unhooked; other
+    activations, decoders with cross-attention and modified layers run their own forward."""
+    inter = getattr(layer, "intermediate", None)
+    return (
+        type(layer) is BertLayer
+        and type(inter) is BertIntermediate
+        and type(inter.intermediate_act_fn) is GELUActivation
+        and getattr(inter.intermediate_act_fn, "act", None) is nn.functional.gelu
+        and not getattr(layer, "add_cross_attention", False)
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+        and not (inter._forward_hooks or inter._forward_pre_hooks)
+    )
+
+
 class BertAdapter(BackboneAdapter):
     """BERT: the [CLS] state through the backbone's own pooler (EPEE/PABEE heads)."""
 
@@ -127,7 +146,13 @@ class BertAdapter(BackboneAdapter):
         return self.model.embeddings(inputs_embeds=words, token_type_ids=batch.token_type_ids)
 
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.model.encoder.layer[i](hidden, bias)
+        module = self.model.encoder.layer[i]
+        if module.training or not _exact_gelu_ffn(module):  # training: the stock forward (checkpointing, grads)
+            return module(hidden, bias)
+        # BertLayer.forward's steps for an encoder, with the up-projection and its GELU as one
+        # call (epee.kernels.linear_gelu: fused by oneDNN where the engine runs it, else the same ops)
+        attention, _ = module.attention(hidden, bias)
+        return module.output(linear_gelu(attention, module.intermediate.dense), attention)
 
     def layer_module(self, i: int) -> nn.Module:
         return self.model.encoder.layer[i]

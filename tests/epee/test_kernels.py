@@ -13,10 +13,12 @@ from epee.kernels import (
     OneDNNLinear,
     bucket_rows,
     check_linear_kernel,
+    linear_gelu,
     linear_kernel_mode,
     onednn_linear_available,
     resolve_linear_kernel,
 )
+from epee.backbones import BertAdapter, _exact_gelu_ffn
 from tests.conftest import FAMILY_TASKS, make_samples
 from tests.epee.test_engine import assert_same_predictions, epee_model
 
@@ -56,9 +58,12 @@ def test_engine_calls_onednn_with_bucketed_row_counts_only(monkeypatch):
     seen = []
     call = epee.kernels._onednn_linear
 
-    def recording(rows, w, b):
+    posts = []
+
+    def recording(rows, w, b, post="none"):
         seen.append(rows.shape[0])
-        return call(rows, w, b)
+        posts.append(post)
+        return call(rows, w, b, post)
 
     monkeypatch.setattr(epee.kernels, "_onednn_linear", recording)
     samples = make_samples("bert", "sequence", n=40)
@@ -68,6 +73,9 @@ def test_engine_calls_onednn_with_bucketed_row_counts_only(monkeypatch):
     assert_same_predictions(onednn.predictions, aten.predictions)
     assert seen and all(bucket_rows(m) == m for m in seen)
     assert len({s.length for s in samples}) > 3  # the samples really varied
+    # every layer call's up-projection ran with GELU fused; Q, K, V, O, down and the heads without
+    assert posts.count("gelu") == onednn.stats.layer_calls > 0
+    assert posts.count("none") >= 5 * onednn.stats.layer_calls
 
 
 @needs_onednn
@@ -175,3 +183,92 @@ def test_handler_refuses_onednn_off_the_cpu_at_construction(tmp_path):
         EarlyExitModelHandler(str(tmp_path), device="cuda", linear_kernel="onednn")
     handler = EarlyExitModelHandler(str(tmp_path), linear_kernel="aten")
     assert handler.engine_config.linear_kernel == "aten"
+
+
+@needs_onednn
+def test_linear_gelu_fuses_inside_the_mode_and_equals_gelu_of_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 96)
+    x = torch.randn(3, 7, 48)  # 21 token rows: padded to 22 for oneDNN
+    with torch.inference_mode():
+        expected = nn.functional.gelu(lin(x))
+        assert torch.equal(linear_gelu(x, lin), expected)  # no mode: exactly the two ops
+        mode = OneDNNLinear()
+        with mode:
+            got = linear_gelu(x, lin)
+        assert (mode.calls, mode.fused_gelu_calls) == (1, 1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got.shape == (3, 7, 96)
+
+
+@needs_onednn
+def test_linear_gelu_does_not_fuse_what_the_mode_would_not_route():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32)
+    x = torch.randn(5, 16)
+    seen = []
+    lin.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.inference_mode():
+        mode = OneDNNLinear()
+        with mode:
+            hooked = linear_gelu(x, lin)  # a hooked module runs its own forward, hooks included
+        assert seen == [(5, 32)] and mode.fused_gelu_calls == 0
+        torch.testing.assert_close(hooked, nn.functional.gelu(lin(x)))
+    plain = nn.Linear(16, 32)
+    xg = torch.randn(5, 16, requires_grad=True)
+    mode = OneDNNLinear()
+    with mode:
+        out = linear_gelu(xg, plain)  # needs gradients: PyTorch's linear, differentiable
+    assert mode.calls == 0 and out.requires_grad
+    out.sum().backward()
+    assert xg.grad is not None
+
+
+def _bert(**overrides):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, **overrides)
+    return BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("hidden_act, fused", [("gelu", True), ("relu", False), ("gelu_new", False)])
+def test_bert_layer_runs_the_stock_layer_with_or_without_the_fused_path(hidden_act, fused):
+    model = _bert(hidden_act=hidden_act)
+    adapter = BertAdapter(model)
+    layer = model.encoder.layer[0]
+    assert _exact_gelu_ffn(layer) is fused
+    x = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    bias = adapter.attention_bias(x, mask)
+    with torch.inference_mode():
+        expected = layer(x, bias)
+        assert torch.equal(adapter.layer(0, x, bias), expected)  # PyTorch's kernel: the very same ops
+        if onednn_linear_available():
+            mode = OneDNNLinear()
+            with mode:
+                got = adapter.layer(0, x, bias)
+            assert mode.fused_gelu_calls == int(fused)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_layer_hooks_and_training_keep_the_stock_forward():
+    model = _bert()
+    adapter = BertAdapter(model)
+    layer = model.encoder.layer[0]
+    calls = []
+    handle = layer.intermediate.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    assert not _exact_gelu_ffn(layer)
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        adapter.layer(0, x, None)
+    assert calls == [1]  # the hooked module really ran
+    handle.remove()
+    assert _exact_gelu_ffn(layer)
+    model.train()
+    seen = []
+    layer.register_forward_hook(lambda mod, inp, out: seen.append(1))  # BertLayer's own forward runs in training
+    adapter.layer(0, x, None)
+    assert seen == [1]
