@@ -7,8 +7,9 @@ independent of what it is batched with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 
@@ -49,6 +50,21 @@ class EncodedSample:
     def length(self) -> int:
         """Sequence length used to group samples; images all count as one length."""
         return int(self.input_ids.numel()) if self.input_ids is not None else 0
+
+    def __reduce__(self):
+        # Pickled with its tensors as numpy arrays, rebuilt as tensors without a copy. Beam's coders
+        # pickle samples whenever they cross a stage boundary and, when sampling byte sizes, inside
+        # fused stages too (every record of a sampled RunInference batch): a torch tensor pickles
+        # through torch.save, about 16x slower than the same array (117 against 7 us per sample).
+        return (_rebuild_sample, tuple(_to_numpy(getattr(self, f.name)) for f in fields(self)))
+
+
+def _to_numpy(value):
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _rebuild_sample(*values) -> EncodedSample:
+    return EncodedSample(*(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values))
 
 
 @dataclass
