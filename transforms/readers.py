@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from typing import Iterator
 
 import apache_beam as beam
@@ -51,8 +52,11 @@ def _binary(text: str) -> bool:
     if "\x00" in text:
         return True
     sample = text[:65536]
-    controls = sum(1 for c in sample if ord(c) < 32 and c not in "\t\n\r\f\v")
+    controls = len(_CONTROLS.findall(sample))  # C speed; a Python loop over characters was 1% of a run
     return controls > 0.1 * max(1, len(sample))
+
+
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f]")  # below 32, except \t \n \v \f \r (9-13)
 
 
 def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:

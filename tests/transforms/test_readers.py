@@ -112,3 +112,24 @@ def test_pydicom_logs_and_warnings_never_reach_stderr(capfd):
     assert any(o.reason for o in outcomes) and any(o.pixels is not None for o in outcomes)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "pydicom" not in err
+
+
+def test_binary_check_counts_the_control_characters_it_says():
+    """_binary: NUL anywhere, or more than 10% of the first 64 Ki characters below 32 other than
+    tab, newline, vertical tab, form feed and carriage return (checked against that rule spelled out)."""
+    import random
+
+    from transforms.readers import _binary
+
+    def rule(text):
+        sample = text[:65536]
+        controls = sum(1 for c in sample if ord(c) < 32 and c not in "\t\n\r\f\v")
+        return "\x00" in text or controls > 0.1 * max(1, len(sample))
+
+    rng = random.Random(3)
+    alphabet = [chr(i) for i in range(1, 40)] + list("abcdé漢 ")
+    texts = ["plain note", "tabs\tand\nnewlines\r\f\v" * 50, "x" * 9 + "\x01", "x" * 8 + "\x01\x1f", "a\x00b",
+             "ok" * 40000 + "\x02" * 10000]  # controls past 64 Ki characters do not count
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(500)]
+    assert [_binary(t) for t in texts] == [rule(t) for t in texts]
+    assert _binary("x" * 8 + "\x01\x1f") and not _binary("x" * 9 + "\x01") and not _binary(texts[5])
