@@ -247,7 +247,7 @@ def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
 
 
 def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, stock_batch_size: int,
-                 repeat: int = 1, confidence: float = 0.9, precision: str = "float32",
+                 steady_records: int = 0, confidence: float = 0.9, precision: str = "float32",
                  pipeline_batch_size: int = 0) -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
@@ -365,10 +365,13 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
             result[f"{ratio_key}_same_precision"] = systems["pipeline_epee"] / systems[f"beam_stock_{precision}"]
 
     time_stock(input_glob, n, result["systems"], "pipeline_epee_vs_beam_stock")
-    if repeat > 1:
+    if steady_records > 0:
         # Steady state: a run over a few hundred records is half start-up (Beam, model load,
         # Parquet, report, the DICOM decoder's child process); a nightly archive is not. The same
-        # records K times, new ids (DICOM: K copies of each file under new names).
+        # records K times, new ids (DICOM: 4K copies of each file under new names), K the smallest
+        # (at least 2) that gives every corpus about the same number of records, so start-up
+        # weighs alike in each section (with a fixed K, medical abstracts' 200 gave 800).
+        repeat = max(2, -(-steady_records // (n * (4 if is_dicom else 1))))
         steady_glob, m = repeat_inputs(input_glob, is_dicom, repeat, work / name / "steady")
         steady = {}
         for sysname, extra in variants.items():
@@ -577,8 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="our engine and pipelines (calibration too); adds Beam's stock handler in that precision "
                         "(beam_stock and the reference stay float32). Write it to another --docs (docs/bf16)")
-    p.add_argument("--repeat", type=int, default=4,
-                   help="also time the Beam systems on the test half repeated K times (steady state)")
+    p.add_argument("--steady-records", type=int, default=2000,
+                   help="also time the Beam systems on the test half repeated to at least this many records "
+                        "(steady state; 0: not)")
     args = p.parse_args(argv)
     import logging
 
@@ -597,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
             real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
         t0 = time.time()
         results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.stock_batch_size,
-                                     args.repeat, args.confidence, args.precision, args.pipeline_batch_size)
+                                     args.steady_records, args.confidence, args.precision, args.pipeline_batch_size)
         results[name]["seconds"] = round(time.time() - t0, 1)
         from epee.config import EngineConfig
         from epee.kernels import resolve_linear_kernel
