@@ -30,7 +30,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.models.bert.modeling_bert import BertIntermediate, BertLayer
 
 from .inputs import Batch
-from .kernels import linear_gelu
+from .kernels import linear_gelu, unhooked
 
 
 class BackboneAdapter:
@@ -122,8 +122,8 @@ def _exact_gelu_ffn(layer: nn.Module) -> bool:
         and type(inter.intermediate_act_fn) is GELUActivation
         and getattr(inter.intermediate_act_fn, "act", None) is nn.functional.gelu
         and not getattr(layer, "add_cross_attention", False)
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-        and not (inter._forward_hooks or inter._forward_pre_hooks)
+        and unhooked(layer)
+        and unhooked(inter)
     )
 
 

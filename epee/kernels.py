@@ -180,7 +180,8 @@ class OneDNNLinear(TorchFunctionMode):
 _active = threading.local()  # the OneDNNLinear modes entered on this thread, innermost last
 
 
-def _hookless(module: nn.Module) -> bool:
+def unhooked(module: nn.Module) -> bool:
+    """Whether ``module`` has no forward hooks, so code may run its steps instead of calling it."""
     return not (module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -194,7 +195,7 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     module) it is exactly ``F.gelu(linear(x))``.
     """
     modes = getattr(_active, "modes", ())
-    if modes and type(linear) is nn.Linear and _hookless(linear):
+    if modes and type(linear) is nn.Linear and unhooked(linear):
         mode = modes[-1]
         if mode._eligible(x, linear.weight, linear.bias):
             mode.calls += 1

@@ -47,6 +47,9 @@ def _utf8(data: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 at byte offset {exc.start}"
 
 
+_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f]")  # below 32, except \t \n \v \f \r (9-13)
+
+
 def _binary(text: str) -> bool:
     """NUL bytes, or more than 10% control characters other than whitespace: not a note."""
     if "\x00" in text:
@@ -54,9 +57,6 @@ def _binary(text: str) -> bool:
     sample = text[:65536]
     controls = len(_CONTROLS.findall(sample))  # C speed; a Python loop over characters was 1% of a run
     return controls > 0.1 * max(1, len(sample))
-
-
-_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f]")  # below 32, except \t \n \v \f \r (9-13)
 
 
 def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:
