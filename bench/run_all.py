@@ -187,18 +187,22 @@ def halves(examples: list) -> tuple[list, list]:
     return [examples[i] for i in order[0::2]], [examples[i] for i in order[1::2]]
 
 
+# DICOM copies per repeat: the test half of PneumoniaMNIST is 135 tiny images
+DICOM_COPIES = 4
+
+
 def repeat_inputs(input_glob: str, is_dicom: bool, repeat: int, d: Path) -> tuple[str, int]:
-    """The test half's input K times over with new ids (DICOM: 4K copies of each file under new
-    names, the test half of PneumoniaMNIST being 135 tiny images); returns (input glob, records)."""
+    """The test half's input K times over with new ids (DICOM: DICOM_COPIES x K copies of each
+    file under new names); returns (input glob, records)."""
     d.mkdir(parents=True)
     if is_dicom:
         import shutil
 
         files = sorted(Path(input_glob).parent.glob("*.dcm"))
-        for k in range(4 * repeat):
+        for k in range(DICOM_COPIES * repeat):
             for f in files:
                 shutil.copyfile(f, d / f"{k}-{f.name}")
-        return str(d / "*.dcm"), len(files) * 4 * repeat
+        return str(d / "*.dcm"), len(files) * DICOM_COPIES * repeat
     lines = Path(input_glob).read_text().splitlines()
     with open(d / "test.jsonl", "w") as f:
         for k in range(repeat):
@@ -368,10 +372,10 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     if steady_records > 0:
         # Steady state: a run over a few hundred records is half start-up (Beam, model load,
         # Parquet, report, the DICOM decoder's child process); a nightly archive is not. The same
-        # records K times, new ids (DICOM: 4K copies of each file under new names), K the smallest
-        # (at least 2) that gives every corpus about the same number of records, so start-up
-        # weighs alike in each section (with a fixed K, medical abstracts' 200 gave 800).
-        repeat = max(2, -(-steady_records // (n * (4 if is_dicom else 1))))
+        # records K times (repeat_inputs), K the smallest (at least 2) that gives every corpus about
+        # the same number of records, so start-up weighs alike in each section (with a fixed K,
+        # medical abstracts' 200 gave 800).
+        repeat = max(2, -(-steady_records // (n * (DICOM_COPIES if is_dicom else 1))))
         steady_glob, m = repeat_inputs(input_glob, is_dicom, repeat, work / name / "steady")
         steady = {}
         for sysname, extra in variants.items():

@@ -19,7 +19,7 @@ from epee.kernels import (
     resolve_linear_kernel,
 )
 from epee.backbones import BertAdapter, _exact_gelu_ffn
-from tests.conftest import FAMILY_TASKS, make_samples
+from tests.conftest import FAMILY_TASKS, make_samples, tiny_backbone_config
 from tests.epee.test_engine import assert_same_predictions, epee_model
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
@@ -225,11 +225,12 @@ def test_linear_gelu_does_not_fuse_what_the_mode_would_not_route():
 
 
 def _bert(**overrides):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, **overrides)
+    cfg = tiny_backbone_config("bert", layers=2)
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
     return BertModel(cfg).eval()
 
 
