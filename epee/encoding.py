@@ -9,6 +9,7 @@ the trigger (``Trigger.<event type>``) and argument spans it overlaps.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -18,6 +19,30 @@ from .data import Example
 from .inputs import EncodedSample
 
 IGNORE = -100  # target of positions that carry no label (special tokens, unscored tokens)
+
+# Where a text may be cut so that its beginning tokenises exactly as in the whole text (see
+# TextPreprocessor._leading_tokens): just before an ASCII whitespace character. Not Python's
+# str.isspace(), which also counts characters (U+001C..U+001F) that BERT's normaliser deletes.
+_CUT = re.compile(r"[ \t\n\r]")
+# Backend pre-tokenisers that split words at whitespace before anything else, and normalisers
+# that act character by character: with them a cut before whitespace changes no earlier token.
+_WORD_PRE_TOKENIZERS = ("BertPreTokenizer", "Whitespace", "WhitespaceSplit")
+_CHAR_NORMALIZERS = ("BertNormalizer", "Lowercase")
+# characters tokenised per token wanted, first guess (English text: about 4.5 per WordPiece)
+_CHARS_PER_TOKEN = 6
+
+
+def prefix_safe(tokenizer) -> bool:
+    """Whether a text cut just before whitespace tokenises to exactly the first tokens of the whole
+    text, so a long note's first windows can be found without tokenising all of it (BERT's
+    WordPiece and GPT-2's byte-level BPE: yes; SentencePiece (ALBERT) and unknown setups: no)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    pre, norm = backend.pre_tokenizer, backend.normalizer
+    pre_ok = type(pre).__name__ in _WORD_PRE_TOKENIZERS or (
+        type(pre).__name__ == "ByteLevel" and bool(getattr(pre, "use_regex", False)))
+    return pre_ok and (norm is None or type(norm).__name__ in _CHAR_NORMALIZERS)
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,7 @@ class TextPreprocessor:
         if self._budget < 1:
             raise ValueError(f"max_length ({self.settings.max_length}) leaves no room for text after "
                              f"{len(self._head) + len(self._tail)} special and prompt positions")
+        self._prefix_safe = prefix_safe(tokenizer)
 
     def _target(self, ex: Example) -> int | None:
         if ex.label is None:
@@ -120,6 +146,27 @@ class TextPreprocessor:
             return self._encode_tokens(ex)
         raise ValueError(f"TextPreprocessor does not handle task {self.task!r}")
 
+    def _leading_tokens(self, text: str, need: int = 0) -> tuple[list[int], list[tuple[int, int]], bool]:
+        """``(ids, offsets, complete)`` of ``text``'s tokens; ``complete`` False means more follow.
+
+        ``need`` > 0 asks only for the first ``need`` + 1 tokens to be exact: where the tokenizer
+        allows (:func:`prefix_safe`), a beginning of the text cut just before whitespace is
+        tokenised instead of all of it, growing until it yields more than ``need`` tokens. Every
+        token returned is then one of the whole text's first tokens, with the same offsets.
+        """
+        if need > 0 and self._prefix_safe:
+            length = need * _CHARS_PER_TOKEN
+            while length < len(text):
+                cut = _CUT.search(text, length)
+                if cut is None:
+                    break
+                ids, offsets = self._tokens(text[: cut.start()])
+                if len(ids) > need:
+                    return ids, offsets, False
+                length = 2 * cut.start() + 1
+        ids, offsets = self._tokens(text)
+        return ids, offsets, True
+
     def encode_windows(self, ex: Example, overlap: float = 0.25) -> list[Encoded]:
         """Cover a long text with overlapping windows instead of truncating it.
 
@@ -128,17 +175,31 @@ class TextPreprocessor:
         gives one window. Relation inputs are cropped around their entities (:meth:`encode`).
         Token offsets stay relative to the whole text, so spans from every window line up.
         """
+        return self.first_windows(ex, overlap)[0]
+
+    def first_windows(self, ex: Example, overlap: float = 0.25, max_windows: int = 0) -> tuple[list[Encoded], bool]:
+        """The first ``max_windows`` of :meth:`encode_windows`' windows (0: all of them) and whether
+        any were left out. Only as much of a long text is tokenised as those windows need, where
+        the tokenizer allows it (:meth:`_leading_tokens`); the windows are the same either way."""
+        if max_windows < 0:
+            raise ValueError(f"max_windows ({max_windows}) must be >= 0")
         if self.task == "relation" or ex.text is None:
-            return [self.encode(ex)]
+            return [self.encode(ex)], False
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap ({overlap}) must lie in [0, 1)")
-        ids, offsets = self._tokens(ex.text)
+        step = max(1, int(self._budget * (1.0 - overlap)))
+        # max_windows windows from the start: tokens up to (max_windows - 1) * step + budget; one
+        # token more proves the text has further windows (the last one aligned to its end)
+        need = (max_windows - 1) * step + self._budget if max_windows else 0
+        ids, offsets, _ = self._leading_tokens(ex.text, need)
         if len(ids) <= self._budget:
             if self.task == "sequence":  # reuse the tokens rather than tokenising again
-                return [Encoded(self._finish(ids), self._target(ex))]
-            return [self.encode(ex)]
-        step = max(1, int(self._budget * (1.0 - overlap)))
+                return [Encoded(self._finish(ids), self._target(ex))], False
+            return [self.encode(ex)], False
         starts = list(range(0, len(ids) - self._budget, step)) + [len(ids) - self._budget]
+        truncated = bool(max_windows) and len(starts) > max_windows
+        if truncated:
+            starts = starts[:max_windows]
         out = []
         for start in starts:
             win_ids = ids[start : start + self._budget]
@@ -148,7 +209,7 @@ class TextPreprocessor:
                 win_off = offsets[start : start + self._budget]
                 mask = torch.tensor(self._pad_target([True] * len(win_ids), False), dtype=torch.bool)
                 out.append(Encoded(self._finish(win_ids, token_mask=mask), None, self._pad_target(win_off, (0, 0))))
-        return out
+        return out, truncated
 
     def _encode_relation(self, ex: Example) -> Encoded:
         if ex.entities is None:

@@ -42,10 +42,10 @@ class Prepare(beam.DoFn):
                 if record.text is None:
                     raise ValueError("the model takes text, this record has none")
                 ex = Example(id=record.record_id, text=record.text, entities=record.entities)
-                encoded = self.preprocessor.encode_windows(ex, self.overlap)
-                if self.max_windows and len(encoded) > self.max_windows:
+                # with max_windows, only the beginning of a long note that those windows need is tokenised
+                encoded, truncated = self.preprocessor.first_windows(ex, self.overlap, self.max_windows)
+                if truncated:
                     Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
-                    encoded = encoded[: self.max_windows]
         except (ValueError, NotImplementedError) as exc:
             Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare",

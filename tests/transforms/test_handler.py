@@ -143,3 +143,32 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, mon
     caplog.clear()
     EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
     assert not any("emulated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("max_windows", [0, 1, 2])
+def test_prepare_keeps_the_first_windows_and_counts_truncated_notes(notes_model, max_windows):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.inference import Prepare
+    from transforms.records import InputRecord
+
+    pre, _ = load_preprocessor(notes_model)
+    texts = {"short": "fever and cough", "long": "patient with fever and cough, no rash " * 200,
+             "medium": "patient with fever and cough " * 30}
+    expected = {rid: len(pre.encode_windows(Example(id=rid, text=t))) for rid, t in texts.items()}
+    assert expected["short"] == 1 and expected["long"] > expected["medium"] > 2
+    # the very windows of the whole note, the first max_windows of them
+    want = [(rid, [e.sample.input_ids.tolist() for e in pre.encode_windows(Example(id=rid, text=t))][: max_windows or None])
+            for rid, t in texts.items()]
+    assert [len(w) for _, w in want] == [min(n, max_windows or n) for n in expected.values()]
+    with beam.Pipeline() as p:
+        out = (p | beam.Create([InputRecord(rid, "mem://x", text=t) for rid, t in texts.items()])
+               | beam.ParDo(Prepare(notes_model, max_windows=max_windows))
+               | beam.Map(lambda r: (r.record_id, [s.input_ids.tolist() for s in r.samples])))
+        assert_that(out, equal_to(want))
+    result = p.result
+    counters = result.metrics().query(MetricsFilter().with_name("notes_truncated_by_max_windows"))["counters"]
+    truncated = sum(c.committed for c in counters)
+    assert truncated == (sum(n > max_windows for n in expected.values()) if max_windows else 0)
