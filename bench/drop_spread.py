@@ -16,7 +16,9 @@ calibration half at each confidence and prints what its setting drops on the who
 how much one halving decides. ``--alternatives`` does the same for two other calibration rules, neither adopted (docs/analyses.md):
 fixed-sequence testing (settings from deepest to fastest, each bootstrap-tested, stop at the first
 that fails) and per-layer temperature scaling of the heads (fitted by NLL on the calibration half)
-before the default rule.
+before the default rule. ``--temperature-rule`` (with ``--splits``) also tries, on each halving, the
+default rule on tempered heads, and the rule that keeps whichever of the two settings is faster on
+the calibration half if it qualifies (not adopted either, docs/analyses.md).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alternatives", action="store_true",
                    help="also calibrate with fixed-sequence testing and with per-layer temperatures")
     p.add_argument("--splits", type=int, default=0, help="also re-run calibrate-then-test on this many other halvings")
+    p.add_argument("--temperature-rule", action="store_true",
+                   help="with --splits: also the default rule on tempered heads, and the faster of the two")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
 
     if args.splits:
-        resplit(model, *encoded(range(len(examples))), fn, args.splits)
+        resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule)
     if not (args.confidences or args.alternatives):
         return
     c_samples, c_gold = encoded(order[0::2])
@@ -128,15 +132,20 @@ def subset(outputs, idx):
     return LayerOutputs([p[idx] for p in outputs.probs], pick(outputs.token_mask), pick(outputs.lengths))
 
 
-def resplit(model, samples, gold, fn, splits: int) -> None:
-    """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times."""
+def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = False) -> None:
+    """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times.
+
+    ``temperature_rule``: also the default rule on heads tempered per layer (fitted on the
+    calibration half), and "faster": the tempered setting where it qualifies and exits earlier on
+    the calibration half than the default one, else the default one.
+    """
     from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
     from epee.config import ExitPolicyConfig
     from epee.policies import ExitPolicy
 
     L = model.num_layers
     outputs = collect_layer_outputs(model, samples)
-    drops, exits = [], []
+    results: dict[str, list[tuple[float, float]]] = {}
     for seed in range(1, splits + 1):
         order = list(range(len(samples)))
         random.Random(seed).shuffle(order)
@@ -144,16 +153,29 @@ def resplit(model, samples, gold, fn, splits: int) -> None:
         for idx in (order[0::2], order[1::2]):
             halves.append((subset(outputs, idx), [gold[i] for i in idx]))
         (c_out, c_gold), (t_out, t_gold) = halves
-        points = sweep(c_out, lambda p: fn(c_gold, p), L)
-        point = choose_robust(c_out, points, c_gold, fn, 0.01, "epee").point
-        full = simulate(t_out, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions
-        run = simulate(t_out, ExitPolicy(point.policy_config(), L))
-        drops.append(100 * (fn(t_gold, full) - fn(t_gold, run.predictions)))
-        exits.append(run.mean_exit_layer)
-        print(f"  halving {seed}: τ={point.entropy_threshold:.3g} P={point.patience}; other half: drop {drops[-1]:+.2f} "
-              f"at {exits[-1]:.2f} layers", flush=True)
-    print(f"  {splits} halvings: drop mean {np.mean(drops):+.2f}, median {np.median(drops):+.2f}, "
-          f"above 1 point in {sum(d > 1 for d in drops)}; mean exit {np.mean(exits):.2f}")
+        full = fn(t_gold, simulate(t_out, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions)
+
+        def calibrate_and_test(c, t):
+            r = choose_robust(c, sweep(c, lambda p: fn(c_gold, p), L), c_gold, fn, 0.01, "epee")
+            run = simulate(t, ExitPolicy(r.point.policy_config(), L))
+            return r, (100 * (full - fn(t_gold, run.predictions)), run.mean_exit_layer)
+
+        plain, measured = calibrate_and_test(c_out, t_out)
+        line = {"default": measured}
+        if temperature_rule:
+            temps = [fit_temperature(p, c_gold, c_out.token_mask) for p in c_out.probs]
+            tempered, t_measured = calibrate_and_test(tempered_outputs(c_out, temps), tempered_outputs(t_out, temps))
+            faster = (tempered.drop_quantile <= 0.01 + 1e-12
+                      and tempered.point.mean_exit_layer < plain.point.mean_exit_layer)
+            line.update(tempered=t_measured, faster=t_measured if faster else measured)
+        for rule, value in line.items():
+            results.setdefault(rule, []).append(value)
+        print(f"  halving {seed}: τ={plain.point.entropy_threshold:.3g} P={plain.point.patience}; other half: "
+              + "; ".join(f"{rule} drop {d:+.2f} at {e:.2f} layers" for rule, (d, e) in line.items()), flush=True)
+    for rule, values in results.items():
+        drops, exits = np.array([d for d, _ in values]), np.array([e for _, e in values])
+        print(f"  {splits} halvings, {rule} rule: drop mean {drops.mean():+.2f}, median {np.median(drops):+.2f}, "
+              f"above 1 point in {int((drops > 1).sum())}; mean exit {exits.mean():.2f}")
 
 
 def fixed_sequence(outputs, points, gold, fn, tolerance: float, confidence: float, resamples: int = 200):
