@@ -137,8 +137,8 @@ class TextPreprocessor:
     def encode(self, ex: Example) -> Encoded:
         if ex.text is None:
             raise ValueError(f"example {ex.id} has no text")
-        if self.task == "sequence":
-            ids, _ = self._tokens(ex.text)
+        if self.task == "sequence":  # truncated: only the first budget tokens are needed
+            ids, _, _ = self._leading_tokens(ex.text, self._budget)
             return Encoded(self._finish(ids[: self._budget]), self._target(ex))
         if self.task == "relation":
             return self._encode_relation(ex)

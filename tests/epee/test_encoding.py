@@ -209,6 +209,13 @@ class TestFirstWindows:
                 assert complete or len(got_ids) > need
                 assert not complete or got_ids == ids
 
+    def test_truncating_encode_is_the_whole_texts_beginning(self, tokenizer):
+        pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=16))
+        for i, text in enumerate(_awkward_texts(40, seed=2)):
+            ids, _ = pre._tokens(text)
+            got = pre.encode(Example(id=str(i), text=text)).sample.input_ids.tolist()
+            assert got == pre._head + ids[:14] + pre._tail, i
+
     def test_tokenizers_that_may_join_across_whitespace_tokenise_everything(self, tokenizer):
         from epee.encoding import prefix_safe
 
