@@ -7,7 +7,8 @@ EPYC machines our benchmarks ran on it was about 20% faster in the engine than P
 PyTorch's). Its memory is measured by ``bench.scaling``, not here: see docs/analyses.md.
 
 1. One linear layer per shape of a BERT-style layer (hidden H: H->H, H->4H, 4H->H) on M token rows,
-   each kernel timed alternately over ``--reps`` rounds; prints ms per call and the ratio.
+   each kernel timed alternately over ``--reps`` rounds; prints ms per call, the ratio and GFLOP/s,
+   beside a square 2048 matmul's GFLOP/s (what this machine's float32 peak is in practice).
 2. With ``--model DIR`` (a trained model directory, e.g. ``models/medical_abstracts``), the engine
    over that corpus' test half (as ``bench.run_all`` measures it) with each kernel, alternating
    rounds: records/s, and whether both gave the same exit layers and labels; also oneDNN with
@@ -58,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     if not onednn_linear_available():
         raise SystemExit("this PyTorch build has no oneDNN linear op: the engine uses PyTorch's own")
     print(f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print(f"| linear (rows {args.rows}) | PyTorch (aten) ms | oneDNN ms | aten / oneDNN |")
-    print("|---|---|---|---|")
+    side = 2048
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    peak = 2 * side**3 / (statistics.median(time_call(lambda: a @ b, 5) for _ in range(args.reps)) / 1e3) / 1e9
+    print(f"Square {side} float32 matmul (PyTorch), this machine's practical peak: {peak:.0f} GFLOP/s\n")
+    print(f"| linear (rows {args.rows}) | PyTorch (aten) ms | oneDNN ms | aten / oneDNN | aten GFLOP/s | oneDNN GFLOP/s |")
+    print("|---|---|---|---|---|---|")
     h = args.hidden
     torch.manual_seed(0)
     for fan_in, fan_out in ((h, h), (h, 4 * h), (4 * h, h)):
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             times["aten"].append(time_call(lambda: lin(x), args.calls))
             times["onednn"].append(time_call(onednn, args.calls))
         a, o = statistics.median(times["aten"]), statistics.median(times["onednn"])
-        print(f"| {fan_in} -> {fan_out} | {a:.2f} | {o:.2f} | {a / o:.2f}x |")
+        flops = 2 * args.rows * fan_in * fan_out / 1e9
+        print(f"| {fan_in} -> {fan_out} | {a:.2f} | {o:.2f} | {a / o:.2f}x | {flops / a * 1e3:.0f} | {flops / o * 1e3:.0f} |")
     gelu_row(args)
     if args.model:
         engine_rows(args)
