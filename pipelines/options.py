@@ -34,7 +34,8 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--window_overlap", type=float, default=0.25,
                        help="long notes: share of each window that overlaps the previous one")
         g.add_argument("--max_windows", type=int, default=0,
-                       help="long notes: use at most the first N windows (0: the whole note). 1 = plain truncation")
+                       help="long notes: use at most the first N windows (0: the whole note). 1 = plain truncation; "
+                            "only as much of a note as those windows need is tokenised")
         g.add_argument("--frame_policy", default="middle", choices=["middle", "all"],
                        help="multi-frame DICOM: the middle frame, or every frame as its own record")
         g.add_argument("--max_note_bytes", type=int, default=1 << 20,
