@@ -17,3 +17,11 @@ def machine() -> str:
     except OSError:
         pass
     return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)
+
+
+def add_text_corpus_arguments(parser, default: str) -> None:
+    """``--corpus`` (one of run_all's text corpora) and ``--models`` (where their model directories are)."""
+    from bench.run_all import CORPORA
+
+    parser.add_argument("--corpus", default=default, choices=[c for c in CORPORA if c != "pneumoniamnist"])
+    parser.add_argument("--models", default="models")

@@ -28,15 +28,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import machine
+from bench import add_text_corpus_arguments, machine
 
 
 def main(argv: list[str] | None = None) -> None:
     from bench.run_all import CORPORA, halves, held_out, repeat_inputs, run_stock, write_inputs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default="ddi", choices=[c for c in CORPORA if c != "pneumoniamnist"])
-    p.add_argument("--models", default="models")
+    add_text_corpus_arguments(p, default="ddi")
     p.add_argument("--max-test", type=int, default=500, help="records of the test half (at most), as in run_all")
     p.add_argument("--repeat", type=int, default=4, help="the test half this many times over")
     p.add_argument("--ours", type=int, nargs="+", default=[64, 256, 512], help="our pipeline's batch sizes")

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import machine
+from bench import add_text_corpus_arguments, machine
 
 # (label, substring of pstats' function key, whether to take its cumulative time rather than its own)
 NAMED = [("linear layers (oneDNN)", "mkldnn._linear_pointwise", False),
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.common import run as run_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default="medical_abstracts", choices=[c for c in CORPORA if c != "pneumoniamnist"])
-    p.add_argument("--models", default="models")
+    add_text_corpus_arguments(p, default="medical_abstracts")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)

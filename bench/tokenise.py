@@ -20,15 +20,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import machine
+from bench import add_text_corpus_arguments, machine
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import CORPORA, held_out
+    from bench.run_all import held_out
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default="medical_abstracts", choices=[c for c in CORPORA if c != "pneumoniamnist"])
-    p.add_argument("--models", default="models")
+    add_text_corpus_arguments(p, default="medical_abstracts")
     p.add_argument("--max-windows", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
