@@ -57,6 +57,11 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
                            f"({opts.max_batch_size})]")
     if opts.heap_trim_seconds < 0:
         raise StartupError(f"--heap_trim_seconds must be >= 0 (0 disables), got {opts.heap_trim_seconds}")
+    # checked here, not per note: a bad value would otherwise dead-letter every long note
+    if opts.max_windows < 0:
+        raise StartupError(f"--max_windows must be >= 0 (0: the whole note), got {opts.max_windows}")
+    if not 0.0 <= opts.window_overlap < 1.0:
+        raise StartupError(f"--window_overlap must lie in [0, 1), got {opts.window_overlap}")
     from epee.kernels import check_linear_kernel
 
     try:

@@ -215,6 +215,12 @@ def test_startup_errors_are_clear(models, tmp_path):
     with pytest.raises(StartupError, match="--heap_trim_seconds"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--heap_trim_seconds", "-1"])
+    with pytest.raises(StartupError, match="--max_windows must be >= 0"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--max_windows", "-1"])
+    with pytest.raises(StartupError, match=r"--window_overlap must lie in \[0, 1\)"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--window_overlap", "1.0"])
     with pytest.raises(StartupError, match="--linear_kernel: .*CPU only"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--linear_kernel", "onednn", "--device", "cuda"])
