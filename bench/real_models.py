@@ -174,7 +174,9 @@ NOTES = """## Observations (2026-11-22)
   against 3.56 on the dev set). On ten random halvings of the held-out set (calibrate on one half,
   measure on the other, `bench.drop_spread --splits 10`) EPEE's drop averaged +0.15 points at 3.16
   layers, against +0.05 at 3.61 for the labels-only model; `--distill 0.5` exited earlier still
-  but lost 2 points on run_all's test half (docs/analyses.md).
+  but lost 2 points on run_all's test half. With `--seed 7` both recipes exit at about 4.0 layers,
+  and the calibrated setting drops more than 2 points on average (docs/analyses.md): the training
+  run decides more than the recipe.
 - **DDI is trained on a subsample**: 3,000 of the ~25,000 training pairs (negatives capped at one
   per positive), 2 epochs, to stay within minutes on 2 CPU cores. Its full-depth micro-F1 over
   positive relations (0.44) is far below full-data BERT results on DDI and says nothing about the
