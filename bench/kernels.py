@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("this PyTorch build has no oneDNN linear op: the engine uses PyTorch's own")
     print(f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}\n")
     side = 2048
-    a, b = torch.randn(side, side), torch.randn(side, side)
-    peak = 2 * side**3 / (statistics.median(time_call(lambda: a @ b, 5) for _ in range(args.reps)) / 1e3) / 1e9
+    left, right = torch.randn(side, side), torch.randn(side, side)
+    matmul_ms = statistics.median(time_call(lambda: left @ right, 5) for _ in range(args.reps))
+    peak = 2 * side**3 / matmul_ms / 1e6  # GFLOP/s
     print(f"Square {side} float32 matmul (PyTorch), this machine's practical peak: {peak:.0f} GFLOP/s\n")
     print(f"| linear (rows {args.rows}) | PyTorch (aten) ms | oneDNN ms | aten / oneDNN | aten GFLOP/s | oneDNN GFLOP/s |")
     print("|---|---|---|---|---|---|")

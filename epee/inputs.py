@@ -55,7 +55,8 @@ class EncodedSample:
         # Pickled with its tensors as numpy arrays, rebuilt as tensors without a copy. Beam's coders
         # pickle samples whenever they cross a stage boundary and, when sampling byte sizes, inside
         # fused stages too (every record of a sampled RunInference batch): a torch tensor pickles
-        # through torch.save, about 16x slower than the same array (117 against 7 us per sample).
+        # through torch.save, about 5x slower (a 128-token sample: 14 us as arrays, 74 us for its
+        # two tensors alone, measured 2026-11-24).
         return (_rebuild_sample, tuple(_to_numpy(getattr(self, f.name)) for f in fields(self)))
 
 
