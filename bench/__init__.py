@@ -19,6 +19,21 @@ def machine() -> str:
     return ", ".join(x for x in (platform.machine(), model, f"{os.cpu_count()} cores") if x)
 
 
+def stock_pipeline():
+    """A Beam pipeline for the stock RunInference baselines, on the FnApiRunner.
+
+    That is where Beam's DirectRunner runs them offline, but only after offering them to Prism, which
+    tries to download its binary from GitHub (a network call at run time; offline it fails, and leaves
+    an empty /tmp/beam-temp* directory behind). Our pipelines never reach Prism: their RunInference uses
+    exception handling, which the DirectRunner keeps off Prism
+    (tests/pipelines/test_pipelines.py::test_direct_runner_never_offers_our_pipelines_to_prism).
+    """
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return beam.Pipeline(runner=FnApiRunner())
+
+
 def add_text_corpus_arguments(parser, default: str) -> None:
     """``--corpus`` (one of run_all's text corpora) and ``--models`` (where their model directories are)."""
     from bench.run_all import CORPORA

@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from torch import nn
 
-from bench import machine
+from bench import machine, stock_pipeline
 
 
 class StockFullDepthClassifier(nn.Module):
@@ -89,7 +89,7 @@ def run_stock(notes_path: str, text_field: str, model_dir: str, output: str, bat
             yield {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
 
     schema = pa.schema([("label", pa.int64()), ("score", pa.float64())])
-    with beam.Pipeline() as p:
+    with stock_pipeline() as p:
         (p | beam.io.ReadFromText(notes_path) | beam.ParDo(Tokenise()) | RunInference(handler)
            | beam.Map(lambda r: {"label": int(r.inference.argmax()), "score": float(r.inference.max())})
            | WriteToParquet(f"{output}/stock", schema, file_name_suffix=".parquet", num_shards=1))

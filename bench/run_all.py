@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench import machine
+from bench import machine, stock_pipeline
 
 CORPORA = {  # name -> (pipeline, what)
     "medical_abstracts": ("notes", "5-class medical abstract classification (accuracy)"),
@@ -150,7 +150,7 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
 
     schema = pa.schema([("label", pa.int64()), ("score", pa.float64())])
     t0 = time.perf_counter()
-    with beam.Pipeline() as p:
+    with stock_pipeline() as p:
         src = (p | fileio.MatchFiles(input_glob) | fileio.ReadMatches()) if is_dicom else (p | beam.io.ReadFromText(input_glob))
         (src | beam.ParDo(Encode()) | RunInference(handler) | beam.Map(row)
              | WriteToParquet(f"{output}/stock", schema, file_name_suffix=".parquet", num_shards=1))

@@ -110,6 +110,28 @@ def safe_threshold(model: EarlyExitModel, samples, quantile: float = 0.5) -> flo
     return float((window[k] + window[k + 1]) / 2)
 
 
+PRISM_OFFERS: list[str] = []  # pipelines Beam's DirectRunner offered to Prism during this session
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _prism_refused():
+    """Beam's DirectRunner offers some pipelines (the small ones tests build) to Prism first, which
+    downloads its binary from GitHub: a network call, and offline an empty /tmp/beam-temp* left
+    behind each time. Tests record the offer and refuse it at once; the DirectRunner then falls back
+    to the FnApiRunner, as it does offline."""
+    from apache_beam.runners.portability import prism_runner
+
+    original = prism_runner.PrismRunner.run_pipeline
+
+    def refuse(self, pipeline, options):
+        PRISM_OFFERS.append(pipeline.__class__.__name__)
+        raise RuntimeError("Prism refused in tests: it would download its binary")
+
+    prism_runner.PrismRunner.run_pipeline = refuse
+    yield
+    prism_runner.PrismRunner.run_pipeline = original
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(1234)

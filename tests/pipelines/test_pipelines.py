@@ -61,6 +61,25 @@ def test_notes_records_in_equal_predictions_plus_dead_letters(models, tmp_path):
     assert s["macs_saved_by_sparsity"] == 0.0  # a dense model
 
 
+def test_direct_runner_never_offers_our_pipelines_to_prism(models, tmp_path):
+    """Prism would download its binary from GitHub at run time. The DirectRunner keeps a pipeline off
+    Prism when it uses DoFn exception handling, as our RunInference step does; a refactor that drops it
+    would send every nightly run to the network first."""
+    from tests.conftest import PRISM_OFFERS
+
+    mixed_notes(tmp_path / "in")
+    before = len(PRISM_OFFERS)
+    summary = run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"],
+                            "--output", str(tmp_path / "out"), "--id_field", "id"])
+    assert summary["records"] == 13
+    assert len(PRISM_OFFERS) == before
+    import apache_beam as beam
+
+    with beam.Pipeline() as p:  # the check itself can fail: a plain pipeline is offered
+        p | beam.Create([1]) | beam.Map(str)
+    assert len(PRISM_OFFERS) == before + 1
+
+
 def test_sparse_prompted_model_runs_transparently(models, tmp_path):
     """A model directory with soft prompts and 75%-sparse layers: the pipeline needs no option for
     either, predicts what the engine predicts, and credits sparsity in the exit statistics."""
