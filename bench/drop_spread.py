@@ -18,7 +18,12 @@ fixed-sequence testing (settings from deepest to fastest, each bootstrap-tested,
 that fails) and per-layer temperature scaling of the heads (fitted by NLL on the calibration half)
 before the default rule. ``--temperature-rule`` (with ``--splits``) also tries, on each halving, the
 default rule on tempered heads, and the rule that keeps whichever of the two settings is faster on
-the calibration half if it qualifies (not adopted either, docs/analyses.md).
+the calibration half if it qualifies (not adopted either, docs/analyses.md). ``--small-set-rules``
+(with ``--splits``) tries, on each halving, rules meant for small calibration sets (none adopted,
+docs/analyses.md): the default rule at confidence 0.95 and 0.99; the confidence (0.9, 0.95, 0.99)
+chosen by 5-fold cross-validation on the calibration half (the lowest whose pooled out-of-fold drop
+is within the point); and, for classification, the fastest setting whose drop expected under the
+last head's probabilities (temperature-scaled on the calibration half) is within the point.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--splits", type=int, default=0, help="also re-run calibrate-then-test on this many other halvings")
     p.add_argument("--temperature-rule", action="store_true",
                    help="with --splits: also the default rule on tempered heads, and the faster of the two")
+    p.add_argument("--small-set-rules", action="store_true",
+                   help="with --splits: also confidences 0.95 and 0.99, a cross-validated confidence, a model-based drop")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
 
     if args.splits:
-        resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule)
+        resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule, args.small_set_rules)
     if not (args.confidences or args.alternatives):
         return
     c_samples, c_gold = encoded(order[0::2])
@@ -132,7 +139,8 @@ def subset(outputs, idx):
     return LayerOutputs([p[idx] for p in outputs.probs], pick(outputs.token_mask), pick(outputs.lengths))
 
 
-def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = False) -> None:
+def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = False,
+            small_set_rules: bool = False) -> None:
     """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times.
 
     ``temperature_rule``: also the default rule on heads tempered per layer (fitted on the
@@ -168,6 +176,20 @@ def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = Fals
             faster = (tempered.drop_quantile <= 0.01 + 1e-12
                       and tempered.point.mean_exit_layer < plain.point.mean_exit_layer)
             line.update(tempered=t_measured, faster=t_measured if faster else measured)
+        if small_set_rules:
+            def measure(point):
+                run = simulate(t_out, ExitPolicy(point.policy_config(), L))
+                return 100 * (full - fn(t_gold, run.predictions)), run.mean_exit_layer
+
+            points = sweep(c_out, lambda p: fn(c_gold, p), L)
+            for confidence in (0.95, 0.99):
+                chosen = choose_robust(c_out, points, c_gold, fn, 0.01, "epee", confidence=confidence).point
+                line[f"confidence {confidence}"] = measure(chosen)
+            confidence = cross_validated_confidence(c_out, c_gold, fn, L, (0.9, 0.95, 0.99))
+            line["cross-validated confidence"] = measure(
+                choose_robust(c_out, points, c_gold, fn, 0.01, "epee", confidence=confidence).point)
+            if c_out.token_mask is None and isinstance(c_gold[0], int):
+                line["model-based"] = measure(model_based_choice(c_out, points, c_gold, 0.01))
         for rule, value in line.items():
             results.setdefault(rule, []).append(value)
         print(f"  halving {seed}: τ={plain.point.entropy_threshold:.3g} P={plain.point.patience}; other half: "
@@ -176,6 +198,57 @@ def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = Fals
         drops, exits = np.array([d for d, _ in values]), np.array([e for _, e in values])
         print(f"  {splits} halvings, {rule} rule: drop mean {drops.mean():+.2f}, median {np.median(drops):+.2f}, "
               f"above 1 point in {int((drops > 1).sum())}; mean exit {exits.mean():.2f}")
+
+
+def cross_validated_confidence(outputs, gold, fn, L: int, confidences, folds: int = 5, tolerance: float = 0.01):
+    """The lowest bootstrap confidence whose rule, fitted on ``folds - 1`` folds, drops at most
+    ``tolerance`` on the records left out (predictions pooled over the folds); else the highest."""
+    from epee.calibration import choose_robust, simulate, sweep
+    from epee.config import ExitPolicyConfig
+    from epee.policies import ExitPolicy
+
+    n = outputs.num_samples
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    fold_of = {i: k % folds for k, i in enumerate(order)}
+    full = simulate(outputs, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions
+    for confidence in confidences:
+        pooled = [None] * n
+        for f in range(folds):
+            fit = [i for i in range(n) if fold_of[i] != f]
+            left_out = [i for i in range(n) if fold_of[i] == f]
+            o, g = subset(outputs, fit), [gold[i] for i in fit]
+            point = choose_robust(o, sweep(o, lambda p: fn(g, p), L), g, fn, tolerance, "epee",
+                                  confidence=confidence).point
+            for i, pred in zip(left_out, simulate(subset(outputs, left_out), ExitPolicy(point.policy_config(), L)).predictions):
+                pooled[i] = pred
+        if fn(gold, full) - fn(gold, pooled) <= tolerance + 1e-12:
+            return confidence
+    return confidences[-1]
+
+
+def model_based_choice(outputs, points, gold, tolerance: float):
+    """Classification only: the fastest EPEE setting whose expected accuracy drop, taking the last
+    head's probabilities (temperature-scaled on ``gold``) as the truth, is at most ``tolerance``:
+    mean over records of q(full-depth label) - q(exit label). Label noise does not enter the
+    comparison of settings; the last head's calibration does. Else the deepest setting."""
+    import torch
+
+    from epee.calibration import _speed_first, simulate
+    from epee.config import ExitPolicyConfig
+    from epee.policies import ExitPolicy
+
+    L, n = outputs.num_layers, outputs.num_samples
+    q = outputs.probs[L - 1]
+    q = torch.softmax(torch.log(q.clamp_min(1e-12)) / fit_temperature(q, gold, None), dim=-1)
+    rows = torch.arange(n)
+    q_full = q[rows, torch.tensor(simulate(outputs, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions)]
+    pool = [p for p in points if p.kind == "epee"]
+    for p in sorted(pool, key=_speed_first):
+        preds = torch.tensor(simulate(outputs, ExitPolicy(p.policy_config(), L)).predictions)
+        if float((q_full - q[rows, preds]).mean()) <= tolerance + 1e-12:
+            return p
+    return max(pool, key=lambda p: p.mean_exit_layer)
 
 
 def fixed_sequence(outputs, points, gold, fn, tolerance: float, confidence: float, resamples: int = 200):

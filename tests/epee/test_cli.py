@@ -53,6 +53,7 @@ def check_calibrated_and_evaluated(capsys, model_dir, data, *extra):
         assert sel == {"rule": "point estimate"}
         return cal, run(capsys, "evaluate", "--model", model_dir, "--data", data)
     assert sel["rule"] == "paired bootstrap" and sel["confidence"] == 0.9 and sel["candidates_tested"] >= 1
+    assert cal["examples"] < 500 and "--confidence 0.99" in sel["warning"]  # a small dev set is flagged
     if sel["drop_quantile"] <= 0.01 + 1e-12:  # qualified: no faster setting passes the plain test and the bootstrap
         assert sel["mean_drop"] <= sel["drop_quantile"] + 1e-12
     png = model_dir_path.parent / "calibration" / "frontier.png"
@@ -90,6 +91,8 @@ def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
     assert cal16["precision"] == ev16["precision"] == "bfloat16"
     assert ev16["accuracy"] >= 0.8 and ev16["records"] == ev["records"]
     assert ev16["mean_exit_layer"] == pytest.approx(cal16["chosen"]["mean_exit_layer"], abs=1e-3)
+    cal99 = run(capsys, "calibrate", "--model", out, "--confidence", "0.99")  # what the small-set warning advises
+    assert cal99["selection"]["confidence"] == 0.99 and "warning" not in cal99["selection"]
 
 
 def test_relation_extraction_with_markers_and_dev_split(tmp_path, capsys, tokenizer_dir):
