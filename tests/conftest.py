@@ -110,7 +110,7 @@ def safe_threshold(model: EarlyExitModel, samples, quantile: float = 0.5) -> flo
     return float((window[k] + window[k + 1]) / 2)
 
 
-PRISM_OFFERS: list[str] = []  # pipelines Beam's DirectRunner offered to Prism during this session
+PRISM_OFFERS: list[int] = []  # one entry per pipeline Beam's DirectRunner offered to Prism in this session
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -124,7 +124,7 @@ def _prism_refused():
     original = prism_runner.PrismRunner.run_pipeline
 
     def refuse(self, pipeline, options):
-        PRISM_OFFERS.append(pipeline.__class__.__name__)
+        PRISM_OFFERS.append(len(PRISM_OFFERS) + 1)
         raise RuntimeError("Prism refused in tests: it would download its binary")
 
     prism_runner.PrismRunner.run_pipeline = refuse
