@@ -255,8 +255,11 @@ def main(argv=None) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)  # before training: the results are written after each corpus
     raw = docs / "sparsity.json"
     results = json.loads(raw.read_text()) if raw.is_file() else {}
+    if args.render_only and not results:
+        raise SystemExit(f"--render-only: no results in {raw}; run without it first")
     meta = results.pop("_meta", None)
     if not args.render_only:
         run = {"command": command_line(args), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
