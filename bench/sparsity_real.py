@@ -66,7 +66,9 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
     base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
     baseline = base["macs_per_record"]
     metric = next(k for k in ("micro_f1_positive", "accuracy") if k in base)  # the primary metric: DDI reports accuracy too
-    out = {"source": src, "baseline_full_score": base.get(metric), "baseline_macs_per_record": baseline, "runs": []}
+    model_id = json.loads((Path(src) / "epee_config.json").read_text()).get("model_id")
+    out = {"source": src, "baseline_model_id": model_id, "baseline_full_score": base.get(metric),
+           "baseline_macs_per_record": baseline, "runs": []}
 
     def add_row(model_dir: Path, sparsity: float, prompts: int, stage: str, seconds: float) -> None:
         doc = json.loads((model_dir / "epee_config.json").read_text())
@@ -194,7 +196,11 @@ def render(results: dict, meta: dict, docs: Path) -> None:
              ""]
     for name, data in results.items():
         metric = data["runs"][0]["metric"] if data["runs"] else ""
-        lines += [f"## {name}", "", f"Original dense model at full depth: {metric} {data['baseline_full_score']:.4f}, "
+        lines += [f"## {name}", ""]
+        if data.get("baseline_note"):  # written by hand into sparsity.json, kept by re-rendering
+            lines += [data["baseline_note"], ""]
+        model = f" (`{data['baseline_model_id']}`)" if data.get("baseline_model_id") else ""
+        lines += [f"Original dense model{model} at full depth: {metric} {data['baseline_full_score']:.4f}, "
                   f"{data['baseline_macs_per_record'] / 1e9:.2f} GMACs per record.", "",
                   f"| run | sparsity | prompts | stage | measured sparsity | {metric} full depth | MACs full depth | "
                   f"{metric} EPEE | mean exit layer | MACs EPEE | saved by exit / by sparsity |",
@@ -282,9 +288,13 @@ def main(argv=None) -> None:
             key = lambda r: (r["sparsity_target"], r["prompts"], r["stage"])  # noqa: E731
             new = {key(r) for r in fresh["runs"]}
             kept = [r for r in results.get(name, {}).get("runs", []) if key(r) not in new]
-            same = [r for r in kept if row_run(r, meta).get("sizes") == run["sizes"]]
+            # ... and started from the same model (rows of older runs name none: a model retrained since
+            # bench.real_models last trained it scores differently, so they are dropped too)
+            same = [r for r in kept if row_run(r, meta).get("sizes") == run["sizes"]
+                    and results.get(name, {}).get("baseline_model_id") == fresh["baseline_model_id"]]
             if len(same) < len(kept):
-                print(f"{name}: dropped {len(kept) - len(same)} earlier rows trained or scored on other sizes")
+                print(f"{name}: dropped {len(kept) - len(same)} earlier rows trained or scored on other sizes "
+                      "or started from another model")
             fresh["runs"] = same + fresh["runs"]
             results[name] = fresh
             raw.write_text(json.dumps({**results, "_meta": meta or {}}, indent=2) + "\n")
