@@ -290,8 +290,11 @@ def main(argv=None) -> None:
             kept = [r for r in results.get(name, {}).get("runs", []) if key(r) not in new]
             # ... and started from the same model (rows of older runs name none: a model retrained since
             # bench.real_models last trained it scores differently, so they are dropped too)
-            same = [r for r in kept if row_run(r, meta).get("sizes") == run["sizes"]
-                    and results.get(name, {}).get("baseline_model_id") == fresh["baseline_model_id"]]
+            earlier = results.get(name, {})
+            same_model = earlier.get("baseline_model_id") == fresh["baseline_model_id"]
+            same = [r for r in kept if row_run(r, meta).get("sizes") == run["sizes"] and same_model]
+            if same_model and earlier.get("baseline_note"):
+                fresh["baseline_note"] = earlier["baseline_note"]
             if len(same) < len(kept):
                 print(f"{name}: dropped {len(kept) - len(same)} earlier rows trained or scored on other sizes "
                       "or started from another model")
