@@ -32,7 +32,7 @@ from bench import add_text_corpus_arguments, machine
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import CORPORA, halves, held_out, repeat_inputs, run_stock, write_inputs
+    from bench.run_all import CORPORA, run_stock, text_steady_inputs, time_our_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_text_corpus_arguments(p, default="ddi")
@@ -48,25 +48,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from pipelines.common import run as run_pipeline
-
     logging.basicConfig(level=logging.ERROR)
     model_dir = str(Path(args.models) / args.corpus)
     if not (Path(model_dir) / "epee_config.json").is_file():
         raise SystemExit(f"no model in {model_dir}: .venv/bin/python -m bench.real_models --only {args.corpus}")
-    bundle, examples = held_out(model_dir)
-    test = halves(examples)[1][: args.max_test]
     work = Path(tempfile.mkdtemp(prefix="epee-batching-"))
-    input_glob, _ = write_inputs(bundle, test, work / "input")
-    glob, n = repeat_inputs(input_glob, False, args.repeat, work / "steady")
+    glob, n = text_steady_inputs(model_dir, work, args.max_test, args.repeat)
     pipeline = CORPORA[args.corpus][0]
 
     def ours(b: int, out: Path, kernel: str = "auto") -> float:
-        t0 = time.perf_counter()
-        run_pipeline(pipeline, ["--model", model_dir, "--input", glob, "--output", str(out), "--max_windows", "1",
-                                "--id_field", "id", "--min_batch_size", str(b), "--max_batch_size", str(b),
-                                "--linear_kernel", kernel])
-        return n / (time.perf_counter() - t0)
+        return n / time_our_pipeline(pipeline, model_dir, glob, out, b, "--linear_kernel", kernel)
 
     def stock(b: int, out: Path) -> float:
         return n / run_stock(glob, model_dir, str(out), b, False)

@@ -34,8 +34,7 @@ NAMED = [("linear layers (oneDNN)", "mkldnn._linear_pointwise", False),
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import CORPORA, halves, held_out, repeat_inputs, write_inputs
-    from pipelines.common import run as run_pipeline
+    from bench.run_all import CORPORA, text_steady_inputs, time_our_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_text_corpus_arguments(p, default="medical_abstracts")
@@ -44,17 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     model_dir = str(Path(args.models) / args.corpus)
-    bundle, examples = held_out(model_dir)
     work = Path(tempfile.mkdtemp(prefix="epee-profile-"))
-    input_glob, _ = write_inputs(bundle, halves(examples)[1][:500], work / "input")
-    glob, n = repeat_inputs(input_glob, False, args.repeat, work / "steady")
+    glob, n = text_steady_inputs(model_dir, work, 500, args.repeat)
 
     def ours(out: Path) -> float:
-        t0 = time.perf_counter()
-        run_pipeline(CORPORA[args.corpus][0], ["--model", model_dir, "--input", glob, "--output", str(out),
-                                               "--max_windows", "1", "--id_field", "id",
-                                               "--min_batch_size", "512", "--max_batch_size", "512"])
-        return time.perf_counter() - t0
+        return time_our_pipeline(CORPORA[args.corpus][0], model_dir, glob, out, 512)
 
     plain = ours(work / "warm")
     profiler = cProfile.Profile()

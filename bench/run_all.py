@@ -250,6 +250,27 @@ def write_inputs(bundle, examples, d: Path) -> tuple[str, dict[str, int]]:
     return str(d / "test.jsonl"), gold
 
 
+def text_steady_inputs(model_dir: str, work: Path, max_test: int, repeat: int) -> tuple[str, int]:
+    """A text corpus' test half (its first ``max_test`` records) written as JSON lines and repeated
+    ``repeat`` times under ``work``: (input glob, records)."""
+    bundle, examples = held_out(model_dir)
+    input_glob, _ = write_inputs(bundle, halves(examples)[1][:max_test], work / "input")
+    return repeat_inputs(input_glob, False, repeat, work / "steady")
+
+
+def time_our_pipeline(pipeline: str, model_dir: str, input_glob: str, out: Path, batch_size: int,
+                      *extra: str) -> float:
+    """Seconds for one run of our pipeline as run_all's steady rows run it (stored policy,
+    ``--max_windows 1``, RunInference batches of ``batch_size``)."""
+    from pipelines.common import run as run_pipeline
+
+    t0 = time.perf_counter()
+    run_pipeline(pipeline, ["--model", model_dir, "--input", input_glob, "--output", str(out), "--max_windows", "1",
+                            "--id_field", "id", "--min_batch_size", str(batch_size), "--max_batch_size",
+                            str(batch_size), *extra])
+    return time.perf_counter() - t0
+
+
 def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, stock_batch_size: int,
                  steady_records: int = 0, confidence: float = 0.9, precision: str = "float32",
                  pipeline_batch_size: int = 0) -> dict:

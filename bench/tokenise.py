@@ -25,6 +25,7 @@ from bench import add_text_corpus_arguments, machine
 
 def main(argv: list[str] | None = None) -> None:
     from bench.run_all import held_out
+    from epee.encoding import prefix_safe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_text_corpus_arguments(p, default="medical_abstracts")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append((time.perf_counter() - t0) / len(examples) * 1e6)
     chars = sum(len(ex.text or "") for ex in examples) / len(examples)
     print(f"{args.corpus}: {len(examples)} held-out records, mean {chars:.0f} characters; prefix-safe tokenizer: "
-          f"{pre._prefix_safe}; {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n")
+          f"{prefix_safe(pre.tokenizer)}; {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| tokenisation | us per record, per round | median |")
     print("|---|---|---|")
     for name, v in times.items():
