@@ -24,6 +24,8 @@ the second half only:
 ``--precision bfloat16`` runs our engine, calibration and pipelines in bfloat16 (torch.autocast) and
 adds ``beam_stock_bfloat16``: the stock handler with its ``inference_fn`` under the same autocast,
 the bfloat16 run a Beam user could set up (``beam_stock`` stays float32, the reference too).
+``--precision int8`` runs ours in int8 (``epee.kernels``) and adds ``beam_stock_int8``: the stock
+handler's model after PyTorch's dynamic quantisation.
 
     .venv/bin/python -m bench.run_all                    # every corpus
     .venv/bin/python -m bench.run_all --only ddi --max-test 300
@@ -78,6 +80,17 @@ class StockFullDepth(nn.Module):
         return torch.softmax(self.model(batch).logits[-1], dim=-1)
 
 
+class StockFullDepthInt8(StockFullDepth):
+    """The stock system in int8 as a Beam user would get it: PyTorch's dynamic quantisation
+    (``torch.ao.quantization.quantize_dynamic``, every ``nn.Linear`` in qint8) applied to the model
+    the stock handler has just loaded its state dict into."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        loaded = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        torch.ao.quantization.quantize_dynamic(self, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return loaded
+
+
 def padded(sample, max_length: int) -> dict[str, torch.Tensor]:
     """One EncodedSample as fixed-shape tensors (the stock handler stacks them)."""
     if sample.pixel_values is not None:
@@ -118,7 +131,8 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
 
     state_path = os.path.join(tempfile.mkdtemp(), "stock.pth")
     torch.save(StockFullDepth(model_dir).state_dict(), state_path)  # a file we made ourselves
-    handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path, model_class=StockFullDepth,
+    handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path,
+                                             model_class=StockFullDepthInt8 if precision == "int8" else StockFullDepth,
                                              model_params={"model_dir": model_dir}, min_batch_size=batch_size,
                                              max_batch_size=batch_size,
                                              **({"inference_fn": bf16_keyed_tensor_inference_fn}
@@ -464,7 +478,14 @@ def render(results: dict, meta: dict, path: Path) -> None:
              "pre-tokenised inputs in-process with a warm-up first. Corpora can be re-measured alone (`--only`), "
              "so sections may come from different runs on different machines of the same kind, which differ in "
              "speed: each section says when and where it ran; compare records/s and ratios within a section.", ""]
-    if meta.get("precision", "float32") != "float32":
+    if meta.get("precision", "float32") == "int8":
+        lines += ["Precision: our engine, calibration and pipelines ran in int8 (`--precision int8`: the transformer "
+                  "layers' linear products in int8, weights per output channel, activations per token row; "
+                  "embeddings, attention, exit heads and exit decisions in float32; `epee/kernels.py`). "
+                  "`beam_stock` and the batch-size-1 reference ran in float32, as their users run them by default; "
+                  "`beam_stock_int8` is Beam's stock handler on the same model after PyTorch's dynamic quantisation "
+                  "(`torch.ao.quantization.quantize_dynamic`, every `nn.Linear` in qint8, activations per tensor).", ""]
+    elif meta.get("precision", "float32") != "float32":
         lines += [f"Precision: our engine, calibration and pipelines ran in {meta['precision']} (`--precision "
                   f"{meta['precision']}`, torch.autocast; exit decisions in float32). `beam_stock` and the "
                   "batch-size-1 reference ran in float32, as their users run them by default; `beam_stock_"
@@ -534,6 +555,10 @@ def render(results: dict, meta: dict, path: Path) -> None:
     if (path.parent / "bf16" / "benchmarks.md").is_file():
         lines += ["The same benchmarks with our engine and pipelines in bfloat16 (`--precision bfloat16`), against "
                   "Beam's stock handler in float32 and in bfloat16: [bf16/benchmarks.md](bf16/benchmarks.md).", ""]
+    if (path.parent / "int8" / "benchmarks.md").is_file():
+        lines += ["The same benchmarks with our engine and pipelines in int8 (`--precision int8`), against Beam's "
+                  "stock handler in float32 and after PyTorch's dynamic quantisation: "
+                  "[int8/benchmarks.md](int8/benchmarks.md).", ""]
     if (path.parent / "analyses.md").is_file():
         lines += ["Follow-up analyses of these figures (test-sample noise, a self-distillation experiment, memory "
                   "probes, bfloat16): [analyses.md](analyses.md).", ""]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import ExitPolicyConfig
 from .inputs import EncodedSample, collate
-from .kernels import linear_kernel_mode, resolve_linear_kernel
+from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
 from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, ExitPolicy, ExitSignal, exit_signal, update_streak
 
@@ -95,7 +95,8 @@ def collect_layer_outputs(
     arithmetic the pipeline runs with).
     """
     autocast = precision_autocast(device, precision)
-    kernel = linear_kernel_mode(resolve_linear_kernel(linear_kernel, device, precision))
+    int8 = Int8Weights.for_model(model) if precision == "int8" else None
+    kernel = linear_kernel_mode(resolve_linear_kernel(linear_kernel, device, precision), int8)
     if not samples:
         raise ValueError("no samples to collect layer outputs from")
     if batch_size < 1:

@@ -598,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=float)
     e.add_argument("--patience", type=int)
     e.add_argument("--precision", default="float32", choices=PRECISIONS,
-                   help="run the engine in this precision (bfloat16: torch.autocast), to check its scores "
-                        "before a pipeline runs with --precision bfloat16")
+                   help="run the engine in this precision (bfloat16: torch.autocast; int8: the layers' linear "
+                        "products in int8), to check its scores before a pipeline runs with that --precision")
     _add_kernel_arg(e)
     _add_data_args(e)
     _add_pickle_arg(e)

@@ -139,7 +139,7 @@ class EarlyExitConfig:
         )
 
 
-PRECISIONS = ("float32", "bfloat16")  # EngineConfig.precision
+PRECISIONS = ("float32", "bfloat16", "int8")  # EngineConfig.precision
 LINEAR_KERNELS = ("auto", "aten", "onednn")  # EngineConfig.linear_kernel (epee.kernels)
 
 
@@ -153,6 +153,9 @@ class EngineConfig:
     device: str = "cpu"
     # "bfloat16": layers and heads run under torch.autocast in bfloat16 (exit decisions stay float32).
     # Pays on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs; emulated elsewhere, and slower.
+    # "int8" (CPU only): the transformer layers' linear layers as int8 products, weights per output
+    # channel, activations per token row, so results do not depend on the batch (epee.kernels);
+    # embeddings, attention, exit heads and exit decisions stay float32.
     precision: str = "float32"
     # Kernel of the float32 linear layers on a CPU: "auto" (oneDNN on x86-64 CPUs in float32, about
     # 20% faster there; PyTorch's elsewhere), "aten" (PyTorch's default, MKL) or "onednn" (an error

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import EngineConfig
 from .inputs import EncodedSample, collate
-from .kernels import linear_kernel_mode, resolve_linear_kernel
+from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
 from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, REASON_NAMES, ExitPolicy, exit_signal, update_streak
 
@@ -265,6 +265,8 @@ class EarlyExitEngine:
         self.device = torch.device(self.config.device)
         # "onednn" or "aten": the float32 CPU linear kernel this engine's runs use (epee.kernels)
         self.linear_kernel = resolve_linear_kernel(self.config.linear_kernel, self.device, self.config.precision)
+        # --precision int8: the layers' weights quantised once, here (after any pruning)
+        self.int8 = Int8Weights.for_model(model) if self.config.precision == "int8" else None
         from .flops import MacCounter
 
         self.macs = MacCounter.for_model(model)  # non-zero weights as they are now: build engines after pruning
@@ -280,7 +282,7 @@ class EarlyExitEngine:
             order.sort(key=lambda i: samples[i].length)
         window = cfg.effective_window
         with torch.inference_mode(), precision_autocast(self.device, cfg.precision), \
-                linear_kernel_mode(self.linear_kernel):
+                linear_kernel_mode(self.linear_kernel, self.int8):
             for start in range(0, len(order), window):
                 self._run_window(samples, order[start : start + window], policy, stats, results)
         return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]

@@ -36,7 +36,8 @@ import contextlib
 import functools
 import platform
 import threading
-from typing import Any, ContextManager
+from dataclasses import dataclass
+from typing import Any, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +65,12 @@ def check_linear_kernel(kernel: str, device: str | torch.device, precision: str)
     can know; whether the op exists is checked where the engine runs)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear_kernel ({kernel!r}) must be one of {', '.join(LINEAR_KERNELS)}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"precision 'int8' runs on the CPU only, not on {device} (use bfloat16 there)")
     if kernel == "onednn":
         if torch.device(device).type != "cpu":
             raise ValueError(f"linear_kernel 'onednn' runs on the CPU only, not on {device}")
-        if precision != "float32":
+        if precision == "bfloat16":
             raise ValueError(f"linear_kernel 'onednn' is for float32; precision {precision!r} uses autocast")
 
 
@@ -85,7 +88,7 @@ def resolve_linear_kernel(kernel: str, device: str | torch.device, precision: st
         return "onednn"
     on_cpu = torch.device(device).type == "cpu"
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if on_cpu and precision == "float32" and x86 and onednn_linear_available() else "aten"
+    return "onednn" if on_cpu and precision != "bfloat16" and x86 and onednn_linear_available() else "aten"
 
 
 # Row sizes per power of two that oneDNN is called with (see the module docstring). 8: at most
@@ -156,10 +159,19 @@ class OneDNNLinear(TorchFunctionMode):
             x = args[0] if args else kwargs.get("input")
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if self._eligible(x, w, b):
-                self.calls += 1
-                return bucketed_onednn_linear(x, w, b)
+            out = self.route(x, w, b)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
+
+    def route(self, x: Any, w: Any, b: Any, post: str = "none") -> torch.Tensor | None:
+        """``post(F.linear(x, w, b))`` through this mode's kernel, or None where it does not apply."""
+        if not self._eligible(x, w, b):
+            return None
+        self.calls += 1
+        if post != "none":
+            self.fused_gelu_calls += 1
+        return bucketed_onednn_linear(x, w, b, post)
 
     @staticmethod
     def _eligible(x: Any, w: Any, b: Any) -> bool:
@@ -196,18 +208,200 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """
     modes = getattr(_active, "modes", ())
     if modes and type(linear) is nn.Linear and unhooked(linear):
-        mode = modes[-1]
-        if mode._eligible(x, linear.weight, linear.bias):
-            mode.calls += 1
-            mode.fused_gelu_calls += 1
-            return bucketed_onednn_linear(x, linear.weight, linear.bias, post="gelu")
+        out = modes[-1].route(x, linear.weight, linear.bias, post="gelu")
+        if out is not None:
+            return out
     return F.gelu(linear(x))
 
 
-def linear_kernel_mode(kernel: str) -> ContextManager:
-    """The context a resolved kernel runs in (see :func:`resolve_linear_kernel`)."""
-    if kernel == "onednn":
-        return OneDNNLinear()
-    if kernel == "aten":
-        return contextlib.nullcontext()
-    raise ValueError(f"resolved linear kernel must be 'onednn' or 'aten', not {kernel!r}")
+@functools.lru_cache(maxsize=1)
+def int8_matmul_available() -> bool:
+    """Whether this PyTorch build multiplies int8 matrices into int32 on the CPU (``torch._int_mm``)."""
+    try:
+        a = torch.ones(2, 3, dtype=torch.int8)
+        return bool(torch.equal(torch._int_mm(a, a.t().contiguous()), torch.full((2, 2), 3, dtype=torch.int32)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True)
+class _Int8Weight:
+    param: torch.Tensor  # the float32 weight it was made from (identity and version are checked)
+    version: int
+    qt: torch.Tensor  # (in, out) int8, round(weight / scale) transposed
+    scale: torch.Tensor  # (out,) float32, per output channel: max |weight row| / 127
+    transposed: bool = False  # the weight is (in, out): GPT-2's Conv1D, called through torch.addmm
+
+
+def quantize_rows(
+    x: torch.Tensor, rows: int | None = None, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of each row of a 2-D float tensor on its own scale.
+
+    Returns ``(q, scale)`` with ``q`` int8 in [-127, 127] and ``scale`` (rows, 1) float32, so
+    ``q * scale`` is ``x`` within half a step of its row's scale. An all-zero row gets scale 0 and
+    zeros. One row's values never change another row's: this is what makes int8 results
+    independent of the batch a row is in. ``rows`` (at least ``x``'s) pads ``q`` with zero rows;
+    ``scratch``, a float32 tensor of at least ``x.numel()`` elements, holds the intermediate."""
+    m, k = x.shape
+    # max |x| per row as max(max x, -min x): two plain reductions, several times faster on the CPU
+    # than abs().amax(), aminmax() or vector_norm(inf)
+    scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).div_(127.0)
+    inverse = scale.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+    scaled = torch.mul(x, inverse, out=scratch.view(-1)[: m * k].view(m, k)) if scratch is not None else x * inverse
+    q = torch.empty((max(rows or m, m), k), dtype=torch.int8, device=x.device)
+    q[:m].copy_(scaled.round_())
+    q[m:].zero_()
+    return q, scale
+
+
+def _quantize_weight(w: torch.Tensor, transposed: bool) -> _Int8Weight:
+    """``w`` is (out, in) as in ``nn.Linear``, or (in, out) with ``transposed`` (GPT-2's ``Conv1D``)."""
+    rows = w.detach().t() if transposed else w.detach()  # rows: the output channels
+    q, scale = quantize_rows(rows.contiguous())
+    return _Int8Weight(param=w, version=w._version, qt=q.t().contiguous(), scale=scale.view(-1),
+                       transposed=transposed)
+
+
+class Int8Weights:
+    """The int8 copies of a model's transformer-layer linear weights (per output channel).
+
+    Built once per engine (after any pruning, like the MAC counter); only the linear layers inside
+    the backbone's layers are taken (``nn.Linear``, and GPT-2's ``Conv1D``): embeddings, exit heads
+    and poolers stay float32, so the exit decisions see float32 head arithmetic. A weight changed in
+    place later (its version moves) is quantised again on its next call."""
+
+    def __init__(self, weights: Sequence[torch.Tensor] = (), transposed: Sequence[torch.Tensor] = ()) -> None:
+        self._table: dict[int, _Int8Weight] = {}
+        for group, is_transposed in ((weights, False), (transposed, True)):
+            for w in group:
+                if _plain(w) and w.dim() == 2 and w.dtype == torch.float32 and w.layout == torch.strided:
+                    self._table[id(w)] = _quantize_weight(w, is_transposed)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Int8Weights":
+        """The layers' linear weights of an :class:`~epee.modeling.EarlyExitModel`; an error if it
+        has none (a backbone whose layers this does not know would silently stay float32)."""
+        from transformers.pytorch_utils import Conv1D
+
+        if not int8_matmul_available():
+            raise ValueError("precision 'int8': this PyTorch build has no CPU int8 matmul (torch._int_mm)")
+        linear: dict[int, torch.Tensor] = {}
+        conv: dict[int, torch.Tensor] = {}
+        for i in range(model.num_layers):  # ALBERT's shared layer appears once
+            for sub in model.adapter.layer_module(i).modules():
+                if not unhooked(sub):
+                    continue
+                if type(sub) is nn.Linear:
+                    linear[id(sub.weight)] = sub.weight
+                elif type(sub) is Conv1D:
+                    conv[id(sub.weight)] = sub.weight
+        found = cls(list(linear.values()), list(conv.values()))
+        if not len(found):
+            raise ValueError("precision 'int8': no float32 linear layer found in this backbone's layers")
+        return found
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def get(self, w: torch.Tensor, transposed: bool = False) -> _Int8Weight | None:
+        entry = self._table.get(id(w))
+        if entry is None or entry.param is not w or entry.transposed != transposed:
+            return None
+        if entry.version != w._version:
+            entry = self._table[id(w)] = _quantize_weight(w, transposed)
+        return entry
+
+
+class _Scratch:
+    """Flat buffers reused across one mode's calls, one per dtype, grown to the largest call: the
+    int8 path's intermediates are not allocated afresh (fresh large tensors cost page faults on
+    their first touch, about 15% of the int8 engine's time)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+def int8_linear(
+    x: torch.Tensor, weight: _Int8Weight, b: torch.Tensor | None, post: str = "none",
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None, scratch: _Scratch | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, w, b)`` (``post="gelu"``: with the exact GELU) as an int8 product.
+
+    Each token row of ``x`` is quantised on its own scale (:func:`quantize_rows`), multiplied
+    exactly into int32 by the per-channel int8 weight, then scaled back: the result depends on that
+    row and the weight only, never on the other rows of the batch. Rows are padded to
+    :func:`bucket_rows` sizes, as for oneDNN (``torch._int_mm`` runs through it). ``quantized``:
+    ``quantize_rows(x's rows, bucket_rows(m))`` already made (Q, K and V share their input)."""
+    rows = x.reshape(-1, x.shape[-1])
+    m, n = rows.shape[0], weight.qt.shape[1]
+    q, scale = quantized if quantized is not None else quantize_rows(rows, bucket_rows(m))
+    acc_out = scratch.get(q.shape[0] * n, torch.int32, x.device).view(q.shape[0], n) if scratch else None
+    acc = torch._int_mm(q, weight.qt, out=acc_out) if acc_out is not None else torch._int_mm(q, weight.qt)
+    # int32 -> float32 first: multiplying the int32 product by a float scale directly takes a slow
+    # mixed-dtype path (15x slower for (4000, 1536))
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    out.copy_(acc[:m]).mul_(scale).mul_(weight.scale)
+    if b is not None:
+        out.add_(b)
+    if post == "gelu":
+        torch.ops.aten.gelu_(out)  # exact (erf) GELU, in place
+    return out.view(*x.shape[:-1], n)
+
+
+class Int8Linear(OneDNNLinear):
+    """``--precision int8``: the transformer layers' linear calls as int8 products with dynamic
+    per-row activation scales (:func:`int8_linear`); every other float32 linear call (exit heads,
+    poolers) goes to oneDNN where ``onednn`` is set, else to PyTorch's own kernel."""
+
+    def __init__(self, weights: Int8Weights, onednn: bool = False) -> None:
+        super().__init__()
+        self.weights = weights
+        self.onednn = onednn
+        self.int8_calls = 0  # linear calls run in int8 (tests and benchmarks read it)
+        # the last input quantised, with its int8 rows: Q, K and V are called on the same tensor
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.scratch = _Scratch()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # an in-place op (add_, __setitem__, out=) could change the input Q, K and V share: forget it
+        if self._last is not None and func is not F.linear and (
+            getattr(func, "__name__", "").endswith("_") or (kwargs and kwargs.get("out") is not None)
+        ):
+            self._last = None
+        if func is torch.addmm and len(args) == 3 and not kwargs:  # Conv1D: addmm(bias, x, weight)
+            b, x, w = args
+            entry = self.weights.get(w, transposed=True) if _plain(w) else None
+            if entry is not None and x.dim() == 2 and self._eligible(x, w.t(), b):
+                return self._int8(x, entry, b, "none")
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def route(self, x: Any, w: Any, b: Any, post: str = "none") -> torch.Tensor | None:
+        entry = self.weights.get(w) if _plain(w) else None
+        if entry is not None and self._eligible(x, w, b):
+            return self._int8(x, entry, b, post)
+        return super().route(x, w, b, post) if self.onednn else None
+
+    def _int8(self, x: torch.Tensor, entry: _Int8Weight, b: torch.Tensor | None, post: str) -> torch.Tensor:
+        self.int8_calls += 1
+        if self._last is None or self._last[0] is not x:  # Q, K and V: one quantisation
+            rows = x.reshape(-1, x.shape[-1])
+            scratch = self.scratch.get(rows.numel(), torch.float32, rows.device)
+            self._last = (x, quantize_rows(rows, bucket_rows(rows.shape[0]), scratch))
+        return int8_linear(x, entry, b, post, quantized=self._last[1], scratch=self.scratch)
+
+
+def linear_kernel_mode(kernel: str, int8: Int8Weights | None = None) -> ContextManager:
+    """The context a resolved kernel runs in (see :func:`resolve_linear_kernel`); with ``int8``
+    weights (``--precision int8``) those weights' calls run in int8 and the rest on ``kernel``."""
+    if kernel not in ("onednn", "aten"):
+        raise ValueError(f"resolved linear kernel must be 'onednn' or 'aten', not {kernel!r}")
+    if int8 is not None:
+        return Int8Linear(int8, onednn=kernel == "onednn")
+    return OneDNNLinear() if kernel == "onednn" else contextlib.nullcontext()

@@ -32,7 +32,8 @@ EPEE_CONFIG_NAME = "epee_config.json"
 def precision_autocast(device: str | torch.device, precision: str) -> torch.autocast:
     """The context the engine and calibration run the model in: ``torch.autocast`` in bfloat16 for
     ``precision="bfloat16"`` (matrix products in bfloat16; softmax and exit decisions, which cast
-    to float32, stay float32), a disabled one for float32."""
+    to float32, stay float32), a disabled one for float32 and int8 (whose products are routed by
+    :func:`epee.kernels.linear_kernel_mode` instead)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision ({precision!r}) must be one of {', '.join(PRECISIONS)}")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16")

@@ -156,6 +156,8 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         # "onednn" fails now where this worker's PyTorch lacks the op; "auto" falls back to PyTorch's kernel
         if resolve_linear_kernel(self.engine_config.linear_kernel, self.device, self.engine_config.precision) == "onednn":
             log.info("float32 linear layers run through oneDNN (--linear_kernel %s)", self.engine_config.linear_kernel)
+        if self.engine_config.precision == "int8":
+            log.info("the transformer layers' linear products run in int8 (--precision int8)")
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 

@@ -91,6 +91,11 @@ def test_sequence_classification(tmp_path, capsys, tokenizer_dir):
     assert cal16["precision"] == ev16["precision"] == "bfloat16"
     assert ev16["accuracy"] >= 0.8 and ev16["records"] == ev["records"]
     assert ev16["mean_exit_layer"] == pytest.approx(cal16["chosen"]["mean_exit_layer"], abs=1e-3)
+    cal8 = run(capsys, "calibrate", "--model", out, "--precision", "int8")  # and in int8
+    ev8 = run(capsys, "evaluate", "--model", out, "--data", dev, "--precision", "int8")
+    assert cal8["precision"] == ev8["precision"] == "int8"
+    assert ev8["accuracy"] >= 0.8 and ev8["records"] == ev["records"]
+    assert ev8["mean_exit_layer"] == pytest.approx(cal8["chosen"]["mean_exit_layer"], abs=1e-3)
     cal99 = run(capsys, "calibrate", "--model", out, "--confidence", "0.99")  # what the small-set warning advises
     assert cal99["selection"]["confidence"] == 0.99 and "warning" not in cal99["selection"]
 

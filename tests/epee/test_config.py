@@ -62,7 +62,8 @@ class TestEngineConfig:
     @pytest.mark.parametrize(
         "kwargs, match",
         [({"batch_size": 0}, r"batch_size \(0\)"), ({"batch_size": 8, "window_size": 4}, r"window_size \(4\)"),
-         ({"precision": "float16"}, r"precision \('float16'\) must be one of float32, bfloat16")],
+         ({"precision": "int8", "device": "cuda"}, r"'int8' runs on the CPU only"),
+         ({"precision": "float16"}, r"precision \('float16'\) must be one of float32, bfloat16, int8")],
     )
     def test_rejects_bad_values(self, kwargs, match):
         with pytest.raises(ValueError, match=match):

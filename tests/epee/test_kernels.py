@@ -150,8 +150,8 @@ def test_engine_gives_the_same_results_with_either_kernel(family, task, monkeypa
     model = epee_model(family, task, samples)
     modes = []
 
-    def recording(kernel):
-        mode = linear_kernel_mode(kernel)
+    def recording(kernel, int8=None):
+        mode = linear_kernel_mode(kernel, int8)
         modes.append(mode)
         return mode
 

@@ -123,20 +123,21 @@ def test_exit_policy_none_runs_every_record_to_the_last_layer(models, tmp_path):
     assert preds and all(p["exit_layer"] == 3 and p["exit_reason"] == "last_layer" for p in preds)
 
 
-def test_bfloat16_precision_predicts_every_record_close_to_float32(models, tmp_path):
+def test_bfloat16_and_int8_predict_every_record_close_to_float32(models, tmp_path):
     n_in = mixed_notes(tmp_path / "in")
     runs = {}
-    for precision in ("float32", "bfloat16"):
+    for precision in ("float32", "bfloat16", "int8"):
         out = tmp_path / precision
         summary = run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(out),
                                 "--id_field", "id", "--exit_policy", "none", "--precision", precision])
         preds = read(out, "predictions")
         assert len(preds) + len(read(out, "dead_letters")) == n_in == summary["records"]
         runs[precision] = {p["record_id"]: p["probabilities"] for p in preds}
-    assert runs["bfloat16"].keys() == runs["float32"].keys()
-    for rid, probs in runs["float32"].items():
-        assert runs["bfloat16"][rid] == pytest.approx(probs, abs=0.05)
-    assert runs["bfloat16"] != runs["float32"]  # it did run in bfloat16
+    for precision in ("bfloat16", "int8"):
+        assert runs[precision].keys() == runs["float32"].keys()
+        for rid, probs in runs["float32"].items():
+            assert runs[precision][rid] == pytest.approx(probs, abs=0.05)
+        assert runs[precision] != runs["float32"]  # it did run in that precision
 
 
 def test_max_windows_truncates_explicitly(models, tmp_path):
