@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --splits: also the default rule on tempered heads, and the faster of the two")
     p.add_argument("--small-set-rules", action="store_true",
                    help="with --splits: also confidences 0.95 and 0.99, a cross-validated confidence, a model-based drop")
+    p.add_argument("--precision", default="float32", help="run the model in this precision (float32, bfloat16, "
+                   "int8); pair it with the --docs of a run_all in that precision (docs/int8)")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     samples, gold = encoded(order[1::2])
     _, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
-    outputs = collect_layer_outputs(model, samples)
+    outputs = collect_layer_outputs(model, samples, precision=args.precision)
     L = model.num_layers
     full = simulate(outputs, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions
     run = simulate(outputs, ExitPolicy(ExitPolicyConfig(**setting), L))
@@ -101,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
               f"5-95%: {lo:+.2f} .. {hi:+.2f}")
 
     if args.splits:
-        resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule, args.small_set_rules)
+        resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule, args.small_set_rules,
+                args.precision)
     if not (args.confidences or args.alternatives):
         return
     c_samples, c_gold = encoded(order[0::2])
-    c_outputs = collect_layer_outputs(model, c_samples)
+    c_outputs = collect_layer_outputs(model, c_samples, precision=args.precision)
     points = sweep(c_outputs, lambda p: fn(c_gold, p), L)
     c_full = next(p for p in points if p.kind == "none").score
 
@@ -140,7 +143,7 @@ def subset(outputs, idx):
 
 
 def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = False,
-            small_set_rules: bool = False) -> None:
+            small_set_rules: bool = False, precision: str = "float32") -> None:
     """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times.
 
     ``temperature_rule``: also the default rule on heads tempered per layer (fitted on the
@@ -152,7 +155,7 @@ def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = Fals
     from epee.policies import ExitPolicy
 
     L = model.num_layers
-    outputs = collect_layer_outputs(model, samples)
+    outputs = collect_layer_outputs(model, samples, precision=precision)
     results: dict[str, list[tuple[float, float]]] = {}
     for seed in range(1, splits + 1):
         order = list(range(len(samples)))

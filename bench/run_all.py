@@ -638,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)  # before the corpora run: each one's results are written as it ends
     raw_path = docs / "benchmarks.json"
     results = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="epee-bench-all-"))
