@@ -28,6 +28,13 @@ token rows of each call are padded up to one of :data:`ROW_STEPS` sizes per powe
 (:func:`bucket_rows`: at most 12.5% more rows, about 6% on average; the padded rows' outputs are
 dropped). The same probe then stays flat, at about 0.54 GiB from its first 500 shapes to 8000
 (``docs/analyses.md``).
+
+**int8** (``--precision int8``, CPU only; :class:`Int8Linear`): the linear layers inside the
+transformer layers run as int8 x int8 -> int32 products (``torch._int_mm``), weights quantised once
+per output channel (:class:`Int8Weights`), each token row of the input on its own scale
+(:func:`quantize_rows`), so a row's result never depends on its batch mates, which the regrouping
+engine changes at every depth. About 2x float32 at full depth on AVX-512 VNNI CPUs. Embeddings,
+attention, exit heads and exit decisions stay float32.
 """
 
 from __future__ import annotations
@@ -337,7 +344,8 @@ def int8_linear(
     Each token row of ``x`` is quantised on its own scale (:func:`quantize_rows`), multiplied
     exactly into int32 by the per-channel int8 weight, then scaled back: the result depends on that
     row and the weight only, never on the other rows of the batch. Rows are padded to
-    :func:`bucket_rows` sizes, as for oneDNN (``torch._int_mm`` runs through it). ``quantized``:
+    :func:`bucket_rows` sizes, as for oneDNN, so the int8 kernel too sees a bounded set of shapes
+    (`docs/analyses.md` probes its memory). ``quantized``:
     ``quantize_rows(x's rows, bucket_rows(m))`` already made (Q, K and V share their input)."""
     rows = x.reshape(-1, x.shape[-1])
     m, n = rows.shape[0], weight.qt.shape[1]

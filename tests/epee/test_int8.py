@@ -60,6 +60,7 @@ def test_int8_linear_is_close_to_float32_and_counts_its_calls():
         assert not torch.equal(g, e)  # it did run in int8
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization
 def test_a_rows_int8_result_does_not_depend_on_the_rest_of_the_batch():
     torch.manual_seed(0)
     lin = nn.Linear(32, 40)
@@ -68,6 +69,10 @@ def test_a_rows_int8_result_does_not_depend_on_the_rest_of_the_batch():
     with torch.inference_mode(), Int8Linear(Int8Weights([lin.weight])):
         alone, together = lin(x), lin(crowd)[:1]
     assert torch.equal(alone, together)  # exactly: per-row scales and exact int32 products
+    # the premise: one activation scale per call (PyTorch's dynamic quantisation) would change it
+    per_tensor = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        assert not torch.allclose(per_tensor(x), per_tensor(crowd)[:1], atol=1e-3)
 
 
 def test_an_inplace_change_to_the_shared_input_is_not_missed():
