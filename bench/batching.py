@@ -13,6 +13,7 @@ each round, and their median.
     .venv/bin/python -m bench.batching --corpus ddi
     .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 64 512 --stock 64 --reps 3
     .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 512 --stock 64 --linear-kernels aten onednn
+    .venv/bin/python -m bench.batching --corpus medical_abstracts --ours 512 --stock 64 --precisions float32 int8
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=2, help="rounds over every batch size")
     p.add_argument("--linear-kernels", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
                    help="our pipeline with each of these --linear_kernel values (epee/kernels.py)")
+    p.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"],
+                   help="our pipeline in each of these --precision values (the stock handler stays float32)")
     args = p.parse_args(argv)
     import logging
 
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     glob, n = text_steady_inputs(model_dir, work, args.max_test, args.repeat)
     pipeline = CORPORA[args.corpus][0]
 
-    def ours(b: int, out: Path, kernel: str = "auto") -> float:
-        return n / time_our_pipeline(pipeline, model_dir, glob, out, b, "--linear_kernel", kernel)
+    def ours(b: int, out: Path, kernel: str = "auto", precision: str = "float32") -> float:
+        return n / time_our_pipeline(pipeline, model_dir, glob, out, b, "--linear_kernel", kernel,
+                                     "--precision", precision)
 
     def stock(b: int, out: Path) -> float:
         return n / run_stock(glob, model_dir, str(out), b, False)
@@ -65,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     ours(64, work / "warm-ours")  # the first run in a process pays for imports and allocator growth
     stock(64, work / "warm-stock")
     rates: dict[tuple[str, int], list[float]] = {}
-    systems = [(f"our pipeline (stored EPEE policy, --linear_kernel {k})", functools.partial(ours, kernel=k), args.ours)
-               for k in args.linear_kernels] + [("Beam stock (full depth)", stock, args.stock)]
+    systems = [(f"our pipeline (stored EPEE policy, --linear_kernel {k}"
+                + (f", --precision {prec})" if prec != "float32" else ")"),
+                functools.partial(ours, kernel=k, precision=prec), args.ours)
+               for k in args.linear_kernels for prec in args.precisions] + [("Beam stock (full depth)", stock, args.stock)]
     for r in range(args.reps):
         for i, (system, fn, sizes) in enumerate(systems):
             for b in sizes:
