@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import epee.engine
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
 from epee.config import ExitPolicyConfig
@@ -21,6 +20,7 @@ from epee.kernels import (
 from epee.policies import ExitPolicy
 from tests.conftest import FAMILY_TASKS, make_samples
 from tests.epee.test_engine import assert_same_predictions, epee_model
+from tests.epee.test_kernels import record_modes
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available(), reason="this PyTorch build has no CPU int8 matmul")
 
@@ -138,13 +138,7 @@ def test_int8_rules():
 def test_engine_in_int8_is_close_to_float32_and_the_same_at_every_batch_size(family, task, monkeypatch):
     samples = make_samples(family, task, n=24)
     model = epee_model(family, task, samples)
-    modes = []
-
-    def recording(kernel, int8=None):
-        modes.append(linear_kernel_mode(kernel, int8))
-        return modes[-1]
-
-    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    modes = record_modes(monkeypatch)
     fp32 = EarlyExitEngine(model, EngineConfig(batch_size=5)).run(samples).predictions
     int8 = EarlyExitEngine(model, EngineConfig(batch_size=5, precision="int8")).run(samples)
     assert isinstance(modes[-1], Int8Linear) and modes[-1].int8_calls > 0

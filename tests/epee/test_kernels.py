@@ -143,19 +143,24 @@ def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
     assert EarlyExitEngine(epee_model("bert", "sequence")).linear_kernel == "aten"  # auto falls back
 
 
+def record_modes(monkeypatch) -> list:
+    """The kernel modes the engine's runs enter, in order (``epee.engine.linear_kernel_mode`` spied on)."""
+    modes = []
+
+    def recording(kernel, int8=None):
+        modes.append(linear_kernel_mode(kernel, int8))
+        return modes[-1]
+
+    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    return modes
+
+
 @needs_onednn
 @pytest.mark.parametrize("family, task", FAMILY_TASKS)
 def test_engine_gives_the_same_results_with_either_kernel(family, task, monkeypatch):
     samples = make_samples(family, task, n=24)
     model = epee_model(family, task, samples)
-    modes = []
-
-    def recording(kernel, int8=None):
-        mode = linear_kernel_mode(kernel, int8)
-        modes.append(mode)
-        return mode
-
-    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    modes = record_modes(monkeypatch)
     aten = EarlyExitEngine(model, EngineConfig(batch_size=5, linear_kernel="aten")).run(samples)
     onednn_engine = EarlyExitEngine(model, EngineConfig(batch_size=5, linear_kernel="onednn"))
     assert onednn_engine.linear_kernel == "onednn"
