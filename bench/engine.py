@@ -4,6 +4,7 @@ Not a test: it prints one JSON line per configuration. Run from the repository r
 
     .venv/bin/python -m bench.engine                       # default: 12 layers, hidden 768, T=128, B=32
     .venv/bin/python -m bench.engine --batch-sizes 8,32,128 --device cuda --dtype bfloat16
+    .venv/bin/python -m bench.engine --policies scheduled --precision int8   # the engine in int8 (CPU)
 
 Every system runs the same weights on the same inputs. Two exit regimes are measured:
 
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="the engine's EngineConfig.precision (int8: CPU only); the stock forward and the batch-1 "
+                        "reference stay in --dtype, so measured_speedup then includes the precision's gain")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per system; the best is kept")
     p.add_argument("--seed", type=int, default=0)
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         n = args.samples or max(128, 4 * bsz)
         samples = make_samples(n, args.seq_len, args.min_len or args.seq_len, 30000, args.seed + 1)
         n_ref = min(n, args.reference_samples or n)
-        engine = EarlyExitEngine(model, EngineConfig(batch_size=bsz, device=str(device)))
+        engine = EarlyExitEngine(model, EngineConfig(batch_size=bsz, device=str(device), precision=args.precision))
         # warm up every path once (allocators, kernels, thread pools)
         full_depth(model, samples[:bsz], bsz, device)
         engine.run(samples[:bsz])
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 "device": device.type,
                 "device_name": device_name,
                 "dtype": args.dtype,
+                "engine_precision": args.precision,
                 "threads": torch.get_num_threads(),
                 "policy": kind,
                 **extra,
