@@ -322,8 +322,8 @@ class Int8Weights:
 
 class _Scratch:
     """Flat buffers reused across one mode's calls, one per dtype, grown to the largest call: the
-    int8 path's intermediates are not allocated afresh (fresh large tensors cost page faults on
-    their first touch, about 15% of the int8 engine's time)."""
+    int8 path's intermediates (scaled input, int32 product) are not allocated afresh, since a fresh
+    large tensor costs page faults on its first touch (docs/analyses.md, int8 section)."""
 
     def __init__(self) -> None:
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
