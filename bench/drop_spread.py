@@ -24,6 +24,13 @@ docs/analyses.md): the default rule at confidence 0.95 and 0.99; the confidence 
 chosen by 5-fold cross-validation on the calibration half (the lowest whose pooled out-of-fold drop
 is within the point); and, for classification, the fastest setting whose drop expected under the
 last head's probabilities (temperature-scaled on the calibration half) is within the point.
+``--precision int8`` (or bfloat16) runs the model in that precision (pair it with ``--docs
+docs/int8``); ``--calibrate-precision float32`` with it calibrates each halving on float32's head
+outputs and measures on the other precision's: does a float32-calibrated policy hold in int8?
+
+    .venv/bin/python -m bench.drop_spread --only medical_abstracts --docs docs/int8 --precision int8 --splits 10
+    .venv/bin/python -m bench.drop_spread --only medical_abstracts --docs docs/int8 --precision int8 --splits 10 \
+        --calibrate-precision float32
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --splits: also confidences 0.95 and 0.99, a cross-validated confidence, a model-based drop")
     p.add_argument("--precision", default="float32", help="run the model in this precision (float32, bfloat16, "
                    "int8); pair it with the --docs of a run_all in that precision (docs/int8)")
+    p.add_argument("--calibrate-precision", default=None,
+                   help="with --splits: calibrate on the head outputs of this precision, measure on --precision's "
+                        "(does a float32-calibrated policy hold in int8?)")
     args = p.parse_args(argv)
 
     from bench.run_all import encode_examples, held_out
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.splits:
         resplit(model, *encoded(range(len(examples))), fn, args.splits, args.temperature_rule, args.small_set_rules,
-                args.precision)
+                args.precision, args.calibrate_precision)
     if not (args.confidences or args.alternatives):
         return
     c_samples, c_gold = encoded(order[0::2])
@@ -143,7 +153,7 @@ def subset(outputs, idx):
 
 
 def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = False,
-            small_set_rules: bool = False, precision: str = "float32") -> None:
+            small_set_rules: bool = False, precision: str = "float32", calibrate_precision: str | None = None) -> None:
     """Calibrate (default rule, tolerance 1 point) on one random half, measure on the other, ``splits`` times.
 
     ``temperature_rule``: also the default rule on heads tempered per layer (fitted on the
@@ -156,13 +166,15 @@ def resplit(model, samples, gold, fn, splits: int, temperature_rule: bool = Fals
 
     L = model.num_layers
     outputs = collect_layer_outputs(model, samples, precision=precision)
+    calibrated_on = (outputs if calibrate_precision in (None, precision)
+                     else collect_layer_outputs(model, samples, precision=calibrate_precision))
     results: dict[str, list[tuple[float, float]]] = {}
     for seed in range(1, splits + 1):
         order = list(range(len(samples)))
         random.Random(seed).shuffle(order)
         halves = []
-        for idx in (order[0::2], order[1::2]):
-            halves.append((subset(outputs, idx), [gold[i] for i in idx]))
+        for source, idx in ((calibrated_on, order[0::2]), (outputs, order[1::2])):
+            halves.append((subset(source, idx), [gold[i] for i in idx]))
         (c_out, c_gold), (t_out, t_gold) = halves
         full = fn(t_gold, simulate(t_out, ExitPolicy(ExitPolicyConfig(kind="none"), L)).predictions)
 
