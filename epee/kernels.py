@@ -320,24 +320,9 @@ class Int8Weights:
         return entry
 
 
-class _Scratch:
-    """Flat buffers reused across one mode's calls, one per dtype, grown to the largest call: the
-    int8 path's intermediates (scaled input, int32 product) are not allocated afresh, since a fresh
-    large tensor costs page faults on its first touch (docs/analyses.md, int8 section)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        buf = self._buffers.get(dtype)
-        if buf is None or buf.numel() < numel or buf.device != device:
-            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
-
-
 def int8_linear(
     x: torch.Tensor, weight: _Int8Weight, b: torch.Tensor | None, post: str = "none",
-    quantized: tuple[torch.Tensor, torch.Tensor] | None = None, scratch: _Scratch | None = None,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, b)`` (``post="gelu"``: with the exact GELU) as an int8 product.
 
@@ -350,11 +335,13 @@ def int8_linear(
     rows = x.reshape(-1, x.shape[-1])
     m, n = rows.shape[0], weight.qt.shape[1]
     q, scale = quantized if quantized is not None else quantize_rows(rows, bucket_rows(m))
-    acc_out = scratch.get(q.shape[0] * n, torch.int32, x.device).view(q.shape[0], n) if scratch else None
-    acc = torch._int_mm(q, weight.qt, out=acc_out) if acc_out is not None else torch._int_mm(q, weight.qt)
-    # int32 -> float32 first: multiplying the int32 product by a float scale directly takes a slow
-    # mixed-dtype path (15x slower for (4000, 1536))
-    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    # The int32 product is written into the float32 output's own memory (same element size) and
+    # converted there, element by element in place: one pass and one allocation fewer than a
+    # separate int32 buffer (6.5 against 8.4 ms for (4000, 1536)). Converting before scaling also
+    # avoids multiplying int32 by a float scale, a slow mixed-dtype path (15x slower).
+    padded = torch.empty((q.shape[0], n), dtype=torch.float32, device=x.device)
+    acc = torch._int_mm(q, weight.qt, out=padded.view(torch.int32))
+    out = padded[:m]
     out.copy_(acc[:m]).mul_(scale).mul_(weight.scale)
     if b is not None:
         out.add_(b)
@@ -375,7 +362,9 @@ class Int8Linear(OneDNNLinear):
         self.int8_calls = 0  # linear calls run in int8 (tests and benchmarks read it)
         # the last input quantised, with its int8 rows: Q, K and V are called on the same tensor
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.scratch = _Scratch()
+        # reused by every quantisation of this mode's run, grown to the largest input: a fresh large
+        # tensor costs page faults on its first touch
+        self._scratch: torch.Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # an in-place op (add_, __setitem__, out=) could change the input Q, K and V share: forget it
@@ -400,9 +389,11 @@ class Int8Linear(OneDNNLinear):
         self.int8_calls += 1
         if self._last is None or self._last[0] is not x:  # Q, K and V: one quantisation
             rows = x.reshape(-1, x.shape[-1])
-            scratch = self.scratch.get(rows.numel(), torch.float32, rows.device)
+            scratch = self._scratch
+            if scratch is None or scratch.numel() < rows.numel() or scratch.device != rows.device:
+                scratch = self._scratch = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
             self._last = (x, quantize_rows(rows, bucket_rows(rows.shape[0]), scratch))
-        return int8_linear(x, entry, b, post, quantized=self._last[1], scratch=self.scratch)
+        return int8_linear(x, entry, b, post, quantized=self._last[1])
 
 
 def linear_kernel_mode(kernel: str, int8: Int8Weights | None = None) -> ContextManager:

@@ -60,6 +60,22 @@ def test_int8_linear_is_close_to_float32_and_counts_its_calls():
         assert not torch.equal(g, e)  # it did run in int8
 
 
+@pytest.mark.parametrize("rows", [1, 9, 21, 300])  # 9, 21 and 300 rows are padded for the kernel
+def test_int8_linear_is_exactly_the_int8_arithmetic_it_describes(rows):
+    """The int32 product lands in the output's own memory and is converted there: check every value
+    against the same arithmetic written out plainly."""
+    torch.manual_seed(rows)
+    lin = nn.Linear(40, 24)
+    x = torch.randn(rows, 40)
+    weights = Int8Weights([lin.weight])
+    entry = weights.get(lin.weight)
+    q, scale = quantize_rows(x)
+    expected = (q.int() @ entry.qt.int()).float() * scale * entry.scale + lin.bias
+    with torch.inference_mode(), Int8Linear(weights):
+        got = lin(x)
+    assert torch.equal(got, expected.detach())
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization
 def test_a_rows_int8_result_does_not_depend_on_the_rest_of_the_batch():
     torch.manual_seed(0)
