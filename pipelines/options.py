@@ -56,8 +56,9 @@ class EpeeOptions(PipelineOptions):
                             "without it. int8 (CPU only): the transformer layers' linear products in int8 with "
                             "per-token scales, about 2x float32 on CPUs with AVX-512 VNNI; embeddings, attention, "
                             "exit heads and decisions stay float32. Scores move slightly: check them on your dev set "
-                            "(epee evaluate --precision). int8 kept the float32-calibrated policy's scores better than "
-                            "calibrating in int8 did (docs/analyses.md)")
+                            "(epee evaluate --precision). int8 can change what the early exit heads predict: calibrate "
+                            "in int8 (epee calibrate --precision int8); a worker warns when the stored policy was "
+                            "calibrated in another precision (docs/analyses.md)")
         g.add_argument("--linear_kernel", default="auto", choices=LINEAR_KERNELS,
                        help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs in float32, about "
                             "20%% faster than PyTorch's default on AMD EPYC, float32 either way; PyTorch's elsewhere; "

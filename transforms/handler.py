@@ -158,6 +158,13 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
             log.info("float32 linear layers run through oneDNN (--linear_kernel %s)", self.engine_config.linear_kernel)
         if self.engine_config.precision == "int8":
             log.info("the transformer layers' linear products run in int8 (--precision int8)")
+            calibrated_in = (bundle.sections.get("calibration") or {}).get("precision")
+            if self.policy is None and calibrated_in != "int8":
+                # int8 can change what the early heads predict: on the sample notes model, its
+                # float32-calibrated policy scored 0.475 in int8 against 0.99 (docs/analyses.md)
+                log.warning("--precision int8 with an exit policy calibrated in %s: int8 can change what the early "
+                            "exit heads predict; calibrate this model in int8 (epee calibrate --precision int8) and "
+                            "check it (epee evaluate --precision int8)", calibrated_in or "no precision on record")
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 

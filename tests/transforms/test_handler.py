@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from epee.config import ExitPolicyConfig
 from epee.data import Example
 from epee.modeldir import load_preprocessor
 from tests.conftest import save_tiny_model_dir
@@ -143,6 +144,26 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, mon
     caplog.clear()
     EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
     assert not any("emulated" in r.getMessage() for r in caplog.records)
+
+
+def test_int8_with_a_policy_not_calibrated_in_int8_warns_at_load(notes_model, tmp_path, caplog):
+    import shutil
+
+    from epee.modeldir import update_model_dir
+
+    caplog.set_level("WARNING", logger="transforms.handler")
+    warned = lambda: any("calibrated in" in r.getMessage() for r in caplog.records)  # noqa: E731
+    EarlyExitModelHandler(notes_model, precision="int8").load_model()
+    assert warned()
+    caplog.clear()
+    EarlyExitModelHandler(notes_model, precision="int8", policy=ExitPolicyConfig(kind="none")).load_model()
+    assert not warned()  # a policy given for the run is the user's choice
+    int8_dir = shutil.copytree(notes_model, tmp_path / "int8")
+    update_model_dir(int8_dir, calibration={"precision": "int8"})
+    EarlyExitModelHandler(str(int8_dir), precision="int8").load_model()
+    assert not warned()
+    EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
+    assert not warned()
 
 
 @pytest.mark.parametrize("max_windows", [0, 1, 2])
