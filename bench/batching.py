@@ -34,6 +34,7 @@ from bench import add_text_corpus_arguments, machine
 
 def main(argv: list[str] | None = None) -> None:
     from bench.run_all import CORPORA, run_stock, text_steady_inputs, time_our_pipeline
+    from epee.config import PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_text_corpus_arguments(p, default="ddi")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=2, help="rounds over every batch size")
     p.add_argument("--linear-kernels", nargs="+", default=["auto"], choices=["auto", "aten", "onednn"],
                    help="our pipeline with each of these --linear_kernel values (epee/kernels.py)")
-    p.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--precisions", nargs="+", default=["float32"], choices=PRECISIONS,
                    help="our pipeline in each of these --precision values (the stock handler stays float32)")
     args = p.parse_args(argv)
     import logging

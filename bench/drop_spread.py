@@ -48,6 +48,8 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> None:
+    from epee.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", required=True, help="corpus name, as in docs/benchmarks.json")
     p.add_argument("--models", default="models")
@@ -62,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --splits: also the default rule on tempered heads, and the faster of the two")
     p.add_argument("--small-set-rules", action="store_true",
                    help="with --splits: also confidences 0.95 and 0.99, a cross-validated confidence, a model-based drop")
-    p.add_argument("--precision", default="float32", help="run the model in this precision (float32, bfloat16, "
-                   "int8); pair it with the --docs of a run_all in that precision (docs/int8)")
-    p.add_argument("--calibrate-precision", default=None,
+    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="run the model in this precision; "
+                   "pair it with the --docs of a run_all in that precision (docs/int8)")
+    p.add_argument("--calibrate-precision", default=None, choices=PRECISIONS,
                    help="with --splits: calibrate on the head outputs of this precision, measure on --precision's "
                         "(does a float32-calibrated policy hold in int8?)")
     args = p.parse_args(argv)

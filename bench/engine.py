@@ -101,6 +101,8 @@ def probe_threshold(model: EarlyExitModel, samples: list[EncodedSample], quantil
 
 
 def main(argv: list[str] | None = None) -> None:
+    from epee.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="the engine's EngineConfig.precision (int8: CPU only); the stock forward and the batch-1 "
                         "reference stay in --dtype, so measured_speedup then includes the precision's gain")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
