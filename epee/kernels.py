@@ -321,20 +321,19 @@ class Int8Weights:
 
 
 def int8_linear(
-    x: torch.Tensor, weight: _Int8Weight, b: torch.Tensor | None, post: str = "none",
-    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], weight: _Int8Weight, b: torch.Tensor | None,
+    post: str = "none",
 ) -> torch.Tensor:
     """``F.linear(x, w, b)`` (``post="gelu"``: with the exact GELU) as an int8 product.
 
-    Each token row of ``x`` is quantised on its own scale (:func:`quantize_rows`), multiplied
-    exactly into int32 by the per-channel int8 weight, then scaled back: the result depends on that
-    row and the weight only, never on the other rows of the batch. Rows are padded to
-    :func:`bucket_rows` sizes, as for oneDNN, so the int8 kernel too sees a bounded set of shapes
-    (`docs/analyses.md` probes its memory). ``quantized``:
-    ``quantize_rows(x's rows, bucket_rows(m))`` already made (Q, K and V share their input)."""
+    ``quantized`` is ``quantize_rows`` of ``x``'s token rows, padded to :func:`bucket_rows` (as for
+    oneDNN, so the int8 kernel too sees a bounded set of shapes; `docs/analyses.md` probes its
+    memory); Q, K and V share it. Each row, on its own scale, is multiplied exactly into int32 by
+    the per-channel int8 weight, then scaled back: the result depends on that row and the weight
+    only, never on the other rows of the batch."""
     rows = x.reshape(-1, x.shape[-1])
     m, n = rows.shape[0], weight.qt.shape[1]
-    q, scale = quantized if quantized is not None else quantize_rows(rows, bucket_rows(m))
+    q, scale = quantized
     # The int32 product is written into the float32 output's own memory (same element size) and
     # converted there, element by element in place: one pass and one allocation fewer than a
     # separate int32 buffer (6.5 against 8.4 ms for (4000, 1536)). Converting before scaling also
@@ -393,7 +392,7 @@ class Int8Linear(OneDNNLinear):
             if scratch is None or scratch.numel() < rows.numel() or scratch.device != rows.device:
                 scratch = self._scratch = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
             self._last = (x, quantize_rows(rows, bucket_rows(rows.shape[0]), scratch))
-        return int8_linear(x, entry, b, post, quantized=self._last[1])
+        return int8_linear(x, self._last[1], entry, b, post)
 
 
 def linear_kernel_mode(kernel: str, int8: Int8Weights | None = None) -> ContextManager:

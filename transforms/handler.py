@@ -164,7 +164,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                 # float32-calibrated policy scored 0.475 in int8 against 0.99 (docs/analyses.md)
                 log.warning("--precision int8 with an exit policy calibrated in %s: int8 can change what the early "
                             "exit heads predict; calibrate this model in int8 (epee calibrate --precision int8) and "
-                            "check it (epee evaluate --precision int8)", calibrated_in or "no precision on record")
+                            "check it (epee evaluate --precision int8)", calibrated_in or "an unrecorded precision")
         if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 
