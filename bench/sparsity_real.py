@@ -60,7 +60,8 @@ FROZEN = "prompt tuning, backbone frozen"
 
 
 def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int, epochs: int, lr: float,
-               sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0, gradual_steps: int = 0) -> dict:
+               sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0, gradual_steps: int = 0,
+               teacher: float = 0.0) -> dict:
     src = str(models / name)
     dev_args = ["--max-examples", str(max_dev)]
     base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
@@ -78,18 +79,24 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
         out["runs"].append(row)
         print(json.dumps({"corpus": name, **row}), flush=True)
 
-    # gradual pruning: its rows are told apart from one-shot pruning by their stage names
-    gradual = ["--gradual-steps", str(gradual_steps)] if gradual_steps else []
-    suffix = f" (gradual, {gradual_steps} steps)" if gradual_steps else ""
+    # gradual pruning and distillation from the dense model: their rows are told apart from plain
+    # one-shot pruning by their stage names
+    extra = ["--gradual-steps", str(gradual_steps)] if gradual_steps else []
+    notes = [f"gradual, {gradual_steps} steps"] if gradual_steps else []
+    if teacher:
+        extra += ["--teacher-distill", f"{teacher:g}"]
+        notes.append(f"dense teacher {teacher:g}")
+    suffix = f" ({', '.join(notes)})" if notes else ""
     for prompts in prompt_counts:
         for s in sparsities:
-            tag = f"s{int(100 * s)}_p{prompts}" + (f"_g{gradual_steps}" if gradual_steps else "")
+            tag = (f"s{int(100 * s)}_p{prompts}" + (f"_g{gradual_steps}" if gradual_steps else "")
+                   + (f"_t{teacher:g}" if teacher else ""))
             sparse_dir, dense_dir = work / name / f"{tag}_sparse", work / name / f"{tag}_dense"
             t0 = time.time()
             epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
                  "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
                  "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
-                 "--lr", str(lr), "--no-progress", *gradual)
+                 "--lr", str(lr), "--no-progress", *extra)
             seconds = time.time() - t0
             for stage, d in (("sparse training", sparse_dir), ("dense fine-tuning", dense_dir)):
                 add_row(d, s, prompts, stage + suffix, seconds)
@@ -157,6 +164,8 @@ def command_line(args: argparse.Namespace) -> str:
         cmd += f" --frozen-prompts {args.frozen_prompts}"
     if args.gradual_steps:
         cmd += f" --gradual-steps {args.gradual_steps}"
+    if args.teacher_distill:
+        cmd += f" --teacher-distill {args.teacher_distill:g}"
     return cmd
 
 
@@ -253,6 +262,9 @@ def main(argv=None) -> None:
                         "(pruned, no dense stage)")
     p.add_argument("--gradual-steps", type=int, default=0, metavar="N",
                    help="prune gradually (cubic) over the first N steps of sparse training instead of at once")
+    p.add_argument("--teacher-distill", type=float, default=0.0, metavar="BETA",
+                   help="epee sparsify --teacher-distill: the pruned model also learns the dense model's "
+                        "full-depth distribution, in both stages")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -280,7 +292,7 @@ def main(argv=None) -> None:
                 real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
             fresh = run_corpus(name, Path(args.models), work, args.max_train or n_train, args.max_dev or n_dev,
                                args.epochs, args.lr, args.sparsities, args.prompts, args.frozen_prompts,
-                               args.gradual_steps)
+                               args.gradual_steps, args.teacher_distill)
             for r in fresh["runs"]:
                 r["run"] = run
             # rows of earlier runs for other (sparsity, prompts, stage) settings are kept if they trained and

@@ -86,6 +86,14 @@ def _encode_all(preprocessor, examples) -> tuple[list, list, list, int]:
     return samples, targets, kept, skipped
 
 
+def _encodes(preprocessor, example) -> bool:
+    try:
+        preprocessor.encode(example)
+    except ValueError:
+        return False
+    return True
+
+
 def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
     """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
     from .metrics import primary_metric
@@ -393,7 +401,7 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     from .data import subsample
     from .modeldir import load_model_dir, save_model_dir
     from .sparsity import MaskEnforcer, SparsityConfig, measured_sparsity
-    from .training import TrainConfig, train
+    from .training import TrainConfig, full_depth_logits, train
 
     for name in ("epochs", "dense_epochs", "num_prompts"):
         if getattr(args, name) < 0:
@@ -405,6 +413,10 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
         raise SystemExit(f"epee sparsify: {exc}") from None
     if args.freeze_backbone and not args.num_prompts:  # before loading anything
         raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
+    if not 0.0 <= args.teacher_distill <= 1.0:
+        raise SystemExit(f"--teacher-distill ({args.teacher_distill}) must lie in [0, 1]")
+    if not args.teacher_temperature > 0:
+        raise SystemExit(f"--teacher-temperature ({args.teacher_temperature}) must be > 0")
     bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
     model, pre = bundle.model, bundle.preprocessor
     recorded = bundle.sections.get("training", {}).get("data", {})
@@ -429,8 +441,25 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     train_ex = subsample(train_ex, max_train, args.seed, neg if task == "relation" else None, ratio)
     dev_ex = subsample(dev_ex, args.max_dev if args.max_dev is not None else recorded.get("max_dev"), args.seed)
 
+    teacher_logits = None
+    if args.teacher_distill > 0:
+        if task == "token":
+            raise SystemExit("--teacher-distill is for sequence-level tasks (classification, relation, image), "
+                             "not token tagging")
+        # the teacher is the model as loaded, dense and without prompts; it reads the examples
+        # through its own preprocessor, the student (perhaps with prompts) through its own, so
+        # keep only the examples both can encode, in one order
+        teacher_pre = pre
     torch.manual_seed(args.seed)
+    model_in = model  # shares its weights with the student until training starts
     model, pre = _soft_prompts(model, pre, args)
+    if args.teacher_distill > 0:
+        train_ex = [ex for ex in train_ex if _encodes(teacher_pre, ex) and _encodes(pre, ex)]
+        teacher_s, _, _, _ = _encode_all(teacher_pre, train_ex)
+        teacher_logits = full_depth_logits(model_in, teacher_s, 64, args.device).cpu()
+        model.to("cpu")
+        log.info("teacher: %d training examples' full-depth logits from %s", len(teacher_s), args.model)
+    del model_in
     train_s, train_t, _, _ = _encode_all(pre, train_ex)
     dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
     metric, fn = score_function(task, model.config.label_names, neg)
@@ -439,10 +468,11 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
 
     def stage(epochs: int, hook) -> dict:
         tcfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                           head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=10**9)
+                           head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=10**9,
+                           teacher_weight=args.teacher_distill, teacher_temperature=args.teacher_temperature)
         started = time.time()
         history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, metric=metric, device=args.device,
-                        progress=not args.no_progress, step_hook=hook)
+                        progress=not args.no_progress, step_hook=hook, teacher_logits=teacher_logits)
         model.to("cpu")
         last = history.epochs[-1].dev_scores_per_layer if history.epochs else []
         return {"epochs": epochs, "config": tcfg.__dict__, "history": history.to_dict(),
@@ -476,6 +506,8 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
                       "dense_epochs": args.dense_epochs if released else 0},
             "stages": {k: v for k, v in stages.items() if v is not None},
             "soft_prompts": {"num_prompts": model.config.num_prompts, "frozen_backbone": bool(args.freeze_backbone)},
+            "teacher": ({"source_model_id": source_id, "weight": args.teacher_distill,
+                         "temperature": args.teacher_temperature} if args.teacher_distill > 0 else None),
         }}
 
     if args.sparse_output and args.dense_epochs:
@@ -618,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--sparse-output", help="with --dense-epochs: also save the model as it was after sparse training here")
     z.add_argument("--num-prompts", type=int, default=0, help="add this many soft prompt vectors (text models)")
     z.add_argument("--freeze-backbone", action="store_true", help="train only soft prompts and exit heads")
+    z.add_argument("--teacher-distill", type=float, default=0.0, metavar="BETA",
+                   help="weight in [0, 1] of distillation from the dense model given by --model: every exit head "
+                        "also learns its full-depth distribution, in both stages (sequence-level tasks; default 0)")
+    z.add_argument("--teacher-temperature", type=float, default=2.0, help="softening of --teacher-distill's targets")
     z.add_argument("--train", help="training data (default: the data recorded at training)")
     z.add_argument("--dev", help="dev data (default: the dev set recorded at training)")
     z.add_argument("--max-train", type=int, help="use at most this many training examples (default: as recorded)")

@@ -45,6 +45,11 @@ class TrainConfig:
     # weight of self-distillation: each earlier exit head also learns the last head's (detached)
     # distribution, so early heads agree with full depth more often; 0 = labels only
     distill_weight: float = 0.0
+    # weight of distillation from a teacher (``epee sparsify --teacher-distill``: the dense model the
+    # sparse one starts from): every exit head also learns the teacher's full-depth distribution,
+    # softened by ``teacher_temperature``; 0 = none
+    teacher_weight: float = 0.0
+    teacher_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
@@ -58,6 +63,10 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio ({self.warmup_ratio}) must lie in [0, 1)")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight ({self.distill_weight}) must lie in [0, 1]")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight ({self.teacher_weight}) must lie in [0, 1]")
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature ({self.teacher_temperature}) must be > 0")
 
 
 @dataclass
@@ -82,26 +91,44 @@ def layer_weights(num_layers: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def weighted_exit_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, distill_weight: float = 0.0) -> torch.Tensor:
+def weighted_exit_loss(
+    logits: Sequence[torch.Tensor], targets: torch.Tensor, distill_weight: float = 0.0,
+    teacher: torch.Tensor | None = None, teacher_weight: float = 0.0, temperature: float = 2.0,
+) -> torch.Tensor:
     """Σ_i w_i · CE(head_i, y) with w_i ∝ i; token tasks ignore positions marked IGNORE.
 
     With ``distill_weight`` α > 0 every head but the last learns ``(1 - α) · CE(head_i, y) +
     α · KL(p_last ‖ p_i)``, the last head's distribution detached (self-distillation, as in
     BERxiT and DeeBERT follow-ups): early heads learn to agree with full depth, which is what
     lets the patience and entropy criteria exit early without changing the answer.
+
+    With ``teacher`` logits (B, C) and ``teacher_weight`` β > 0 (sequence-level tasks), every
+    head's loss above becomes ``(1 - β) · loss_i + β · T² · KL(q_T ‖ p_i,T)``: the teacher's
+    and the head's distributions softened by temperature T (Hinton et al. 2015; the T² keeps the
+    gradients' scale). A pruned model learns from the dense model it was cut from, the usual way
+    to recover accuracy at high sparsity (Sanh et al. 2020, Kurtic et al. 2022).
     """
     weights = layer_weights(len(logits)).to(targets.device)
-    teacher = None
+    last = None
     if distill_weight > 0:
-        teacher = F.softmax(logits[-1].detach().float(), dim=-1)
+        last = F.softmax(logits[-1].detach().float(), dim=-1)
+    soft = None
+    if teacher is not None and teacher_weight > 0:
+        if targets.dim() != 1 or teacher.shape != logits[-1].shape:
+            raise ValueError(f"teacher logits {tuple(teacher.shape)} must match a sequence-level head's "
+                             f"{tuple(logits[-1].shape)}")
+        soft = F.softmax(teacher.detach().float() / temperature, dim=-1)
     total = logits[0].new_zeros(())
     for i, (w, lg) in enumerate(zip(weights, logits)):
         flat, flat_targets = lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1)
         loss = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE)  # (N, C) vs (N,), or (N, T, C) vs (N, T)
-        if teacher is not None and i < len(logits) - 1:
+        if last is not None and i < len(logits) - 1:
             keep = flat_targets != IGNORE
-            kl = F.kl_div(F.log_softmax(flat[keep], dim=-1), teacher.reshape(-1, lg.shape[-1])[keep], reduction="batchmean")
+            kl = F.kl_div(F.log_softmax(flat[keep], dim=-1), last.reshape(-1, lg.shape[-1])[keep], reduction="batchmean")
             loss = (1 - distill_weight) * loss + distill_weight * kl
+        if soft is not None:
+            kl = F.kl_div(F.log_softmax(flat / temperature, dim=-1), soft, reduction="batchmean")
+            loss = (1 - teacher_weight) * loss + teacher_weight * temperature**2 * kl
         total = total + w * loss
     return total
 
@@ -156,6 +183,28 @@ def predict_all_layers(
     return per_layer
 
 
+def full_depth_logits(
+    model: EarlyExitModel, samples: Sequence[EncodedSample], batch_size: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """(N, C) float32 logits of the last exit head, in the samples' order (sequence-level tasks):
+    the teacher's targets for ``train(..., teacher_logits=...)``."""
+    model.eval()
+    model.to(device)
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: samples[i].length)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([samples[i] for i in idx], model.adapter.pad_token_id).to(device)
+            last = model(batch).logits[-1]
+            if last.dim() != 2:
+                raise ValueError("teacher logits are for sequence-level tasks (classification, relation, image), "
+                                 "not token tagging")
+            for j, i in enumerate(idx):
+                out[i] = last[j].float().cpu()
+    return torch.stack(out) if out else torch.empty(0)
+
+
 def _save_checkpoint(path: Path, model: EarlyExitModel, opt: torch.optim.Optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -203,6 +252,7 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     step_hook: Callable[[int], None] | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> TrainHistory:
     """Train in place. ``score_fn(gold, predictions)`` scores one layer's dev predictions.
 
@@ -210,7 +260,8 @@ def train(
     calling ``train`` again with the same ``checkpoint_dir`` resumes where it stopped.
     ``step_hook(step)`` runs after every optimiser step (sparse training re-applies its masks
     there). Parameters with ``requires_grad`` False (a frozen backbone) are not trained; soft
-    prompts learn at the exit heads' rate, as new parameters.
+    prompts learn at the exit heads' rate, as new parameters. ``teacher_logits`` (N, C), one row
+    per training sample, are the teacher's targets when ``config.teacher_weight`` > 0.
     """
     from tqdm.auto import tqdm
 
@@ -218,6 +269,11 @@ def train(
         raise ValueError("samples and targets differ in length")
     if not train_samples:
         raise ValueError("no training examples")
+    if config.teacher_weight > 0:
+        if teacher_logits is None or teacher_logits.dim() != 2 or teacher_logits.shape[0] != len(train_samples):
+            got = None if teacher_logits is None else tuple(teacher_logits.shape)
+            raise ValueError(f"teacher_weight > 0 needs teacher_logits with one row per training sample "
+                             f"({len(train_samples)}); got {got}")
     dev_gold = [t.tolist() if torch.is_tensor(t) else t for t in dev_targets]
     dev = torch.device(device)
     torch.manual_seed(config.seed)
@@ -280,7 +336,11 @@ def train(
             idx = batches[b]
             batch = collate([train_samples[i] for i in idx], model.adapter.pad_token_id).to(dev)
             targets = stack_targets([train_targets[i] for i in idx], batch.input_ids.shape[1] if batch.input_ids is not None else None).to(dev)
-            loss = weighted_exit_loss(model(batch).logits, targets, config.distill_weight)
+            teacher = {}
+            if config.teacher_weight > 0:
+                teacher = {"teacher": teacher_logits[idx].to(dev), "teacher_weight": config.teacher_weight,
+                           "temperature": config.teacher_temperature}
+            loss = weighted_exit_loss(model(batch).logits, targets, config.distill_weight, **teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

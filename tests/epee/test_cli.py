@@ -195,7 +195,7 @@ def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir
     for path, released in ((sparse, False), (final, True)):
         doc = json.loads((__import__("pathlib").Path(path) / "epee_config.json").read_text())
         sp = doc["sparsity"]
-        assert sp["target"] == 0.75 and sp["masks"]["released"] is released
+        assert sp["target"] == 0.75 and sp["masks"]["released"] is released and sp["teacher"] is None
         assert sp["masks"]["source_model_id"] == src_doc["model_id"] and sp["masks"]["method"] == "magnitude"
         assert doc["model"]["num_prompts"] == 2 and doc["model"]["prompt_position"] == 1
         assert doc["training"]["lineage"]["data"]["train"] == train
@@ -212,7 +212,33 @@ def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir
     assert ev_sparse["macs_saved_by_exit"] < 0 < ev_sparse["macs_saved_by_sparsity"]  # 3 heads cost more than 1
 
 
+def test_sparsify_learns_from_the_dense_teacher(tmp_path, capsys, tokenizer_dir):
+    """--teacher-distill 1: the labels carry no weight, so the student, even with soft prompts
+    shifting its inputs, keeps the dense model's full-depth answers; the directory records it."""
+    rows = symptom_notes(100, seed=5)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows[80:])
+    src = str(tmp_path / "dense")
+    run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", src,
+        "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--epochs", "3",
+        "--batch-size", "8", "--lr", "2e-3", "--head-lr", "5e-3", "--max-length", "32", "--no-progress")
+    out = str(tmp_path / "student")
+    res = run(capsys, "sparsify", "--model", src, "--output", out, "--sparsity", "0.5", "--epochs", "2",
+              "--num-prompts", "2", "--teacher-distill", "1", "--teacher-temperature", "1", "--lr", "1e-3",
+              "--batch-size", "8", "--no-progress")
+    assert res["train_examples"] == 80
+    doc = json.loads((tmp_path / "student" / "epee_config.json").read_text())
+    src_id = json.loads((tmp_path / "dense" / "epee_config.json").read_text())["model_id"]
+    assert doc["sparsity"]["teacher"] == {"source_model_id": src_id, "weight": 1.0, "temperature": 1.0}
+    assert doc["sparsity"]["stages"]["sparse_training"]["config"]["teacher_weight"] == 1.0
+    teacher = run(capsys, "evaluate", "--model", src, "--data", dev, "--policy", "none")
+    student = run(capsys, "evaluate", "--model", out, "--data", dev, "--policy", "none")
+    assert student["accuracy"] >= teacher["accuracy"] - 0.1
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--sparsity", "0.5", "--teacher-distill", "1.5"], "teacher-distill"),
+    (["--sparsity", "0.5", "--teacher-distill", "0.5", "--teacher-temperature", "0"], "teacher-temperature"),
     (["--sparsity", "0.75", "--pattern", "2:4"], "must be 0.5"),
     (["--sparsity", "1.5"], "sparsity"),
     (["--sparsity", "0.5", "--freeze-backbone"], "give --num-prompts"),

@@ -11,7 +11,7 @@ from epee import EarlyExitConfig, EarlyExitEngine, EarlyExitModel, ExitPolicyCon
 from epee.data import Example
 from epee.encoding import TextPreprocessor, TextSettings
 from epee.modeldir import load_model_dir, save_model_dir
-from epee.training import TrainConfig, layer_weights, train, weighted_exit_loss
+from epee.training import TrainConfig, full_depth_logits, layer_weights, train, weighted_exit_loss
 
 WORDS = {"a": ["fever", "cough", "wheeze"], "b": ["rash", "itch", "hives"]}
 
@@ -103,6 +103,66 @@ def test_self_distillation_ignores_unlabelled_token_positions():
 def test_distill_weight_outside_unit_interval_is_refused():
     with pytest.raises(ValueError, match="distill_weight"):
         TrainConfig(distill_weight=1.5)
+
+
+def test_teacher_distillation_mixes_every_head_with_the_softened_teacher():
+    F = torch.nn.functional
+    beta, temp = 0.4, 2.0
+    logits = [torch.randn(5, 3) for _ in range(3)]
+    teacher = torch.randn(5, 3)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    w = layer_weights(3)
+    q = F.softmax(teacher / temp, dim=-1)
+    expected = sum(wi * ((1 - beta) * F.cross_entropy(lg, y)
+                         + beta * temp**2 * F.kl_div(F.log_softmax(lg / temp, dim=-1), q, reduction="batchmean"))
+                   for wi, lg in zip(w, logits))
+    got = weighted_exit_loss(logits, y, teacher=teacher, teacher_weight=beta, temperature=temp)
+    assert torch.allclose(got, expected)
+    # weight 0 is the plain loss, whatever the teacher says
+    assert torch.allclose(weighted_exit_loss(logits, y, teacher=teacher, teacher_weight=0.0), weighted_exit_loss(logits, y))
+    # a student that already agrees with the teacher pays only its label loss share
+    same = weighted_exit_loss([teacher.clone() for _ in range(3)], y, teacher=teacher, teacher_weight=beta, temperature=temp)
+    assert torch.allclose(same, (1 - beta) * F.cross_entropy(teacher, y))
+
+
+def test_teacher_logits_must_match_a_sequence_level_head():
+    with pytest.raises(ValueError, match="sequence-level"):
+        weighted_exit_loss([torch.randn(4, 3)], torch.tensor([0, 1, 2, 0]), teacher=torch.randn(4, 2), teacher_weight=0.5)
+    with pytest.raises(ValueError, match="sequence-level"):  # token tagging: (B, T, C) heads
+        weighted_exit_loss([torch.randn(2, 3, 4)], torch.zeros(2, 3, dtype=torch.long), teacher=torch.randn(2, 3, 4),
+                           teacher_weight=0.5)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        TrainConfig(teacher_weight=-0.1)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        TrainConfig(teacher_temperature=0)
+
+
+def test_full_depth_logits_are_the_last_heads_in_sample_order(tokenizer):
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    model = tiny_text_model(tokenizer).eval()
+    samples, _ = encode(pre, synthetic(11, 8))
+    got = full_depth_logits(model, samples, batch_size=4)  # batches sorted by length, returned in input order
+    from epee.inputs import collate
+
+    with torch.no_grad():
+        one_by_one = torch.cat([model(collate([s], 0)).logits[-1] for s in samples])
+    assert got.shape == (11, 2) and torch.allclose(got, one_by_one, atol=1e-5)
+
+
+def test_training_follows_the_teacher_sample_by_sample(tokenizer):
+    """With teacher weight 1 the gold labels carry no weight: a teacher that swaps the labels is
+    learned, which only works if every batch gets its own samples' teacher rows."""
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    tr_s, tr_t = encode(pre, synthetic(96, 1))
+    dv_s, dv_t = encode(pre, synthetic(48, 2))
+    swapped = torch.tensor([[-4.0, 4.0] if t == 0 else [4.0, -4.0] for t in tr_t])
+    cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=2e-3, head_learning_rate=5e-3, warmup_ratio=0.0,
+                      teacher_weight=1.0, teacher_temperature=1.0)
+    model = tiny_text_model(tokenizer)
+    with pytest.raises(ValueError, match="one row per training sample"):
+        train(model, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, progress=False, teacher_logits=swapped[:-1])
+    history = train(model, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, progress=False, teacher_logits=swapped)
+    assert history.epochs[-1].dev_scores_per_layer[-1] <= 0.1  # scored against the gold labels it unlearned
 
 
 def test_training_reduces_loss_and_learns(tokenizer):
