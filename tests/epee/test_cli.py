@@ -176,14 +176,20 @@ def test_missing_backbone_source_is_explained(tmp_path, capsys):
               "--output", str(tmp_path / "m")])
 
 
-def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir):
-    rows = symptom_notes(100, seed=3)
+def dense_symptom_model(tmp_path, capsys, tokenizer_dir, seed: int) -> tuple[str, str, str]:
+    """A tiny dense BERT trained on 80 symptom notes (20 for dev): (model dir, train file, dev file)."""
+    rows = symptom_notes(100, seed=seed)
     train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
     dev = write_jsonl(tmp_path / "dev.jsonl", rows[80:])
     src = str(tmp_path / "dense")
     run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", src,
         "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--epochs", "3",
         "--batch-size", "8", "--lr", "2e-3", "--head-lr", "5e-3", "--max-length", "32", "--no-progress")
+    return src, train, dev
+
+
+def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir):
+    src, train, dev = dense_symptom_model(tmp_path, capsys, tokenizer_dir, seed=3)
     sparse, final = str(tmp_path / "sparse"), str(tmp_path / "final")
     res = run(capsys, "sparsify", "--model", src, "--output", final, "--sparse-output", sparse, "--sparsity", "0.75",
               "--epochs", "2", "--dense-epochs", "1", "--num-prompts", "2", "--gradual-steps", "4",
@@ -215,13 +221,7 @@ def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir
 def test_sparsify_learns_from_the_dense_teacher(tmp_path, capsys, tokenizer_dir):
     """--teacher-distill 1: the labels carry no weight, so the student, even with soft prompts
     shifting its inputs, keeps the dense model's full-depth answers; the directory records it."""
-    rows = symptom_notes(100, seed=5)
-    train = write_jsonl(tmp_path / "train.jsonl", rows[:80])
-    dev = write_jsonl(tmp_path / "dev.jsonl", rows[80:])
-    src = str(tmp_path / "dense")
-    run(capsys, "train", "--task", "sequence", "--train", train, "--dev", dev, "--output", src,
-        "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir, "--epochs", "3",
-        "--batch-size", "8", "--lr", "2e-3", "--head-lr", "5e-3", "--max-length", "32", "--no-progress")
+    src, train, dev = dense_symptom_model(tmp_path, capsys, tokenizer_dir, seed=5)
     out = str(tmp_path / "student")
     res = run(capsys, "sparsify", "--model", src, "--output", out, "--sparsity", "0.5", "--epochs", "2",
               "--num-prompts", "2", "--teacher-distill", "1", "--teacher-temperature", "1", "--lr", "1e-3",
