@@ -57,6 +57,7 @@ def measure(model: str, data_args: list[str], baseline_macs: float) -> dict:
 
 
 FROZEN = "prompt tuning, backbone frozen"
+TEACHER = "dense teacher"
 
 
 def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int, epochs: int, lr: float,
@@ -85,7 +86,7 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
     notes = [f"gradual, {gradual_steps} steps"] if gradual_steps else []
     if teacher:
         extra += ["--teacher-distill", f"{teacher:g}"]
-        notes.append(f"dense teacher {teacher:g}")
+        notes.append(f"{TEACHER} {teacher:g}")
     suffix = f" ({', '.join(notes)})" if notes else ""
     for prompts in prompt_counts:
         for s in sparsities:
@@ -201,7 +202,10 @@ def render(results: dict, meta: dict, docs: Path) -> None:
              "count against them."
              + (" Rows 'prompt tuning, backbone frozen' (`--frozen-prompts N`): the same pruning, then one stage "
                 "training only N soft prompts and the exit heads (head learning rate) on the pruned, frozen backbone; "
-                "no dense stage." if any(r["stage"] == FROZEN for d in results.values() for r in d["runs"]) else ""),
+                "no dense stage." if any(r["stage"] == FROZEN for d in results.values() for r in d["runs"]) else "")
+             + (" Rows '(dense teacher β)' (`--teacher-distill β`): in both stages every exit head's loss is "
+                "(1 - β) · its label loss + β · T² · KL to the original dense model's full-depth distribution "
+                "softened by T = 2." if any(TEACHER in r["stage"] for d in results.values() for r in d["runs"]) else ""),
              ""]
     for name, data in results.items():
         metric = data["runs"][0]["metric"] if data["runs"] else ""
