@@ -11,7 +11,7 @@ dense model at full depth (so soft prompts' extra tokens count against them).
 
 Writes docs/sparsity.md, docs/sparsity.json and docs/figures/sparsity_<corpus>.png. With the
 default sizes (1600 training examples per epoch, 400 dev records per corpus) a 2-core CPU needs
-about 70 minutes.
+about an hour.
 
     .venv/bin/python -m bench.sparsity_real
     .venv/bin/python -m bench.sparsity_real --only ddi --max-train 600
@@ -126,10 +126,11 @@ def plot(name: str, data: dict, path: Path) -> None:
     for r in data["runs"]:
         marker = "^" if r["stage"] == FROZEN else "o" if r["stage"].startswith("sparse training") else "s"
         fill = colours[r["sparsity_target"]] if r["prompts"] == 0 else "white"
+        edge = "black" if TEACHER in r["stage"] else colours[r["sparsity_target"]]
         ax.scatter([r["full_macs_rel"]], [100 * r["full_score"]], marker=marker, s=40, color=fill,
-                   edgecolor=colours[r["sparsity_target"]], linewidths=1.5)
+                   edgecolor=edge, linewidths=1.5)
         ax.scatter([r["epee_macs_rel"]], [100 * r["epee_score"]], marker=marker, s=70, color=fill,
-                   edgecolor=colours[r["sparsity_target"]], linewidths=1.5, alpha=0.8)
+                   edgecolor=edge, linewidths=1.5, alpha=0.8)
         ax.annotate("", xy=(r["epee_macs_rel"], 100 * r["epee_score"]), xytext=(r["full_macs_rel"], 100 * r["full_score"]),
                     arrowprops={"arrowstyle": "->", "color": colours[r["sparsity_target"]], "alpha": 0.4})
     ax.axhline(100 * data["baseline_full_score"], color="grey", ls="--", lw=1, label="original dense model, full depth")
@@ -140,6 +141,8 @@ def plot(name: str, data: dict, path: Path) -> None:
     if any(r["stage"] == FROZEN for r in data["runs"]):
         ax.scatter([], [], marker="^", color="grey", label="prompts + heads only, backbone frozen")
     ax.scatter([], [], marker="o", color="white", edgecolor="grey", label="with soft prompts (hollow)")
+    if any(TEACHER in r["stage"] for r in data["runs"]):
+        ax.scatter([], [], marker="o", color="grey", edgecolor="black", linewidths=1.5, label="with a dense teacher (black edge)")
     ax.set_xscale("log")
     ax.set_xlabel("multiply-adds relative to the dense model at full depth (log); arrow: full depth -> EPEE")
     ax.set_ylabel(f"dev {data['runs'][0]['metric']} (x100)")
