@@ -441,25 +441,22 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     train_ex = subsample(train_ex, max_train, args.seed, neg if task == "relation" else None, ratio)
     dev_ex = subsample(dev_ex, args.max_dev if args.max_dev is not None else recorded.get("max_dev"), args.seed)
 
+    if args.teacher_distill > 0 and task == "token":
+        raise SystemExit("--teacher-distill is for sequence-level tasks (classification, relation, image), "
+                         "not token tagging")
+    torch.manual_seed(args.seed)
+    teacher, teacher_pre = model, pre  # as loaded: dense, no prompts; shares its weights with the student until training
+    model, pre = _soft_prompts(model, pre, args)
     teacher_logits = None
     if args.teacher_distill > 0:
-        if task == "token":
-            raise SystemExit("--teacher-distill is for sequence-level tasks (classification, relation, image), "
-                             "not token tagging")
-        # the teacher is the model as loaded, dense and without prompts; it reads the examples
-        # through its own preprocessor, the student (perhaps with prompts) through its own, so
+        # teacher and student (perhaps with prompts) read the examples through their own preprocessors:
         # keep only the examples both can encode, in one order
-        teacher_pre = pre
-    torch.manual_seed(args.seed)
-    model_in = model  # shares its weights with the student until training starts
-    model, pre = _soft_prompts(model, pre, args)
-    if args.teacher_distill > 0:
         train_ex = [ex for ex in train_ex if _encodes(teacher_pre, ex) and _encodes(pre, ex)]
         teacher_s, _, _, _ = _encode_all(teacher_pre, train_ex)
-        teacher_logits = full_depth_logits(model_in, teacher_s, 64, args.device).cpu()
+        teacher_logits = full_depth_logits(teacher, teacher_s, 64, args.device).cpu()
         model.to("cpu")
         log.info("teacher: %d training examples' full-depth logits from %s", len(teacher_s), args.model)
-    del model_in
+    del teacher
     train_s, train_t, _, _ = _encode_all(pre, train_ex)
     dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
     metric, fn = score_function(task, model.config.label_names, neg)

@@ -158,18 +158,22 @@ def _epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
     return batches
 
 
+def _length_sorted_batches(model: EarlyExitModel, samples: Sequence[EncodedSample], batch_size: int, device):
+    """(sample indices, collated batch on ``device``), batches of similar lengths (little padding)."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].length)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, collate([samples[i] for i in idx], model.adapter.pad_token_id).to(device)
+
+
 def predict_all_layers(
     model: EarlyExitModel, samples: Sequence[EncodedSample], batch_size: int, device: torch.device
 ) -> list[list]:
     """Per layer, per sample: argmax class (or the tag ids over the sample's tokens)."""
     model.eval()
-    per_layer: list[list] = [[] for _ in range(model.num_layers)]
-    order = sorted(range(len(samples)), key=lambda i: samples[i].length)
     slots: list[list] = [[None] * len(samples) for _ in range(model.num_layers)]
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([samples[i] for i in idx], model.adapter.pad_token_id).to(device)
+        for idx, batch in _length_sorted_batches(model, samples, batch_size, device):
             for layer, lg in enumerate(model(batch).logits):
                 pred = lg.argmax(dim=-1).cpu()
                 for j, i in enumerate(idx):
@@ -178,9 +182,7 @@ def predict_all_layers(
                         slots[layer][i] = pred[j, :k].tolist()
                     else:
                         slots[layer][i] = int(pred[j])
-    for layer in range(model.num_layers):
-        per_layer[layer] = slots[layer]
-    return per_layer
+    return slots
 
 
 def full_depth_logits(
@@ -191,11 +193,8 @@ def full_depth_logits(
     model.eval()
     model.to(device)
     out: list[torch.Tensor | None] = [None] * len(samples)
-    order = sorted(range(len(samples)), key=lambda i: samples[i].length)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([samples[i] for i in idx], model.adapter.pad_token_id).to(device)
+        for idx, batch in _length_sorted_batches(model, samples, batch_size, device):
             last = model(batch).logits[-1]
             if last.dim() != 2:
                 raise ValueError("teacher logits are for sequence-level tasks (classification, relation, image), "
