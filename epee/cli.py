@@ -70,28 +70,24 @@ def _load(uri: str, task: str, fields: dict, negative_label: str | None, part: s
     return examples
 
 
-def _encode_all(preprocessor, examples) -> tuple[list, list, list, int]:
-    """Encode examples; ones that cannot be encoded are counted and skipped (ids logged, not text)."""
-    samples, targets, kept, skipped = [], [], [], 0
+def _encode_all(preprocessor, examples, teacher=None) -> tuple[list, list, list, int]:
+    """Encode examples: (samples, targets, teacher samples, skipped). Ones that cannot be encoded
+    are counted and skipped (ids logged, not text). With a ``teacher`` preprocessor (`sparsify
+    --teacher-distill`) each example is also encoded for the teacher, and kept only if both can."""
+    samples, targets, teacher_samples, skipped = [], [], [], 0
     for ex in examples:
         try:
             enc = preprocessor.encode(ex)
+            teacher_enc = teacher.encode(ex) if teacher is not None else None
         except ValueError as exc:
             skipped += 1
             log.warning("skipping example %s: %s", ex.id, exc)
             continue
         samples.append(enc.sample)
         targets.append(enc.target)
-        kept.append(enc)
-    return samples, targets, kept, skipped
-
-
-def _encodes(preprocessor, example) -> bool:
-    try:
-        preprocessor.encode(example)
-    except ValueError:
-        return False
-    return True
+        if teacher_enc is not None:
+            teacher_samples.append(teacher_enc.sample)
+    return samples, targets, teacher_samples, skipped
 
 
 def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
@@ -413,10 +409,10 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
         raise SystemExit(f"epee sparsify: {exc}") from None
     if args.freeze_backbone and not args.num_prompts:  # before loading anything
         raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
-    if not 0.0 <= args.teacher_distill <= 1.0:
-        raise SystemExit(f"--teacher-distill ({args.teacher_distill}) must lie in [0, 1]")
-    if not args.teacher_temperature > 0:
-        raise SystemExit(f"--teacher-temperature ({args.teacher_temperature}) must be > 0")
+    try:  # the teacher's settings by TrainConfig's own rules, before loading anything
+        TrainConfig(teacher_weight=args.teacher_distill, teacher_temperature=args.teacher_temperature)
+    except ValueError as exc:
+        raise SystemExit(f"epee sparsify (--teacher-distill, --teacher-temperature): {exc}") from None
     bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
     model, pre = bundle.model, bundle.preprocessor
     recorded = bundle.sections.get("training", {}).get("data", {})
@@ -447,17 +443,14 @@ def cmd_sparsify(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     teacher, teacher_pre = model, pre  # as loaded: dense, no prompts; shares its weights with the student until training
     model, pre = _soft_prompts(model, pre, args)
+    # teacher and student (perhaps with prompts) read each example through their own preprocessors
+    train_s, train_t, teacher_s, _ = _encode_all(pre, train_ex, teacher_pre if args.teacher_distill > 0 else None)
     teacher_logits = None
     if args.teacher_distill > 0:
-        # teacher and student (perhaps with prompts) read the examples through their own preprocessors:
-        # keep only the examples both can encode, in one order
-        train_ex = [ex for ex in train_ex if _encodes(teacher_pre, ex) and _encodes(pre, ex)]
-        teacher_s, _, _, _ = _encode_all(teacher_pre, train_ex)
         teacher_logits = full_depth_logits(teacher, teacher_s, 64, args.device).cpu()
         model.to("cpu")
         log.info("teacher: %d training examples' full-depth logits from %s", len(teacher_s), args.model)
     del teacher
-    train_s, train_t, _, _ = _encode_all(pre, train_ex)
     dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
     metric, fn = score_function(task, model.config.label_names, neg)
     source_id = bundle.model_id or str(args.model)
