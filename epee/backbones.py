@@ -10,6 +10,7 @@ as the stock forward, so with policy "none" the engine reproduces that forward.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,7 +28,18 @@ from transformers import (
 )
 from transformers.activations import GELUActivation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.models.bert.modeling_bert import BertIntermediate, BertLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert import modeling_bert
+from transformers.models.bert.modeling_bert import (
+    BertAttention,
+    BertIntermediate,
+    BertLayer,
+    BertOutput,
+    BertSelfAttention,
+    BertSelfOutput,
+)
+from transformers.models.vit import modeling_vit
+from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
 
 from .inputs import Batch
 from .kernels import linear_gelu, unhooked
@@ -74,6 +86,33 @@ class BackboneAdapter:
         """The module that :meth:`layer` runs for layer ``i`` (ALBERT: a shared group)."""
         raise NotImplementedError
 
+    # -- a layer in two steps: the exit head's positions first, the other positions only for the
+    # rows that go on. Every token's keys and values are computed once and serve both steps.
+    def splits_layer(self, i: int) -> bool:
+        """Whether layer ``i`` can run as :meth:`layer_keys` + :meth:`layer_at` (+ :meth:`layer_rest`)
+        with the same result as :meth:`layer`. Families and modified layers that cannot say False."""
+        return False
+
+    def layer_keys(self, i: int, hidden: torch.Tensor) -> "LayerKeys":
+        """Layer ``i``'s attention keys and values of every token of ``hidden`` (N, T, H)."""
+        raise NotImplementedError(f"{self.family} layers do not run in two steps")
+
+    def layer_at(
+        self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: "LayerKeys", positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``i``'s output at ``positions`` (N, P) only: (N, P, H), equal to
+        ``layer(i, hidden, bias)`` gathered there. Queries, attention output and feed-forward run
+        for those P positions; the keys and values, which every query needs, come from ``keys``."""
+        raise NotImplementedError(f"{self.family} layers do not run in two steps")
+
+    def layer_rest(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: "LayerKeys") -> torch.Tensor:
+        """Layer ``i``'s whole output (N, T, H) for rows whose keys and values are already in ``keys``."""
+        raise NotImplementedError(f"{self.family} layers do not run in two steps")
+
+    def key_value_linears(self, i: int) -> list[nn.Module]:
+        """The linear maps of layer ``i`` that :meth:`layer_keys` runs (for MAC accounting)."""
+        return []
+
     def word_embeddings(self) -> nn.Embedding:
         """The token embedding table (text families); soft prompts live in its space."""
         raise NotImplementedError(f"{self.family} has no token embeddings")
@@ -91,6 +130,10 @@ class BackboneAdapter:
     def token_states(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token-level exit-head input: (N, T, H) -> (N, T, H)."""
         return hidden
+
+    def pooled_position(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The one token :meth:`pooled` reads, per row: (N,) long. BERT, ALBERT, ViT: position 0."""
+        return torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
 
     def mean_pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Mean of the real tokens' states (N, T, H) -> (N, H), as sentence-transformers pool.
@@ -127,6 +170,68 @@ def _exact_gelu_ffn(layer: nn.Module) -> bool:
     )
 
 
+@dataclass
+class LayerKeys:
+    """One layer's attention keys and values for a batch of rows: (N, heads, T, head_dim) each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def take(self, rows: torch.Tensor, length: int) -> "LayerKeys":
+        """The rows selected by ``rows`` (bool or index), their first ``length`` tokens."""
+        return LayerKeys(self.key[rows][:, :, :length], self.value[rows][:, :, :length])
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(N, T, heads * head_dim) -> (N, heads, T, head_dim), as the transformers attentions do."""
+    n, t, _ = x.shape
+    return x.view(n, t, -1, head_dim).transpose(1, 2)
+
+
+def _gather_tokens(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) states at ``positions`` (N, P) -> (N, P, H)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+    return hidden[rows, positions]
+
+
+def _bias_rows(bias: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask's query rows at ``positions`` (N, P): (N, h, T, T) -> (N, h, P, T). A mask
+    that does not vary along the query axis (one row, broadcast) is returned as it is."""
+    if bias is None or bias.shape[2] == 1:
+        return bias
+    n, p = positions.shape
+    bias = bias.expand(n, -1, -1, -1)
+    index = positions[:, None, :, None].expand(n, bias.shape[1], p, bias.shape[3])
+    return torch.gather(bias, 2, index)
+
+
+def _attend(module: nn.Module, eager, query: torch.Tensor, keys: LayerKeys, bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention of ``query`` (N, heads, P, d) over ``keys`` through the implementation the model is
+    configured with (``config._attn_implementation``), as its own forward calls it: (N, P, heads * d)."""
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    out, _ = attend(module, query, keys.key, keys.value, bias, dropout=0.0, scaling=module.scaling)
+    n, _, p, _ = query.shape
+    return out.reshape(n, p, -1).contiguous()
+
+
+def _stock_bert_layer(layer: nn.Module) -> bool:
+    """Whether a BERT layer is the stock encoder layer, in eval mode, with no hook on it or on its
+    parts: then :class:`BertAdapter` may run its steps itself (two-step layers)."""
+    attention = getattr(layer, "attention", None)
+    return (
+        type(layer) is BertLayer
+        and type(attention) is BertAttention
+        and type(attention.self) is BertSelfAttention
+        and type(attention.output) is BertSelfOutput
+        and type(layer.intermediate) is BertIntermediate
+        and type(layer.output) is BertOutput
+        and not layer.training
+        and not getattr(layer, "add_cross_attention", False)
+        and not attention.self.is_causal
+        and all(unhooked(m) for m in layer.modules())
+    )
+
+
 class BertAdapter(BackboneAdapter):
     """BERT: the [CLS] state through the backbone's own pooler (EPEE/PABEE heads)."""
 
@@ -152,10 +257,41 @@ class BertAdapter(BackboneAdapter):
         # BertLayer.forward's steps for an encoder, with the up-projection and its GELU as one
         # call (epee.kernels.linear_gelu: fused by oneDNN where the engine runs it, else the same ops)
         attention, _ = module.attention(hidden, bias)
-        return module.output(linear_gelu(attention, module.intermediate.dense), attention)
+        return self._feed_forward(module, attention)
+
+    @staticmethod
+    def _feed_forward(module: nn.Module, attention: torch.Tensor) -> torch.Tensor:
+        if _exact_gelu_ffn(module):
+            return module.output(linear_gelu(attention, module.intermediate.dense), attention)
+        return module.feed_forward_chunk(attention)
 
     def layer_module(self, i: int) -> nn.Module:
         return self.model.encoder.layer[i]
+
+    def splits_layer(self, i: int) -> bool:
+        return _stock_bert_layer(self.model.encoder.layer[i])
+
+    def layer_keys(self, i: int, hidden: torch.Tensor) -> LayerKeys:
+        sa = self.model.encoder.layer[i].attention.self
+        return LayerKeys(_heads(sa.key(hidden), sa.attention_head_size), _heads(sa.value(hidden), sa.attention_head_size))
+
+    def layer_at(self, i, hidden, bias, keys, positions):
+        return self._layer_from(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
+
+    def layer_rest(self, i, hidden, bias, keys):
+        return self._layer_from(i, hidden, bias, keys)
+
+    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+        """BertLayer's steps for the queries ``hidden`` (N, P, H) over precomputed keys and values."""
+        module = self.model.encoder.layer[i]
+        sa = module.attention.self
+        context = _attend(sa, modeling_bert.eager_attention_forward, _heads(sa.query(hidden), sa.attention_head_size),
+                          keys, bias)
+        return self._feed_forward(module, module.attention.output(context, hidden))
+
+    def key_value_linears(self, i: int) -> list[nn.Module]:
+        sa = self.model.encoder.layer[i].attention.self
+        return [sa.key, sa.value]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler(hidden)  # takes hidden[:, 0] itself
@@ -182,6 +318,12 @@ class AlbertAdapter(BertAdapter):
 
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.layer_module(i)(hidden, bias)
+
+    def splits_layer(self, i: int) -> bool:
+        return False  # ALBERT's shared layer groups run whole
+
+    def key_value_linears(self, i: int) -> list[nn.Module]:
+        return []
 
     def layer_module(self, i: int) -> nn.Module:
         # Same group arithmetic as AlbertTransformer.forward.
@@ -239,6 +381,11 @@ class GPT2Adapter(BackboneAdapter):
         picked = hidden[torch.arange(n, device=hidden.device), last]  # (N, H)
         return self.model.ln_f(picked)  # LayerNorm is per token, so norm-then-pick == pick-then-norm
 
+    def pooled_position(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.full((hidden.shape[0],), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+        return attention_mask.sum(dim=1) - 1
+
     def token_states(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.ln_f(hidden)
 
@@ -270,6 +417,39 @@ class ViTAdapter(BackboneAdapter):
 
     def layer_module(self, i: int) -> nn.Module:
         return self.model.layers[i]
+
+    def splits_layer(self, i: int) -> bool:
+        layer = self.model.layers[i]
+        return (
+            type(layer) is ViTLayer
+            and type(layer.attention) is ViTAttention
+            and type(layer.mlp) is ViTMLP
+            and not layer.training
+            and all(unhooked(m) for m in layer.modules())
+        )
+
+    def layer_keys(self, i: int, hidden: torch.Tensor) -> LayerKeys:
+        layer = self.model.layers[i]
+        att, normed = layer.attention, layer.layernorm_before(hidden)
+        return LayerKeys(_heads(att.k_proj(normed), att.head_dim), _heads(att.v_proj(normed), att.head_dim))
+
+    def layer_at(self, i, hidden, bias, keys, positions):
+        return self._layer_from(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
+
+    def layer_rest(self, i, hidden, bias, keys):
+        return self._layer_from(i, hidden, bias, keys)
+
+    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+        """ViTLayer's steps (pre-norm) for the queries ``hidden`` (N, P, H) over precomputed keys."""
+        layer = self.model.layers[i]
+        att = layer.attention
+        query = _heads(att.q_proj(layer.layernorm_before(hidden)), att.head_dim)
+        hidden = att.o_proj(_attend(att, modeling_vit.eager_attention_forward, query, keys, bias)) + hidden
+        return layer.mlp(layer.layernorm_after(hidden)) + hidden
+
+    def key_value_linears(self, i: int) -> list[nn.Module]:
+        att = self.model.layers[i].attention
+        return [att.k_proj, att.v_proj]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.layernorm(hidden[:, 0])

@@ -362,7 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         kind=args.policy, entropy_threshold=args.tau if args.tau is not None else model.config.policy.entropy_threshold,
         patience=args.patience if args.patience is not None else model.config.policy.patience)
     engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size, precision=args.precision,
-                                                 linear_kernel=args.linear_kernel))
+                                                 linear_kernel=args.linear_kernel, split_layers=not args.whole_layers))
     t0 = time.perf_counter()
     result = engine.run(samples, ExitPolicy(policy_cfg, model.num_layers))
     t_run = time.perf_counter() - t0
@@ -623,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the engine in this precision (bfloat16: torch.autocast; int8: the layers' linear "
                         "products in int8), to check its scores before a pipeline runs with that --precision")
     _add_kernel_arg(e)
+    e.add_argument("--whole-layers", action="store_true",
+                   help="run every layer whole, never at the exit heads' positions first (EngineConfig."
+                        "split_layers; the same predictions, more multiply-adds): for comparisons")
     _add_data_args(e)
     _add_pickle_arg(e)
     e.set_defaults(func=cmd_evaluate)

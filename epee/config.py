@@ -161,8 +161,16 @@ class EngineConfig:
     # 20% faster there; PyTorch's elsewhere), "aten" (PyTorch's default, MKL) or "onednn" (an error
     # where it cannot run). See epee.kernels.
     linear_kernel: str = "auto"
+    # Run each layer where rows may exit in two steps: first at the positions the exit head reads
+    # ([CLS], the entity markers) over every token's keys and values, then the rest of the layer
+    # only for the rows that go on. A row pays its exit layer's keys and values, not the whole
+    # layer. Same results; applies where heads read a few positions of BERT or ViT layers (not
+    # mean pooling, token tasks, ALBERT or GPT-2). False runs every layer whole.
+    split_layers: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.split_layers, bool):
+            raise ValueError(f"split_layers ({self.split_layers!r}) must be True or False")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision ({self.precision!r}) must be one of {', '.join(PRECISIONS)}")
         from .kernels import check_linear_kernel  # the kernel's device and precision rules live there

@@ -6,6 +6,14 @@ from whichever incoming micro-batch it started in, is regrouped into full batche
 "exit" are emitted and dropped before layer d+2. A sample that exits at layer k therefore costs
 exactly k layer-rows, and deep layers still run on full batches. Samples are sorted by length
 before batching and every regrouped batch is trimmed to its longest member, so padding stays low.
+
+Two-step layers (``EngineConfig.split_layers``, on by default): where the exit heads read a few
+positions ([CLS], a relation's entity markers) of BERT or ViT layers, a layer where rows may exit
+first computes every token's keys and values and the layer's output at those positions only,
+enough for the head; the rest of the layer (queries, attention output, feed-forward of the other
+tokens, reusing the keys and values) runs only for the rows that go on. A row that exits at layer
+k so pays k-1 whole layers plus its exit layer's keys and values (about a sixth of a BERT layer);
+the results are the same as whole layers'.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ class EngineStats:
     rows_per_layer: list[int] = field(default_factory=list)  # sample-rows computed by layer i
     calls_per_layer: list[int] = field(default_factory=list)  # layer-i forward calls
     exits_per_layer: list[int] = field(default_factory=list)
+    two_step_calls: int = 0  # layer calls run at the exit head's positions first (EngineConfig.split_layers)
     token_slots: int = 0  # rows x padded length, summed over layer calls
     real_tokens: int = 0  # real (non-pad) tokens, summed over layer calls
     macs: int = 0  # multiply-adds, summed over samples (epee.flops)
@@ -96,6 +105,7 @@ class EngineStats:
         for name in ("rows_per_layer", "calls_per_layer", "exits_per_layer"):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(self, name, [a + b for a, b in zip(mine, theirs)])
+        self.two_step_calls += other.two_step_calls
         self.token_slots += other.token_slots
         self.real_tokens += other.real_tokens
         self.macs += other.macs
@@ -118,6 +128,7 @@ class EngineStats:
             "calls_per_layer": list(self.calls_per_layer),
             "exits_per_layer": list(self.exits_per_layer),
             "layer_calls": self.layer_calls,
+            "two_step_calls": self.two_step_calls,
             "mean_batch_fill": self.mean_batch_fill,
             "mean_exit_layer": self.mean_exit_layer,
             "layer_speedup": self.layer_speedup,
@@ -322,22 +333,46 @@ class EarlyExitEngine:
                     stats.token_slots += rows.mask.numel()
                     stats.real_tokens += int(rows.mask.sum())
                 bias = adapter.attention_bias(rows.hidden, rows.mask)
-                hidden = adapter.layer(layer, rows.hidden, bias)
-                logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
+                positions = self._split_positions(layer, rows, policy)
+                if positions is None:  # the whole layer, then the head
+                    hidden = adapter.layer(layer, rows.hidden, bias)
+                    logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
+                else:  # the head's positions first; the rest below, for the rows that go on
+                    stats.two_step_calls += 1
+                    keys = adapter.layer_keys(layer, rows.hidden)
+                    logits = model.head_logits_at(layer, adapter.layer_at(layer, rows.hidden, bias, keys, positions))
                 signal = exit_signal(logits, rows.token_mask)
                 streak = update_streak(signal.prediction, rows.previous, rows.streak)
                 reasons = policy.decide(layer + 1, signal, streak, rows.index)
-                rows = replace(rows, hidden=hidden, streak=streak, previous=signal.prediction)
+                rows = replace(rows, streak=streak, previous=signal.prediction)
+                if positions is None:
+                    rows = replace(rows, hidden=hidden)
                 exited = reasons != CONTINUE
                 n_exit = int(exited.sum())
                 if n_exit:
                     stats.exits_per_layer[layer] += n_exit
-                    self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results, stats)
-                if n_exit < rows.size:
-                    survivors.append(rows if n_exit == 0 else rows.take(~exited))
+                    self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results, stats,
+                               exit_positions=None if positions is None else positions.shape[1])
+                if n_exit == rows.size:
+                    continue
+                going_on = rows if n_exit == 0 else rows.take(~exited)
+                if positions is not None:  # rows still hold their inputs to this layer
+                    if n_exit:
+                        keys = keys.take(~exited, going_on.hidden.shape[1])
+                        bias = adapter.attention_bias(going_on.hidden, going_on.mask)
+                    going_on = replace(going_on, hidden=adapter.layer_rest(layer, going_on.hidden, bias, keys))
+                survivors.append(going_on)
             level = survivors
             if not level:
                 break
+
+    def _split_positions(self, layer: int, rows: _Rows, policy: ExitPolicy) -> torch.Tensor | None:
+        """The positions to run 0-based ``layer`` at first (the exit head's), or None to run it whole:
+        when splitting is off, no row can exit here, the head reads every token, or the layer
+        cannot run in two steps."""
+        if not (self.config.split_layers and policy.may_exit(layer + 1) and self.model.adapter.splits_layer(layer)):
+            return None
+        return self.model.head_positions(rows.hidden, rows.mask, rows.entity_positions)
 
     def _emit(
         self,
@@ -349,13 +384,16 @@ class EarlyExitEngine:
         exited: torch.Tensor,
         results: list[ExitPrediction | None],
         stats: EngineStats,
+        exit_positions: int | None = None,
     ) -> None:
+        """Record the exited rows' predictions. ``exit_positions``: their exit layer ran in two
+        steps, at that many positions (:meth:`_split_positions`), which their MACs count."""
         num_layers = self.model.num_layers
         index = rows.index[exited].tolist()
         n_exit = len(index)
         lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((n_exit,), rows.hidden.shape[1])
         lengths = lengths_t.tolist()
-        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer))
+        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer), exit_positions=exit_positions)
         for c in costs:
             stats.macs += c.actual
             stats.dense_exit_macs += c.dense_at_exit

@@ -8,12 +8,16 @@ padding is a batching artefact, reported separately as the engine's padding shar
 * each layer run: every linear map, T·(non-zero weights) — a 75%-sparse matrix costs a quarter of
   its dense multiply-adds on hardware that skips zeros — plus attention, 2·T²·H (scores and
   weighted sum; these have no weights to prune);
+* a layer the engine ran in two steps and the sample exited at (``EngineConfig.split_layers``):
+  the keys and values of every token, T·(their weights), and the rest of the layer for the P
+  positions the head reads, P·(the other weights) + 2·P·T·H;
 * each exit head evaluated: its pooler (BERT/ALBERT default pooling, H·H), mean pooling (T·H),
   and the head itself (F·C, or T·H·C for token tasks).
 
-The dense full-depth reference is the same backbone with dense weights, every layer run, and one
-classifier: the last exit head. So "saved by exit" = reference − dense cost of the layers and
-heads actually run, "saved by sparsity" = that − the actual (sparse) cost. FLOPs ≈ 2 × MACs.
+The dense full-depth reference is the same backbone with dense weights, every layer run whole (as
+the stock forward runs it), and one classifier: the last exit head. So "saved by exit" = reference
+− dense cost of the layers and heads actually run (a two-step exit layer's saving included, even
+at full depth), "saved by sparsity" = that − the actual (sparse) cost. FLOPs ≈ 2 × MACs.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class MacCounter:
         linears = [layer_linears(model, i) for i in range(self.num_layers)]  # ALBERT: shared, counted per layer run
         self.dense_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in linears]
         self.sparse_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in linears]
+        kv = [adapter.key_value_linears(i) for i in range(self.num_layers)]  # what a two-step layer runs per token
+        self.dense_kv_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in kv]
+        self.sparse_kv_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in kv]
         self.embed_per_token = 0
         self.embed_fixed = 0
         if adapter.family == "albert":
@@ -84,14 +91,26 @@ class MacCounter:
         cum = torch.cumsum(torch.tensor([0] + per_token, dtype=torch.float64), 0)  # (L+1,)
         return t * cum[k] + k.double() * 2.0 * t * t * self.hidden
 
-    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor) -> list[SampleMacs]:
-        """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers."""
+    def _split_discount(self, per_token: list[int], kv_per_token: list[int], t: torch.Tensor, k: torch.Tensor,
+                        p: int) -> torch.Tensor:
+        """What a two-step exit layer k saves against running it whole: (T - P) · its non-key/value
+        weights + 2·(T - P)·T·H of attention, per sample."""
+        rest = torch.tensor([0] + [a - b for a, b in zip(per_token, kv_per_token)], dtype=torch.float64)[k]
+        return (t - p) * rest + 2.0 * (t - p) * t * self.hidden
+
+    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor, exit_positions: int | None = None) -> list[SampleMacs]:
+        """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers;
+        ``exit_positions`` P when their exit layer ran in two steps, at P positions."""
         t = lengths.detach().cpu().double()
         k = exit_layers.detach().cpu().long()
         embed = self.embed_fixed + t * self.embed_per_token
         head = self.head_fixed + t * self.head_per_token
         actual = embed + self._layers(self.sparse_per_token, t, k) + k.double() * head
         dense_exit = embed + self._layers(self.dense_per_token, t, k) + k.double() * head
+        if exit_positions is not None:
+            actual = actual - self._split_discount(self.sparse_per_token, self.sparse_kv_per_token, t, k, exit_positions)
+            dense_exit = dense_exit - self._split_discount(self.dense_per_token, self.dense_kv_per_token, t, k,
+                                                           exit_positions)
         full = embed + self._layers(self.dense_per_token, t, torch.full_like(k, self.num_layers)) + head
         return [SampleMacs(int(a), int(d), int(f)) for a, d, f in zip(actual.tolist(), dense_exit.tolist(), full.tolist())]
 

@@ -110,6 +110,30 @@ class EarlyExitModel(nn.Module):
         states = self.adapter.token_states(picked)  # per-token final norm, where the family has one
         return states.reshape(hidden.shape[0], -1)  # (N, 2H)
 
+    def head_positions(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, entity_positions: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The token positions the exit heads read, per row: (N, P) long; None where a head reads
+        every token (token tasks, mean pooling). The engine computes a layer at these positions
+        first and the rest only for the rows that do not exit there."""
+        task = self.config.task
+        if task == "token" or (task == "sequence" and self.config.pooling == "mean"):
+            return None
+        if task == "relation":
+            if entity_positions is None:
+                raise ValueError("relation task needs entity_positions (indices of the two entity start markers)")
+            return entity_positions
+        return self.adapter.pooled_position(hidden, attention_mask).unsqueeze(1)
+
+    def head_logits_at(self, layer_index: int, picked: torch.Tensor) -> torch.Tensor:
+        """Logits of the exit head after 0-based layer ``layer_index`` from the states at
+        :meth:`head_positions` alone, (N, P, H): the same as :meth:`head_logits` on the whole layer."""
+        if self.config.task == "relation":
+            features = self.adapter.token_states(picked).reshape(picked.shape[0], -1)  # (N, 2H)
+        else:
+            features = self.adapter.pooled(picked, None)  # the one picked token is the one it reads
+        return self.exit_heads[layer_index](self.head_dropout(features))
+
     def head_logits(
         self,
         layer_index: int,

@@ -76,6 +76,11 @@ class ExitPolicy:
         self.config = config
         self.num_layers = num_layers
 
+    def may_exit(self, layer: int) -> bool:
+        """Whether any row can exit at 1-based ``layer`` (False: :meth:`decide` says CONTINUE to all)."""
+        cfg = self.config
+        return layer >= self.num_layers or (cfg.kind != "none" and layer >= cfg.min_exit_layer)
+
     def decide(
         self, layer: int, signal: ExitSignal, streak: torch.Tensor, sample_index: torch.Tensor
     ) -> torch.Tensor:
@@ -111,6 +116,9 @@ class ScheduledExit(ExitPolicy):
         if layers.numel() and (layers.min() < 1 or layers.max() > num_layers):
             raise ValueError(f"scheduled exit layers must lie in [1, {num_layers}]")
         self.exit_layers = layers
+
+    def may_exit(self, layer: int) -> bool:
+        return True
 
     def decide(
         self, layer: int, signal: ExitSignal, streak: torch.Tensor, sample_index: torch.Tensor

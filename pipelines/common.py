@@ -147,7 +147,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     s3_client_kwargs=s3_client_kwargs(options),
                                     allow_pickle_weights=opts.allow_pickle_weights,
                                     heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
-                                    linear_kernel=opts.linear_kernel)
+                                    linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None

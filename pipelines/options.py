@@ -64,6 +64,11 @@ class EpeeOptions(PipelineOptions):
                             "20%% faster than PyTorch's default on AMD EPYC, float32 either way; PyTorch's elsewhere; "
                             "see epee/kernels.py), aten (PyTorch's default, MKL) or onednn (refused off the CPU or "
                             "outside float32)")
+        g.add_argument("--whole_layers", action="store_true",
+                       help="run every transformer layer whole. By default, where exit heads read a few positions "
+                            "([CLS], the entity markers) of BERT or ViT layers, a layer where records may exit runs "
+                            "at those positions first and the rest only for the records that go on: the same "
+                            "predictions, and a record pays about a sixth of its exit layer (epee/engine.py)")
         g.add_argument("--heap_trim_seconds", type=float, default=2.0,
                        help="workers hand freed heap memory back to the system (glibc malloc_trim) at most this "
                             "often, so their memory stays flat on long runs; 0 disables")

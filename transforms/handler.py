@@ -111,6 +111,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         heap_trim_seconds: float = 2.0,
         precision: str = "float32",
         linear_kernel: str = "auto",
+        split_layers: bool = True,
     ) -> None:
         super().__init__()
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
@@ -124,7 +125,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         self.run_id = run_id
         # validated here, at start-up (a kernel the device or precision cannot run), not in a worker
         self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision,
-                                          linear_kernel=linear_kernel)
+                                          linear_kernel=linear_kernel, split_layers=split_layers)
         # The engine regroups survivors only inside one call: a RunInference batch of a few records
         # leaves it half-empty layer calls after the first exits. By default a batch is fixed at one
         # engine window (16 x engine_batch_size rows, 512 by default), the most it regroups at once;

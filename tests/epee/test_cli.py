@@ -214,8 +214,12 @@ def test_sparsify_sparse_then_dense_with_prompts(tmp_path, capsys, tokenizer_dir
         ev = run(capsys, "evaluate", "--model", path, "--data", dev)
         assert ev["records"] == 20 and ev["mean_exit_layer"] == pytest.approx(cal["chosen"]["mean_exit_layer"], abs=1e-3)
         assert 0 < ev["macs_relative_cost"] < 1.5
+    ev_whole = run(capsys, "evaluate", "--model", sparse, "--data", dev, "--policy", "none", "--whole-layers")
+    assert ev_whole["macs_saved_by_exit"] < 0 < ev_whole["macs_saved_by_sparsity"]  # 3 heads cost more than 1
+    # by default the last layer runs at [CLS] first and nothing after it: that saving outweighs the heads
     ev_sparse = run(capsys, "evaluate", "--model", sparse, "--data", dev, "--policy", "none")
-    assert ev_sparse["macs_saved_by_exit"] < 0 < ev_sparse["macs_saved_by_sparsity"]  # 3 heads cost more than 1
+    assert ev_sparse["macs_saved_by_exit"] > 0 < ev_sparse["macs_saved_by_sparsity"]
+    assert ev_sparse["accuracy"] == ev_whole["accuracy"] and ev_sparse["mean_exit_layer"] == 3
 
 
 def test_sparsify_learns_from_the_dense_teacher(tmp_path, capsys, tokenizer_dir):

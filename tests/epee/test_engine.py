@@ -62,25 +62,42 @@ def test_prediction_independent_of_batch_composition(family, task):
             assert_same_predictions(got, alone)
 
 
-@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("gpt2", "token"), ("vit", "sequence")])
-def test_exited_rows_are_never_computed(family, task, monkeypatch):
-    """Count the rows that really enter each layer module, not the engine's own counters."""
+@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("gpt2", "token"),
+                                          ("vit", "sequence")])
+@pytest.mark.parametrize("split", [True, False])
+def test_exited_rows_are_never_computed(family, task, split, monkeypatch):
+    """Count the rows that really enter each layer, not the engine's own counters. With two-step
+    layers (BERT and ViT with heads that read [CLS] or the entity markers), a row's exit layer
+    computes its keys and values and its head's positions; only rows that go on get the rest."""
     samples = make_samples(family, task, n=30)
     model = epee_model(family, task, samples)
-    seen = [0] * model.num_layers
-    real_layer = model.adapter.layer
+    entered, whole = [0] * model.num_layers, [0] * model.num_layers
+    adapter = model.adapter
+    real = {name: getattr(adapter, name) for name in ("layer", "layer_keys", "layer_rest")}
 
-    def spy(i, hidden, bias):
-        seen[i] += hidden.shape[0]
-        return real_layer(i, hidden, bias)
+    def spy(name):
+        def counted(i, hidden, *args):
+            if name in ("layer", "layer_keys"):
+                entered[i] += hidden.shape[0]
+            if name in ("layer", "layer_rest"):
+                whole[i] += hidden.shape[0]
+            return real[name](i, hidden, *args)
+        return counted
 
-    monkeypatch.setattr(model.adapter, "layer", spy)
-    result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
+    for name in real:
+        monkeypatch.setattr(adapter, name, spy(name))
+    result = EarlyExitEngine(model, EngineConfig(batch_size=4, split_layers=split)).run(samples)
     exits = [p.exit_layer for p in result.predictions]
     expected = [sum(1 for e in exits if e > i) for i in range(model.num_layers)]
-    assert seen == expected
+    assert entered == expected
     assert result.stats.rows_per_layer == expected
-    assert sum(seen) == sum(exits) < len(samples) * model.num_layers
+    assert sum(entered) == sum(exits) < len(samples) * model.num_layers
+    two_step = split and family != "gpt2"
+    going_on = [sum(1 for e in exits if e > i + 1) for i in range(model.num_layers)]
+    assert whole == (going_on if two_step else expected)
+    assert (result.stats.two_step_calls == result.stats.layer_calls) is two_step
+    if two_step:
+        assert whole[-1] == 0 and sum(whole) == sum(exits) - len(samples)
 
 
 def test_regrouping_keeps_deep_batches_full():
@@ -222,3 +239,55 @@ def test_bfloat16_runs_the_layers_in_bfloat16_and_decides_in_float32(family, tas
     same_probs = sum(x.exit_layer == y.exit_layer and float(abs(x.probs - y.probs).max()) < 0.1 for x, y in zip(a, b))
     assert same_probs >= len(a) - 2  # bfloat16 keeps 8 bits of mantissa: a sample near τ may exit elsewhere
 
+
+
+@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("vit", "sequence")])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_two_step_layers_give_whole_layer_results(family, task, attention):
+    """A layer run at the head's positions first and for the rows going on second gives the same
+    probabilities, exits and reasons as the whole layer, with either attention implementation,
+    across padding and regrouping (batch 5 over 40 samples of 3-20 tokens, unsorted so that
+    batches mix lengths)."""
+    samples = make_samples(family, task, n=40)
+    model = epee_model(family, task, samples)
+    model.backbone.config._attn_implementation = attention
+    whole = EarlyExitEngine(model, EngineConfig(batch_size=5, split_layers=False, sort_by_length=False)).run(samples)
+    split = EarlyExitEngine(model, EngineConfig(batch_size=5, sort_by_length=False)).run(samples)
+    assert whole.stats.two_step_calls == 0 and split.stats.two_step_calls == split.stats.layer_calls
+    assert_same_predictions(split.predictions, whole.predictions)
+    exits = {p.exit_layer for p in split.predictions}
+    assert len(exits) >= 2  # rows left at several depths, so rows went on after a two-step call
+    assert split.stats.rows_per_layer == whole.stats.rows_per_layer
+    assert split.stats.macs < whole.stats.macs and split.stats.dense_full_macs == whole.stats.dense_full_macs
+
+
+def test_two_step_layers_only_where_rows_may_exit():
+    """Policy none splits the last layer alone; min_exit_layer keeps earlier layers whole."""
+    samples = make_samples("bert", "sequence", n=20)
+    full = tiny_model("bert", "sequence", layers=4)  # policy none
+    result = EarlyExitEngine(full, EngineConfig(batch_size=8)).run(samples)
+    assert result.stats.two_step_calls == result.stats.calls_per_layer[-1] == 3
+    late = tiny_model("bert", "sequence", layers=4, policy=ExitPolicyConfig(kind="patience", patience=1, min_exit_layer=3))
+    result = EarlyExitEngine(late, EngineConfig(batch_size=8)).run(samples)
+    assert result.stats.two_step_calls == sum(result.stats.calls_per_layer[2:])
+
+
+@pytest.mark.parametrize("family, task, pooling", [("bert", "sequence", "mean"), ("bert", "token", "default"),
+                                                   ("albert", "sequence", "default"), ("gpt2", "sequence", "default")])
+def test_layers_run_whole_where_heads_read_every_token_or_family_cannot_split(family, task, pooling):
+    samples = make_samples(family, task, n=12)
+    model = tiny_model(family, task, pooling=pooling, policy=ExitPolicyConfig(kind="patience", patience=1))
+    result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
+    assert result.stats.two_step_calls == 0
+    assert_same_predictions(result.predictions, run_reference(model, samples))
+
+
+def test_hooked_layer_runs_whole():
+    """A forward hook on any part of a layer must see that part called: that layer is not split."""
+    samples = make_samples("bert", "sequence", n=12)
+    model = tiny_model("bert", "sequence", layers=3)
+    calls = []
+    model.backbone.encoder.layer[2].attention.self.register_forward_hook(lambda *a: calls.append(1))
+    result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
+    assert result.stats.two_step_calls == 0 and len(calls) == result.stats.calls_per_layer[2] == 3
+    assert_same_predictions(result.predictions, run_reference(model, samples))

@@ -69,13 +69,20 @@ def test_engine_calls_onednn_with_bucketed_row_counts_only(monkeypatch):
     samples = make_samples("bert", "sequence", n=40)
     model = epee_model("bert", "sequence", samples)
     aten = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="aten")).run(samples)
-    onednn = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="onednn")).run(samples)
-    assert_same_predictions(onednn.predictions, aten.predictions)
+    whole = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="onednn", split_layers=False)).run(samples)
+    assert_same_predictions(whole.predictions, aten.predictions)
     assert seen and all(bucket_rows(m) == m for m in seen)
     assert len({s.length for s in samples}) > 3  # the samples really varied
     # every layer call's up-projection ran with GELU fused; Q, K, V, O, down and the heads without
-    assert posts.count("gelu") == onednn.stats.layer_calls > 0
-    assert posts.count("none") >= 5 * onednn.stats.layer_calls
+    assert posts.count("gelu") == whole.stats.layer_calls > 0
+    assert posts.count("none") >= 5 * whole.stats.layer_calls
+    # two-step layers: the head's positions, then the rows that go on; both steps fused and bucketed
+    seen.clear(), posts.clear()
+    split = EarlyExitEngine(model, EngineConfig(batch_size=7, linear_kernel="onednn")).run(samples)
+    assert_same_predictions(split.predictions, aten.predictions)
+    assert seen and all(bucket_rows(m) == m for m in seen)
+    assert split.stats.two_step_calls == split.stats.layer_calls
+    assert split.stats.layer_calls < posts.count("gelu") < 2 * split.stats.layer_calls
 
 
 @needs_onednn

@@ -158,6 +158,14 @@ class TestMacs:
         assert c[0].actual == c[0].dense_at_exit == 10 * per_token + 2 * 100 * h + head
         assert c[1].actual == 2 * (5 * per_token + 2 * 25 * h) + 2 * head
         assert c[0].dense_full == 2 * (10 * per_token + 2 * 100 * h) + head  # one classifier
+        # exit layer in two steps at [CLS]: K and V for every token, Q, O and the feed-forward for one
+        s = MacCounter(model).count(torch.tensor([10, 5]), torch.tensor([1, 2]), exit_positions=1)
+        exit_layer = lambda t: t * 2 * h * h + (2 * h * h + 2 * h * i) + 2 * t * h  # noqa: E731
+        assert s[0].actual == s[0].dense_at_exit == exit_layer(10) + head
+        assert s[1].actual == (5 * per_token + 2 * 25 * h) + exit_layer(5) + 2 * head
+        assert s[0].dense_full == c[0].dense_full  # the reference runs every layer whole
+        r = MacCounter(model).count(torch.tensor([10]), torch.tensor([2]), exit_positions=2)[0]  # relation heads
+        assert r.actual == (10 * per_token + 2 * 100 * h) + 10 * 2 * h * h + 2 * (2 * h * h + 2 * h * i) + 2 * 2 * 10 * h + 2 * head
 
     def test_sparsity_counts_nonzeros_only(self):
         model = tiny_model("bert", "sequence", layers=2)
@@ -175,12 +183,18 @@ class TestMacs:
         result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
         ref = run_reference(model, samples)
         counter = MacCounter(model)
+        # the engine runs exit layers in two steps where heads read [CLS] or the entity markers of BERT
+        # or ViT layers; the batch-size-1 reference runs every layer whole
+        at = {"sequence": 1, "relation": 2}.get(task) if family in ("bert", "vit") else None
+        assert (result.stats.two_step_calls > 0) is (at is not None)
         for s, p, r in zip(samples, result.predictions, ref):
             t = s.length if s.input_ids is not None else model.backbone.embeddings.patch_embeddings.num_patches + 1
-            expect = counter.count(torch.tensor([t]), torch.tensor([p.exit_layer]))[0]
+            expect = counter.count(torch.tensor([t]), torch.tensor([p.exit_layer]), exit_positions=at)[0]
             assert (p.macs, p.dense_exit_macs, p.dense_full_macs) == (expect.actual, expect.dense_at_exit, expect.dense_full)
-            assert p.exit_layer == r.exit_layer and p.macs == r.macs
+            whole = counter.count(torch.tensor([t]), torch.tensor([p.exit_layer]))[0]
+            assert p.exit_layer == r.exit_layer and r.macs == whole.actual and p.dense_full_macs == r.dense_full_macs
             assert 0 < p.macs <= p.dense_full_macs * 1.5
+            assert (p.macs < r.macs) is (at is not None)
         stats = result.stats
         assert stats.macs == sum(p.macs for p in result.predictions)
         assert stats.dense_full_macs == sum(p.dense_full_macs for p in result.predictions)

@@ -162,6 +162,28 @@ def test_relations_pipeline(models, tmp_path):
     assert r2["label"] in ("negative", "effect")
 
 
+def test_whole_layers_predict_the_same_at_more_macs(models, tmp_path):
+    """By default a relation model's layers run at the entity markers first; --whole_layers runs
+    them whole: the same predictions, and the default spends fewer multiply-adds."""
+    (tmp_path / "in").mkdir()
+    rows = [{"id": f"r{i}", "text": f"<< aspirin >> {'and more words ' * i}raises [[ warfarin ]] levels"}
+            for i in range(8)]
+    (tmp_path / "in" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for flags in ([], ["--whole_layers"]):
+        out = tmp_path / ("whole" if flags else "split")
+        run("relations", ["--input", str(tmp_path / "in" / "*.jsonl"), "--model", models["relation"],
+                          "--output", str(out), "--id_field", "id", *flags])
+        runs[out.name] = {p["record_id"]: p for p in read(out, "predictions")}
+    split, whole = runs["split"], runs["whole"]
+    assert split.keys() == whole.keys() and len(split) == 8
+    for rid, p in whole.items():
+        q = split[rid]
+        assert (q["label"], q["exit_layer"], q["exit_reason"]) == (p["label"], p["exit_layer"], p["exit_reason"])
+        assert q["probabilities"] == pytest.approx(p["probabilities"], abs=1e-5)
+        assert q["macs"] < p["macs"] and q["dense_full_macs"] == p["dense_full_macs"]
+
+
 def test_events_pipeline_spans_are_offsets_into_the_note(models, tmp_path):
     (tmp_path / "in").mkdir()
     text = "Severe rash induced by penicillin in a child. " * 8  # long enough for several windows
