@@ -29,6 +29,8 @@ from transformers import (
 from transformers.activations import GELUActivation
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.albert import modeling_albert
+from transformers.models.albert.modeling_albert import AlbertAttention, AlbertLayer, AlbertLayerGroup
 from transformers.models.bert import modeling_bert
 from transformers.models.bert.modeling_bert import (
     BertAttention,
@@ -319,11 +321,39 @@ class AlbertAdapter(BertAdapter):
     def layer(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.layer_module(i)(hidden, bias)
 
+    def _single_layer(self, i: int) -> AlbertLayer:
+        return self.layer_module(i).albert_layers[0]
+
     def splits_layer(self, i: int) -> bool:
-        return False  # ALBERT's shared layer groups run whole
+        group = self.layer_module(i)  # a group of one stock layer (inner_group_num=1, ALBERT's default)
+        if type(group) is not AlbertLayerGroup or len(group.albert_layers) != 1 or not unhooked(group):
+            return False
+        layer = group.albert_layers[0]
+        return (
+            type(layer) is AlbertLayer
+            and type(layer.attention) is AlbertAttention
+            and not layer.training
+            and all(unhooked(m) for m in layer.modules())
+        )
+
+    def layer_keys(self, i: int, hidden: torch.Tensor) -> LayerKeys:
+        att = self._single_layer(i).attention
+        return LayerKeys(_heads(att.key(hidden), att.attention_head_size), _heads(att.value(hidden), att.attention_head_size))
+
+    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+        """AlbertLayer's steps for the queries ``hidden`` (N, P, H) over precomputed keys and values."""
+        layer = self._single_layer(i)
+        att = layer.attention
+        context = _attend(att, modeling_albert.eager_attention_forward,
+                          _heads(att.query(hidden), att.attention_head_size), keys, bias)
+        attention = att.LayerNorm(hidden + att.dense(context))
+        return layer.full_layer_layer_norm(layer.ff_chunk(attention) + attention)
 
     def key_value_linears(self, i: int) -> list[nn.Module]:
-        return []
+        if len(self.layer_module(i).albert_layers) != 1:
+            return []
+        att = self._single_layer(i).attention
+        return [att.key, att.value]
 
     def layer_module(self, i: int) -> nn.Module:
         # Same group arithmetic as AlbertTransformer.forward.

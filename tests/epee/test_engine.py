@@ -62,12 +62,12 @@ def test_prediction_independent_of_batch_composition(family, task):
             assert_same_predictions(got, alone)
 
 
-@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("gpt2", "token"),
-                                          ("vit", "sequence")])
+@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("albert", "relation"),
+                                          ("gpt2", "token"), ("vit", "sequence")])
 @pytest.mark.parametrize("split", [True, False])
 def test_exited_rows_are_never_computed(family, task, split, monkeypatch):
     """Count the rows that really enter each layer, not the engine's own counters. With two-step
-    layers (BERT and ViT with heads that read [CLS] or the entity markers), a row's exit layer
+    layers (BERT, ALBERT and ViT with heads that read [CLS] or the entity markers), a row's exit layer
     computes its keys and values and its head's positions; only rows that go on get the rest."""
     samples = make_samples(family, task, n=30)
     model = epee_model(family, task, samples)
@@ -241,7 +241,8 @@ def test_bfloat16_runs_the_layers_in_bfloat16_and_decides_in_float32(family, tas
 
 
 
-@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("vit", "sequence")])
+@pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("albert", "sequence"),
+                                          ("albert", "relation"), ("vit", "sequence")])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_two_step_layers_give_whole_layer_results(family, task, attention):
     """A layer run at the head's positions first and for the rows going on second gives the same
@@ -275,8 +276,15 @@ def test_two_step_layers_only_where_rows_may_exit():
 @pytest.mark.parametrize("family, task, pooling", [("bert", "sequence", "mean"), ("bert", "token", "default"),
                                                    ("albert", "sequence", "default"), ("gpt2", "sequence", "default")])
 def test_layers_run_whole_where_heads_read_every_token_or_family_cannot_split(family, task, pooling):
+    """Mean pooling and token tasks read every token; GPT-2's fused QKV projection and ALBERT groups
+    of more than one layer (here inner_group_num=2) run whole."""
     samples = make_samples(family, task, n=12)
     model = tiny_model(family, task, pooling=pooling, policy=ExitPolicyConfig(kind="patience", patience=1))
+    if family == "albert":
+        torch.manual_seed(0)
+        config = model.backbone.config
+        config.inner_group_num = 2
+        model = type(model).from_config(config, model.config)
     result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
     assert result.stats.two_step_calls == 0
     assert_same_predictions(result.predictions, run_reference(model, samples))
