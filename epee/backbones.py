@@ -105,10 +105,17 @@ class BackboneAdapter:
         """Layer ``i``'s output at ``positions`` (N, P) only: (N, P, H), equal to
         ``layer(i, hidden, bias)`` gathered there. Queries, attention output and feed-forward run
         for those P positions; the keys and values, which every query needs, come from ``keys``."""
-        raise NotImplementedError(f"{self.family} layers do not run in two steps")
+        return self.layer_from_keys(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
 
     def layer_rest(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: "LayerKeys") -> torch.Tensor:
         """Layer ``i``'s whole output (N, T, H) for rows whose keys and values are already in ``keys``."""
+        return self.layer_from_keys(i, hidden, bias, keys)
+
+    def layer_from_keys(
+        self, i: int, queries: torch.Tensor, bias: torch.Tensor | None, keys: "LayerKeys"
+    ) -> torch.Tensor:
+        """The family's layer ``i`` for the token states ``queries`` (N, P, H), attending over the
+        precomputed ``keys`` with the mask rows ``bias`` (N, h, P, T): (N, P, H)."""
         raise NotImplementedError(f"{self.family} layers do not run in two steps")
 
     def key_value_linears(self, i: int) -> list[nn.Module]:
@@ -277,13 +284,7 @@ class BertAdapter(BackboneAdapter):
         sa = self.model.encoder.layer[i].attention.self
         return LayerKeys(_heads(sa.key(hidden), sa.attention_head_size), _heads(sa.value(hidden), sa.attention_head_size))
 
-    def layer_at(self, i, hidden, bias, keys, positions):
-        return self._layer_from(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
-
-    def layer_rest(self, i, hidden, bias, keys):
-        return self._layer_from(i, hidden, bias, keys)
-
-    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+    def layer_from_keys(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
         """BertLayer's steps for the queries ``hidden`` (N, P, H) over precomputed keys and values."""
         module = self.model.encoder.layer[i]
         sa = module.attention.self
@@ -340,7 +341,7 @@ class AlbertAdapter(BertAdapter):
         att = self._single_layer(i).attention
         return LayerKeys(_heads(att.key(hidden), att.attention_head_size), _heads(att.value(hidden), att.attention_head_size))
 
-    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+    def layer_from_keys(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
         """AlbertLayer's steps for the queries ``hidden`` (N, P, H) over precomputed keys and values."""
         layer = self._single_layer(i)
         att = layer.attention
@@ -463,13 +464,7 @@ class ViTAdapter(BackboneAdapter):
         att, normed = layer.attention, layer.layernorm_before(hidden)
         return LayerKeys(_heads(att.k_proj(normed), att.head_dim), _heads(att.v_proj(normed), att.head_dim))
 
-    def layer_at(self, i, hidden, bias, keys, positions):
-        return self._layer_from(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
-
-    def layer_rest(self, i, hidden, bias, keys):
-        return self._layer_from(i, hidden, bias, keys)
-
-    def _layer_from(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+    def layer_from_keys(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
         """ViTLayer's steps (pre-norm) for the queries ``hidden`` (N, P, H) over precomputed keys."""
         layer = self.model.layers[i]
         att = layer.attention
