@@ -8,12 +8,12 @@ exactly k layer-rows, and deep layers still run on full batches. Samples are sor
 before batching and every regrouped batch is trimmed to its longest member, so padding stays low.
 
 Two-step layers (``EngineConfig.split_layers``, on by default): where the exit heads read a few
-positions ([CLS], a relation's entity markers) of BERT, ALBERT or ViT layers, a layer where rows may exit
-first computes every token's keys and values and the layer's output at those positions only,
-enough for the head; the layer's queries, attention output and feed-forward for all their tokens
+positions ([CLS], a relation's entity markers) of BERT, ALBERT or ViT layers, a layer where rows
+may exit first computes every token's keys and values and the layer's output at those positions
+only, enough for the head; the queries, attention output and feed-forward of all their tokens
 (the head's positions a second time: 1/T of the work), reusing the keys and values, run only for
-the rows that go on. A row that exits at layer
-k so pays k-1 whole layers plus its exit layer's keys and values (about a sixth of a BERT layer);
+the rows that go on. A row that exits at layer k so pays k-1 whole layers plus its exit layer's
+keys and values (about a sixth of a BERT layer);
 the results are the same as whole layers'.
 """
 
