@@ -1,7 +1,7 @@
 """Two-step layers (``EngineConfig.split_layers``) against whole layers, in the engine. Not a test.
 
-Where the exit heads read a few positions ([CLS], a relation's two entity markers) of BERT, ALBERT or
-ViT layers, the engine runs each layer where rows may exit at those positions first, over every
+Where the exit heads read a few positions ([CLS], GPT-2's last token, a relation's two entity
+markers), the engine runs each layer where rows may exit at those positions first, over every
 token's keys and values, and the rest of the layer only for the rows that go on: a row pays its
 exit layer's keys and values (2 of BERT's 6 token-wise matrices of H x H size units: about a sixth
 of the layer), not the whole layer. For each model directory this times the engine on its test half

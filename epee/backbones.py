@@ -32,6 +32,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.albert import modeling_albert
 from transformers.models.albert.modeling_albert import AlbertAttention, AlbertLayer, AlbertLayerGroup
 from transformers.models.bert import modeling_bert
+from transformers.models.gpt2 import modeling_gpt2
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2MLP
 from transformers.models.bert.modeling_bert import (
     BertAttention,
     BertIntermediate,
@@ -42,6 +44,8 @@ from transformers.models.bert.modeling_bert import (
 )
 from transformers.models.vit import modeling_vit
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
+
+from transformers.pytorch_utils import Conv1D
 
 from .inputs import Batch
 from .kernels import linear_gelu, unhooked
@@ -118,8 +122,9 @@ class BackboneAdapter:
         precomputed ``keys`` with the mask rows ``bias`` (N, h, P, T): (N, P, H)."""
         raise NotImplementedError(f"{self.family} layers do not run in two steps")
 
-    def key_value_linears(self, i: int) -> list[nn.Module]:
-        """The linear maps of layer ``i`` that :meth:`layer_keys` runs (for MAC accounting)."""
+    def key_value_weights(self, i: int) -> list[torch.Tensor]:
+        """The weights (or parts of a fused weight) that :meth:`layer_keys` multiplies every token by,
+        for MAC accounting."""
         return []
 
     def word_embeddings(self) -> nn.Embedding:
@@ -292,9 +297,9 @@ class BertAdapter(BackboneAdapter):
                           keys, bias)
         return self._feed_forward(module, module.attention.output(context, hidden))
 
-    def key_value_linears(self, i: int) -> list[nn.Module]:
+    def key_value_weights(self, i: int) -> list[torch.Tensor]:
         sa = self.model.encoder.layer[i].attention.self
-        return [sa.key, sa.value]
+        return [sa.key.weight, sa.value.weight]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler(hidden)  # takes hidden[:, 0] itself
@@ -350,11 +355,11 @@ class AlbertAdapter(BertAdapter):
         attention = att.LayerNorm(hidden + att.dense(context))
         return layer.full_layer_layer_norm(layer.ff_chunk(attention) + attention)
 
-    def key_value_linears(self, i: int) -> list[nn.Module]:
+    def key_value_weights(self, i: int) -> list[torch.Tensor]:
         if len(self.layer_module(i).albert_layers) != 1:
             return []
         att = self._single_layer(i).attention
-        return [att.key, att.value]
+        return [att.key.weight, att.value.weight]
 
     def layer_module(self, i: int) -> nn.Module:
         # Same group arithmetic as AlbertTransformer.forward.
@@ -363,6 +368,31 @@ class AlbertAdapter(BertAdapter):
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.pooler_activation(self.model.pooler(hidden[:, 0]))
+
+
+def _stock_gpt2_block(block: nn.Module) -> bool:
+    """Whether a GPT-2 block is the stock decoder block (self-attention only), in eval mode, with
+    SDPA or eager attention (not eager's reordered upcast) and no hook on it or its parts."""
+    att = getattr(block, "attn", None)
+    impl = getattr(getattr(att, "config", None), "_attn_implementation", None)
+    return (
+        type(block) is GPT2Block
+        and type(att) is GPT2Attention
+        and type(att.c_attn) is Conv1D
+        and type(block.mlp) is GPT2MLP
+        and not att.is_cross_attention
+        and not hasattr(block, "crossattention")
+        and not block.training
+        and impl in ("sdpa", "eager")
+        and not (impl == "eager" and att.reorder_and_upcast_attn)
+        and all(unhooked(m) for m in block.modules())
+    )
+
+
+def _conv1d_columns(conv: Conv1D, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output columns ``start:stop`` of a transformers Conv1D (``x @ W + b``) alone: (N, T, stop - start)."""
+    n, t, _ = x.shape
+    return torch.addmm(conv.bias[start:stop], x.reshape(n * t, -1), conv.weight[:, start:stop]).view(n, t, -1)
 
 
 class GPT2Adapter(BackboneAdapter):
@@ -402,6 +432,40 @@ class GPT2Adapter(BackboneAdapter):
 
     def layer_module(self, i: int) -> nn.Module:
         return self.model.h[i]
+
+    def splits_layer(self, i: int) -> bool:
+        return _stock_gpt2_block(self.model.h[i])
+
+    def layer_keys(self, i: int, hidden: torch.Tensor) -> LayerKeys:
+        block = self.model.h[i]
+        att, h = block.attn, block.attn.embed_dim
+        key, value = _conv1d_columns(att.c_attn, block.ln_1(hidden), h, 3 * h).split(h, dim=2)  # Q's columns skipped
+        return LayerKeys(_heads(key, att.head_dim), _heads(value, att.head_dim))
+
+    def layer_at(self, i, hidden, bias, keys, positions):
+        if bias is None:
+            # no padding, so the mask was left to SDPA's is_causal, which would align these P queries
+            # with the first P keys: each position sees the keys up to itself, written out
+            t = hidden.shape[1]
+            bias = torch.arange(t, device=hidden.device)[None, None, None, :] <= positions[:, None, :, None]
+            if self.config._attn_implementation != "sdpa":  # additive, as eager attention takes it
+                bias = torch.zeros(bias.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~bias, torch.finfo(hidden.dtype).min)
+        else:
+            bias = _bias_rows(bias, positions)
+        return self.layer_from_keys(i, _gather_tokens(hidden, positions), bias, keys)
+
+    def layer_from_keys(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
+        """GPT2Block's steps (pre-norm) for the queries ``hidden`` (N, P, H) over precomputed keys."""
+        block = self.model.h[i]
+        att = block.attn
+        query = _heads(_conv1d_columns(att.c_attn, block.ln_1(hidden), 0, att.embed_dim), att.head_dim)
+        hidden = att.c_proj(_attend(att, modeling_gpt2.eager_attention_forward, query, keys, bias)) + hidden
+        return hidden + block.mlp(block.ln_2(hidden))
+
+    def key_value_weights(self, i: int) -> list[torch.Tensor]:
+        att = self.model.h[i].attn
+        return [att.c_attn.weight[:, att.embed_dim :]]  # (H, 2H) of the fused (H, 3H)
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         n, t, _ = hidden.shape
@@ -472,9 +536,9 @@ class ViTAdapter(BackboneAdapter):
         hidden = att.o_proj(_attend(att, modeling_vit.eager_attention_forward, query, keys, bias)) + hidden
         return layer.mlp(layer.layernorm_after(hidden)) + hidden
 
-    def key_value_linears(self, i: int) -> list[nn.Module]:
+    def key_value_weights(self, i: int) -> list[torch.Tensor]:
         att = self.model.layers[i].attention
-        return [att.k_proj, att.v_proj]
+        return [att.k_proj.weight, att.v_proj.weight]
 
     def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.layernorm(hidden[:, 0])

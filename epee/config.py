@@ -162,10 +162,10 @@ class EngineConfig:
     # where it cannot run). See epee.kernels.
     linear_kernel: str = "auto"
     # Run each layer where rows may exit in two steps: first at the positions the exit head reads
-    # ([CLS], the entity markers) over every token's keys and values, then the rest of the layer
-    # only for the rows that go on. A row pays its exit layer's keys and values, not the whole
-    # layer. Same results; applies where heads read a few positions of BERT, ALBERT or ViT layers
-    # (not mean pooling, token tasks or GPT-2). False runs every layer whole.
+    # ([CLS], GPT-2's last token, the entity markers) over every token's keys and values, then the
+    # rest of the layer only for the rows that go on. A row pays its exit layer's keys and values,
+    # not the whole layer. Same results; not for mean pooling or token tasks, which read every
+    # token. False runs every layer whole.
     split_layers: bool = True
 
     def __post_init__(self) -> None:

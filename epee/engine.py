@@ -8,7 +8,7 @@ exactly k layer-rows, and deep layers still run on full batches. Samples are sor
 before batching and every regrouped batch is trimmed to its longest member, so padding stays low.
 
 Two-step layers (``EngineConfig.split_layers``, on by default): where the exit heads read a few
-positions ([CLS], a relation's entity markers) of BERT, ALBERT or ViT layers, a layer where rows
+positions ([CLS], GPT-2's last token, a relation's entity markers), a layer where rows
 may exit first computes every token's keys and values and the layer's output at those positions
 only, enough for the head; the queries, attention output and feed-forward of all their tokens
 (the head's positions a second time: 1/T of the work), reusing the keys and values, run only for

@@ -54,9 +54,9 @@ class MacCounter:
         linears = [layer_linears(model, i) for i in range(self.num_layers)]  # ALBERT: shared, counted per layer run
         self.dense_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in linears]
         self.sparse_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in linears]
-        kv = [adapter.key_value_linears(i) for i in range(self.num_layers)]  # what a two-step layer runs per token
-        self.dense_kv_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in kv]
-        self.sparse_kv_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in kv]
+        kv = [adapter.key_value_weights(i) for i in range(self.num_layers)]  # what a two-step layer runs per token
+        self.dense_kv_per_token = [sum(w.shape[0] * w.shape[1] for w in ws) for ws in kv]
+        self.sparse_kv_per_token = [sum(_nonzeros(w) for w in ws) for ws in kv]
         self.embed_per_token = 0
         self.embed_fixed = 0
         if adapter.family == "albert":

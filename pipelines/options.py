@@ -66,7 +66,7 @@ class EpeeOptions(PipelineOptions):
                             "outside float32)")
         g.add_argument("--whole_layers", action="store_true",
                        help="run every transformer layer whole. By default, where exit heads read a few positions "
-                            "([CLS], the entity markers) of BERT, ALBERT or ViT layers, a layer where records may exit runs "
+                            "([CLS], GPT-2's last token, the entity markers), a layer where records may exit runs "
                             "at those positions first and the rest only for the records that go on: the same "
                             "predictions, and a record pays about a sixth of its exit layer (epee/engine.py)")
         g.add_argument("--heap_trim_seconds", type=float, default=2.0,

@@ -63,11 +63,11 @@ def test_prediction_independent_of_batch_composition(family, task):
 
 
 @pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("albert", "relation"),
-                                          ("gpt2", "token"), ("vit", "sequence")])
+                                          ("gpt2", "relation"), ("gpt2", "token"), ("vit", "sequence")])
 @pytest.mark.parametrize("split", [True, False])
 def test_exited_rows_are_never_computed(family, task, split, monkeypatch):
     """Count the rows that really enter each layer, not the engine's own counters. With two-step
-    layers (BERT, ALBERT and ViT with heads that read [CLS] or the entity markers), a row's exit layer
+    layers (heads that read [CLS], GPT-2's last token or the entity markers), a row's exit layer
     computes its keys and values and its head's positions; only rows that go on get the rest."""
     samples = make_samples(family, task, n=30)
     model = epee_model(family, task, samples)
@@ -92,7 +92,7 @@ def test_exited_rows_are_never_computed(family, task, split, monkeypatch):
     assert entered == expected
     assert result.stats.rows_per_layer == expected
     assert sum(entered) == sum(exits) < len(samples) * model.num_layers
-    two_step = split and family != "gpt2"
+    two_step = split and task != "token"
     going_on = [sum(1 for e in exits if e > i + 1) for i in range(model.num_layers)]
     assert whole == (going_on if two_step else expected)
     assert (result.stats.two_step_calls == result.stats.layer_calls) is two_step
@@ -242,7 +242,8 @@ def test_bfloat16_runs_the_layers_in_bfloat16_and_decides_in_float32(family, tas
 
 
 @pytest.mark.parametrize("family, task", [("bert", "sequence"), ("bert", "relation"), ("albert", "sequence"),
-                                          ("albert", "relation"), ("vit", "sequence")])
+                                          ("albert", "relation"), ("gpt2", "sequence"), ("gpt2", "relation"),
+                                          ("vit", "sequence")])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_two_step_layers_give_whole_layer_results(family, task, attention):
     """A layer run at the head's positions first and for the rows going on second gives the same
@@ -276,8 +277,8 @@ def test_two_step_layers_only_where_rows_may_exit():
 @pytest.mark.parametrize("family, task, pooling", [("bert", "sequence", "mean"), ("bert", "token", "default"),
                                                    ("albert", "sequence", "default"), ("gpt2", "sequence", "default")])
 def test_layers_run_whole_where_heads_read_every_token_or_family_cannot_split(family, task, pooling):
-    """Mean pooling and token tasks read every token; GPT-2's fused QKV projection and ALBERT groups
-    of more than one layer (here inner_group_num=2) run whole."""
+    """Mean pooling and token tasks read every token; ALBERT groups of more than one layer (here
+    inner_group_num=2) and GPT-2 with eager attention's reordered upcast run whole."""
     samples = make_samples(family, task, n=12)
     model = tiny_model(family, task, pooling=pooling, policy=ExitPolicyConfig(kind="patience", patience=1))
     if family == "albert":
@@ -285,6 +286,10 @@ def test_layers_run_whole_where_heads_read_every_token_or_family_cannot_split(fa
         config = model.backbone.config
         config.inner_group_num = 2
         model = type(model).from_config(config, model.config)
+    if family == "gpt2":
+        model.backbone.config._attn_implementation = "eager"
+        for block in model.backbone.h:
+            block.attn.reorder_and_upcast_attn = True
     result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
     assert result.stats.two_step_calls == 0
     assert_same_predictions(result.predictions, run_reference(model, samples))
@@ -299,3 +304,17 @@ def test_hooked_layer_runs_whole():
     result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
     assert result.stats.two_step_calls == 0 and len(calls) == result.stats.calls_per_layer[2] == 3
     assert_same_predictions(result.predictions, run_reference(model, samples))
+
+
+@pytest.mark.parametrize("task", ["sequence", "relation"])
+def test_gpt2_two_step_layers_without_padding(task):
+    """Equal lengths leave SDPA no mask (it would align P queries with the first P keys): the
+    queries at the head's positions must still see only the keys up to themselves."""
+    samples = make_samples("gpt2", task, n=24, min_len=12, max_len=12)
+    model = epee_model("gpt2", task, samples)
+    assert model.adapter.attention_bias(torch.zeros(2, 12, 32), torch.ones(2, 12, dtype=torch.long)) is None
+    whole = EarlyExitEngine(model, EngineConfig(batch_size=8, split_layers=False)).run(samples)
+    split = EarlyExitEngine(model, EngineConfig(batch_size=8)).run(samples)
+    assert split.stats.two_step_calls == split.stats.layer_calls > 0
+    assert_same_predictions(split.predictions, whole.predictions)
+    assert_same_predictions(split.predictions, run_reference(model, samples))

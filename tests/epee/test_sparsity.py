@@ -183,9 +183,9 @@ class TestMacs:
         result = EarlyExitEngine(model, EngineConfig(batch_size=4)).run(samples)
         ref = run_reference(model, samples)
         counter = MacCounter(model)
-        # the engine runs exit layers in two steps where heads read [CLS] or the entity markers of BERT,
-        # ALBERT or ViT layers; the batch-size-1 reference runs every layer whole
-        at = {"sequence": 1, "relation": 2}.get(task) if family != "gpt2" else None
+        # the engine runs exit layers in two steps where heads read one or two positions ([CLS], GPT-2's
+        # last token, the entity markers); the batch-size-1 reference runs every layer whole
+        at = {"sequence": 1, "relation": 2}.get(task)
         assert (result.stats.two_step_calls > 0) is (at is not None)
         for s, p, r in zip(samples, result.predictions, ref):
             t = s.length if s.input_ids is not None else model.backbone.embeddings.patch_embeddings.num_patches + 1
