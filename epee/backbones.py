@@ -109,7 +109,12 @@ class BackboneAdapter:
         """Layer ``i``'s output at ``positions`` (N, P) only: (N, P, H), equal to
         ``layer(i, hidden, bias)`` gathered there. Queries, attention output and feed-forward run
         for those P positions; the keys and values, which every query needs, come from ``keys``."""
-        return self.layer_from_keys(i, _gather_tokens(hidden, positions), _bias_rows(bias, positions), keys)
+        return self.layer_from_keys(i, _gather_tokens(hidden, positions), self.query_bias(bias, hidden, positions), keys)
+
+    def query_bias(self, bias: torch.Tensor | None, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask for queries at ``positions`` alone: its rows there (None stays None:
+        bidirectional attention with no padding needs no mask)."""
+        return _bias_rows(bias, positions)
 
     def layer_rest(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: "LayerKeys") -> torch.Tensor:
         """Layer ``i``'s whole output (N, T, H) for rows whose keys and values are already in ``keys``."""
@@ -442,18 +447,16 @@ class GPT2Adapter(BackboneAdapter):
         key, value = _conv1d_columns(att.c_attn, block.ln_1(hidden), h, 3 * h).split(h, dim=2)  # Q's columns skipped
         return LayerKeys(_heads(key, att.head_dim), _heads(value, att.head_dim))
 
-    def layer_at(self, i, hidden, bias, keys, positions):
-        if bias is None:
-            # no padding, so the mask was left to SDPA's is_causal, which would align these P queries
-            # with the first P keys: each position sees the keys up to itself, written out
-            t = hidden.shape[1]
-            bias = torch.arange(t, device=hidden.device)[None, None, None, :] <= positions[:, None, :, None]
-            if self.config._attn_implementation != "sdpa":  # additive, as eager attention takes it
-                bias = torch.zeros(bias.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-                    ~bias, torch.finfo(hidden.dtype).min)
-        else:
-            bias = _bias_rows(bias, positions)
-        return self.layer_from_keys(i, _gather_tokens(hidden, positions), bias, keys)
+    def query_bias(self, bias, hidden, positions):
+        if bias is not None:
+            return _bias_rows(bias, positions)
+        # no padding, so the mask was left to SDPA's is_causal, which would align these P queries
+        # with the first P keys: each position sees the keys up to itself, written out
+        allowed = torch.arange(hidden.shape[1], device=hidden.device)[None, None, None, :] <= positions[:, None, :, None]
+        if self.config._attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(  # additive (eager)
+            ~allowed, torch.finfo(hidden.dtype).min)
 
     def layer_from_keys(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None, keys: LayerKeys) -> torch.Tensor:
         """GPT2Block's steps (pre-norm) for the queries ``hidden`` (N, P, H) over precomputed keys."""

@@ -340,14 +340,13 @@ class EarlyExitEngine:
                     logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
                 else:  # the head's positions first; the rest below, for the rows that go on
                     stats.two_step_calls += 1
-                    keys = adapter.layer_keys(layer, rows.hidden)
-                    logits = model.head_logits_at(layer, adapter.layer_at(layer, rows.hidden, bias, keys, positions))
+                    hidden = rows.hidden  # the rows keep their inputs to this layer until then
+                    keys = adapter.layer_keys(layer, hidden)
+                    logits = model.head_logits_at(layer, adapter.layer_at(layer, hidden, bias, keys, positions))
                 signal = exit_signal(logits, rows.token_mask)
                 streak = update_streak(signal.prediction, rows.previous, rows.streak)
                 reasons = policy.decide(layer + 1, signal, streak, rows.index)
-                rows = replace(rows, streak=streak, previous=signal.prediction)
-                if positions is None:
-                    rows = replace(rows, hidden=hidden)
+                rows = replace(rows, hidden=hidden, streak=streak, previous=signal.prediction)
                 exited = reasons != CONTINUE
                 n_exit = int(exited.sum())
                 if n_exit:
@@ -357,7 +356,7 @@ class EarlyExitEngine:
                 if n_exit == rows.size:
                     continue
                 going_on = rows if n_exit == 0 else rows.take(~exited)
-                if positions is not None:  # rows still hold their inputs to this layer
+                if positions is not None:
                     if n_exit:
                         keys = keys.take(~exited, going_on.hidden.shape[1])
                         bias = adapter.attention_bias(going_on.hidden, going_on.mask)

@@ -106,9 +106,11 @@ class EarlyExitModel(nn.Module):
         if entity_positions is None:
             raise ValueError("relation task needs entity_positions (indices of the two entity start markers)")
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows.unsqueeze(1), entity_positions]  # (N, 2, H)
-        states = self.adapter.token_states(picked)  # per-token final norm, where the family has one
-        return states.reshape(hidden.shape[0], -1)  # (N, 2H)
+        return self._relation_features(hidden[rows.unsqueeze(1), entity_positions])  # (N, 2, H) picked
+
+    def _relation_features(self, picked: torch.Tensor) -> torch.Tensor:
+        """The two entity markers' states (N, 2, H) -> (N, 2H), after the family's per-token final norm."""
+        return self.adapter.token_states(picked).reshape(picked.shape[0], -1)
 
     def head_positions(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, entity_positions: torch.Tensor | None
@@ -129,7 +131,7 @@ class EarlyExitModel(nn.Module):
         """Logits of the exit head after 0-based layer ``layer_index`` from the states at
         :meth:`head_positions` alone, (N, P, H): the same as :meth:`head_logits` on the whole layer."""
         if self.config.task == "relation":
-            features = self.adapter.token_states(picked).reshape(picked.shape[0], -1)  # (N, 2H)
+            features = self._relation_features(picked)
         else:
             features = self.adapter.pooled(picked, None)  # the one picked token is the one it reads
         return self.exit_heads[layer_index](self.head_dropout(features))
