@@ -62,6 +62,8 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
         raise StartupError(f"--max_windows must be >= 0 (0: the whole note), got {opts.max_windows}")
     if not 0.0 <= opts.window_overlap < 1.0:
         raise StartupError(f"--window_overlap must lie in [0, 1), got {opts.window_overlap}")
+    if opts.decode_processes < 1:
+        raise StartupError(f"--decode_processes must be >= 1, got {opts.decode_processes}")
     from epee.kernels import check_linear_kernel
 
     try:
@@ -122,7 +124,8 @@ def make_reader(pipeline: str, opts: EpeeOptions, task: str, run_id: str, **extr
     ``extra``: ``previous`` (--skip_processed inputs table) and ``key_source`` (--pseudonymize_ids)."""
     if pipeline == "dicom":
         return ReadDicom(opts.input, opts.frame_policy, run_id, max_file_bytes=opts.max_file_bytes,
-                         max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout, **extra)
+                         max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout,
+                         decode_processes=opts.decode_processes, **extra)
     return ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id,
                      max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes, **extra)
 

@@ -131,6 +131,14 @@ def hanging_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
     return decode_bytes(data, frame_policy, max_pixel_bytes)
 
 
+def slow_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
+    """A decode function for the isolated decoder that takes half a second per file."""
+    from transforms.decode_worker import decode_bytes
+
+    time.sleep(0.5)
+    return decode_bytes(data, frame_policy, max_pixel_bytes)
+
+
 def heavy_modules_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
     """A decode function that reports which heavy packages the decoder process has imported."""
     import sys

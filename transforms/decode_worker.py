@@ -2,11 +2,18 @@
 
 A pixel decoder can loop forever on a hostile stream, or take the process down with it (a
 segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
-:class:`IsolatedDecoder` keeps one long-lived child process per DoFn instance and sends it one
-file at a time over a pipe. When a file takes longer than the timeout the child is killed and a
-new one is started for the next file; when the child dies, the file is reported as a crash. The
-child routes pydicom's logging and warnings itself (they can quote tag values), and only counts
-them.
+:class:`IsolatedDecoder` keeps one long-lived child process per DoFn instance and sends it files
+over a pipe, a batch per message; the child decodes them one at a time and answers with the
+batch's outcomes in one message. Before each file the child writes the file's index and start time
+into a small shared mapping, so the parent knows which file is running: when one file takes longer
+than the timeout the child is killed, that file is reported, and the batch's other files go to a
+new child; when the child dies, the file it was on is reported as a crash. The child routes
+pydicom's logging and warnings itself (they can quote tag values), and only counts them.
+
+A batch per message, not a file: a round trip (two process wake-ups and the parent's thread
+taking the GIL back) cost about 0.6 ms per file on a 2-core machine, as much as decoding a small
+image. :class:`PipelinedDecoder` feeds the child from a queue on its own thread, so the DoFn reads
+the next files and runs inference while the child decodes.
 
 The child is a fresh interpreter (``python -c``, talking over a socket pair), not a
 ``multiprocessing`` child: ``spawn`` re-imports the parent's main module (the whole pipeline with
@@ -19,11 +26,18 @@ from __future__ import annotations
 
 import importlib
 import logging
+import mmap
 import os
+import queue
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -91,23 +105,36 @@ def _resolve(path: str) -> Callable[..., DecodeOutcome]:
     return getattr(importlib.import_module(module), name)
 
 
-def _child_main(conn, decode_path: str) -> None:  # pragma: no cover - runs in the child process
+# the shared progress record: (start time on the monotonic clock, index of the file in the batch; -1: none)
+_PROGRESS = struct.Struct("<dq")
+
+
+def _set_progress(progress: mmap.mmap, index: int, started: float) -> None:
+    _PROGRESS.pack_into(progress, 0, started, index)
+
+
+def _child_main(conn, progress: mmap.mmap, decode_path: str) -> None:  # pragma: no cover - runs in the child
     logging.getLogger().handlers[:] = [logging.NullHandler()]  # the child never writes logs anywhere
     decode = _resolve(decode_path)
     importlib.import_module("epee.images")  # the imports happen before "ready", not on a file's clock
     conn.send("ready")
     while True:
         try:
-            job = conn.recv()
+            jobs = conn.recv()
         except EOFError:
             return
-        if job is None:
+        if jobs is None:
             return
-        conn.send(decode(*job))
+        outcomes = []
+        for i, job in enumerate(jobs):
+            _set_progress(progress, i, time.monotonic())
+            outcomes.append(decode(*job))
+        _set_progress(progress, -1, 0.0)
+        conn.send(outcomes)
 
 
-def _serve(fd: int, decode_path: str) -> None:  # pragma: no cover - the child's entry point
-    _child_main(Connection(fd), decode_path)
+def _serve(fd: int, progress_fd: int, decode_path: str) -> None:  # pragma: no cover - the child's entry point
+    _child_main(Connection(fd), mmap.mmap(progress_fd, _PROGRESS.size), decode_path)
 
 
 def _child_env() -> dict[str, str]:
@@ -122,7 +149,7 @@ class IsolatedDecoder:
     """Decode files in a child process with a per-file timeout.
 
     ``decode_path`` names the decode function as ``"module:function"`` (importable in the child);
-    tests pass their own to simulate a hang or a crash.
+    tests pass their own to simulate a hang or a crash. Not thread-safe: one thread talks to it.
     """
 
     STARTUP_TIMEOUT_S = 300.0
@@ -133,17 +160,24 @@ class IsolatedDecoder:
         self.timeout_s, self.decode_path = timeout_s, decode_path
         self._proc: subprocess.Popen | None = None
         self._conn = None
+        self._progress: mmap.mmap | None = None
         self.restarts = 0
+        self.batches = 0
 
     def _start(self) -> None:
         parent, child = socket.socketpair()
-        try:
-            code = f"from transforms.decode_worker import _serve; _serve({child.fileno()}, {self.decode_path!r})"
-            self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),),
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, env=_child_env(), close_fds=True)
-        finally:
-            child.close()
+        with tempfile.TemporaryFile() as shared:  # unlinked: only the two mappings keep it
+            shared.write(_PROGRESS.pack(0.0, -1))
+            shared.flush()
+            self._progress = mmap.mmap(shared.fileno(), _PROGRESS.size)
+            try:
+                code = (f"from transforms.decode_worker import _serve; "
+                        f"_serve({child.fileno()}, {shared.fileno()}, {self.decode_path!r})")
+                self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(), shared.fileno()),
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, env=_child_env(), close_fds=True)
+            finally:
+                child.close()
         self._conn = Connection(parent.detach())
         # start-up (imports) is not on a file's clock; a child that cannot start is a crash
         if not self._conn.poll(self.STARTUP_TIMEOUT_S) or self._conn.recv() != "ready":
@@ -152,31 +186,77 @@ class IsolatedDecoder:
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def _running(self) -> tuple[int, float]:
+        """(index in the batch of the file the child is decoding, or -1; when it started)."""
+        # the child rewrites the record between files: two equal reads in a row are not a torn one
+        seen, now = None, _PROGRESS.unpack_from(self._progress)
+        while now != seen:
+            seen, now = now, _PROGRESS.unpack_from(self._progress)
+        started, index = now
+        return index, started
+
     def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait(5)
         if self._conn is not None:
             self._conn.close()
-        self._proc = self._conn = None
+        if self._progress is not None:
+            self._progress.close()
+        self._proc = self._conn = self._progress = None
         self.restarts += 1
 
     def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
+        return self.decode_many([(data, frame_policy, max_pixel_bytes)])[0]
+
+    def decode_many(self, jobs: list[tuple[bytes, str, int]]) -> list[DecodeOutcome]:
+        """One outcome per ``(data, frame_policy, max_pixel_bytes)``, in order. A file that hangs or
+        kills the child gets its outcome; the other files of its batch go to a new child. Where
+        the child died before it named a file (e.g. out of memory reading the batch), the batch's
+        files are retried one per message, so the file at fault is the only one that pays."""
+        outcomes: list[DecodeOutcome | None] = [None] * len(jobs)
+        todo, single = list(range(len(jobs))), False
+        while todo:
+            batch = todo[:1] if single else todo
+            answer, at, failure = self._run_batch([jobs[i] for i in batch])
+            if answer is not None:
+                for i, outcome in zip(batch, answer):
+                    outcomes[i] = outcome
+                todo = todo[len(batch):]
+            elif at >= 0 or len(batch) == 1:
+                outcomes[batch[max(at, 0)]] = failure
+                todo.remove(batch[max(at, 0)])
+            else:
+                single = True
+        return outcomes
+
+    def _run_batch(self, batch: list[tuple]) -> tuple[list[DecodeOutcome] | None, int, DecodeOutcome | None]:
+        """(the batch's outcomes, -1, None), or (None, index of the file at fault or -1, its outcome)."""
         try:
             if not self._alive():
                 if self._conn is not None:
-                    self._kill()  # the child died between files
+                    self._kill()  # the child died between batches
                 self._start()
-            self._conn.send((data, frame_policy, max_pixel_bytes))
-            if self._conn.poll(self.timeout_s):
-                return self._conn.recv()
+            self.batches += 1
+            sent = time.monotonic()
+            self._conn.send(batch)
+            while not self._conn.poll(min(0.1, self.timeout_s / 4)):
+                at, started = self._running()
+                if time.monotonic() - (started if at >= 0 else sent) > self.timeout_s:
+                    self._kill()
+                    return None, at, DecodeOutcome(reason="decode_timeout", message=f"decoding took longer than the "
+                                                   f"{self.timeout_s:g} s per-file timeout; stopped")
+            answer = self._conn.recv()
+            if not isinstance(answer, list) or len(answer) != len(batch):
+                raise TypeError("the decoder process answered out of step")
+            return answer, -1, None
         except (EOFError, OSError, BrokenPipeError):
-            self._kill()
-            return DecodeOutcome(reason="decoder_crashed",
-                                 message="the decoder process died while decoding this file (crash or out of memory)")
+            message = "the decoder process died while decoding this file (crash or out of memory)"
+        except Exception as exc:  # noqa: BLE001 - e.g. an answer that cannot be unpickled: the pipe is out of step
+            message = f"the decoder process's answer for this file could not be read ({type(exc).__name__})"
+        at = self._running()[0] if self._progress is not None else -1
         self._kill()
-        return DecodeOutcome(reason="decode_timeout",
-                             message=f"decoding took longer than the {self.timeout_s:g} s per-file timeout; stopped")
+        return None, at, DecodeOutcome(reason="decoder_crashed", message=message)
 
     def close(self) -> None:
         if self._alive():
@@ -190,4 +270,71 @@ class IsolatedDecoder:
                 self._proc.wait(2)
         if self._conn is not None:
             self._conn.close()
-        self._proc = self._conn = None
+        if self._progress is not None:
+            self._progress.close()
+        self._proc = self._conn = self._progress = None
+
+
+class PipelinedDecoder:
+    """``processes`` :class:`IsolatedDecoder` children, each fed from one queue by a thread of its own.
+
+    :meth:`submit` returns a future at once. A thread sends whatever files are waiting (up to
+    ``max_batch``) to its child as one batch, so batches grow by themselves when the caller
+    submits faster than the children decode, and stay single files when it does not.
+    """
+
+    def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes",
+                 max_batch: int = 32, processes: int = 1) -> None:
+        if max_batch < 1 or processes < 1:
+            raise ValueError(f"max_batch ({max_batch!r}) and processes ({processes!r}) must be >= 1")
+        self.decoders = [IsolatedDecoder(timeout_s, decode_path) for _ in range(processes)]
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> Future:
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._loop, args=(d,), name=f"dicom-decoder-{i}", daemon=True)
+                             for i, d in enumerate(self.decoders)]
+            for t in self._threads:
+                t.start()
+        future: Future = Future()
+        self._queue.put((future, (data, frame_policy, max_pixel_bytes)))
+        return future
+
+    def _loop(self, decoder: IsolatedDecoder) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # the stop signal: back for this thread's next turn (or another thread)
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            try:
+                outcomes = decoder.decode_many([job for _, job in batch])
+            except BaseException as exc:  # noqa: BLE001 - a bug here must reach the caller, not hang it
+                for future, _ in batch:
+                    future.set_exception(exc)
+                continue
+            for (future, _), outcome in zip(batch, outcomes):
+                future.set_result(outcome)
+
+    @property
+    def restarts(self) -> int:
+        return sum(d.restarts for d in self.decoders)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        for d in self.decoders:
+            d.close()

@@ -263,6 +263,9 @@ def test_startup_errors_are_clear(models, tmp_path):
     with pytest.raises(StartupError, match=r"--window_overlap must lie in \[0, 1\)"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--window_overlap", "1.0"])
+    with pytest.raises(StartupError, match="--decode_processes must be >= 1"):
+        run("dicom", ["--input", str(tmp_path / "in" / "*"), "--model", models["image"], "--output", str(tmp_path / "o"),
+                      "--decode_processes", "0"])
     with pytest.raises(StartupError, match="--linear_kernel: .*CPU only"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--linear_kernel", "onednn", "--device", "cuda"])

@@ -1,12 +1,12 @@
-"""The isolated DICOM decoder: a light child process, one file per round trip, a hang or a crash
-costs one file and the next file gets a fresh child."""
+"""The isolated DICOM decoder: a light child process fed batches of files, a hang or a crash
+costs one file and the rest go to a fresh child; the pipelined decoder keeps input order."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from transforms.decode_worker import IsolatedDecoder
+from transforms.decode_worker import DecodeOutcome, IsolatedDecoder, PipelinedDecoder, decode_bytes
 
 
 def test_the_decoder_process_imports_neither_torch_nor_beam_nor_the_parent_main():
@@ -41,3 +41,69 @@ def test_hang_and_crash_cost_one_file_and_the_next_file_decodes():
 def test_timeout_must_be_positive():
     with pytest.raises(ValueError, match="timeout_s"):
         IsolatedDecoder(timeout_s=0)
+
+
+def _good() -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+
+def test_a_hang_and_a_crash_inside_one_batch_cost_those_two_files_only():
+    good = _good()
+    batch = [good, b"HANG" + b"\0" * 10, good, b"CRASH" + b"\0" * 10, good]
+    d = IsolatedDecoder(timeout_s=2, decode_path="tests.hostile_corpus:hanging_decode")
+    try:
+        outcomes = d.decode_many([(x, "middle", 1 << 30) for x in batch])
+        assert [o.reason for o in outcomes] == [None, "decode_timeout", None, "decoder_crashed", None]
+        expected = decode_bytes(good, "middle", 1 << 30).pixels
+        assert all(np.array_equal(outcomes[i].pixels, expected) for i in (0, 2, 4))
+        assert d.restarts == 2
+        # the batch went out as one message, then its rest twice more (after the hang, after the crash)
+        assert d.batches == 3
+    finally:
+        d.close()
+
+
+def test_a_child_lost_before_it_names_a_file_makes_the_batch_go_one_file_at_a_time(monkeypatch):
+    d = IsolatedDecoder(timeout_s=2)
+    sent = []
+
+    def run_batch(batch):  # dies on any batch of several files, and on the single file b"bad"
+        sent.append(len(batch))
+        if len(batch) > 1 or batch[0][0] == b"bad":
+            return None, -1, DecodeOutcome(reason="decoder_crashed", message="lost")
+        return [DecodeOutcome(pixels=batch[0][0])], -1, None
+
+    monkeypatch.setattr(d, "_run_batch", run_batch)
+    outcomes = d.decode_many([(x, "middle", 0) for x in (b"a", b"bad", b"c")])
+    assert [(o.pixels, o.reason) for o in outcomes] == [(b"a", None), (None, "decoder_crashed"), (b"c", None)]
+    assert sent == [3, 1, 1, 1]
+
+
+def test_pipelined_decoder_answers_every_file_in_order_across_processes():
+    good = _good()
+    files = [good if i % 3 else b"not a dicom file" for i in range(40)] + [b"HANG" + b"\0" * 10, good]
+    d = PipelinedDecoder(timeout_s=2, decode_path="tests.hostile_corpus:hanging_decode", processes=2, max_batch=8)
+    try:
+        futures = [d.submit(x, "middle", 1 << 30) for x in files]
+        got = [f.result(timeout=60) for f in futures]
+        for data, outcome in zip(files[:40] + files[41:], got[:40] + got[41:]):
+            want = decode_bytes(data, "middle", 1 << 30)
+            assert outcome.reason == want.reason
+            assert (outcome.pixels is None) == (want.pixels is None)
+            if want.pixels is not None:
+                assert np.array_equal(outcome.pixels, want.pixels)
+        assert got[40].reason == "decode_timeout"
+        assert sum(dec.batches for dec in d.decoders) < len(files)  # files went out in batches
+        procs = [dec._proc for dec in d.decoders]
+    finally:
+        d.close()
+    assert all(p is None or p.poll() is not None for p in procs)
+
+
+def test_pipelined_decoder_refuses_nonsense_sizes():
+    with pytest.raises(ValueError, match="processes"):
+        PipelinedDecoder(timeout_s=1, processes=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        PipelinedDecoder(timeout_s=1, max_batch=0)

@@ -101,6 +101,78 @@ def test_dicom_every_frame_policy(tmp_path):
                     equal_to([("frame=0", (100, 100, 3)), ("frame=1", (100, 100, 3))]))
 
 
+def test_pipelined_dicom_outputs_keep_each_files_window_timestamp_and_inputs_row(tmp_path):
+    """Outputs leave the decoding DoFn late (while later files decode, or in finish_bundle), so
+    each carries the window and timestamp of its own file, on a runner, in fixed windows."""
+    import shutil
+
+    from apache_beam.io import fileio
+    from apache_beam.transforms.window import FixedWindows, TimestampedValue
+
+    from transforms.readers import INPUTS, DecodeDicomFile
+
+    src = pydicom_test_files()
+    names = [f"{i:02d}.dcm" for i in range(12)]
+    for i, name in enumerate(names):
+        shutil.copy(src / ("CT_small.dcm" if i % 4 else "test-SR.dcm"), tmp_path / name)  # every 4th: no image
+    stamp = {name: 10.0 * i + 1 for i, name in enumerate(names)}  # one 10 s window each
+
+    def window_start(value, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam):
+        uri = value.source_uri if hasattr(value, "source_uri") else value["uri"]
+        return Path(uri).name, float(w.start), float(t)
+
+    with TestPipeline() as p:
+        out = (p | fileio.MatchFiles(str(tmp_path / "*.dcm")) | fileio.ReadMatches()
+               | beam.Map(lambda f: TimestampedValue(f, stamp[Path(f.metadata.path).name]))
+               | beam.WindowInto(FixedWindows(10))
+               | beam.ParDo(DecodeDicomFile(decode_timeout_s=30, max_in_flight_files=3)).with_outputs(
+                   DEAD, INPUTS, main="records"))
+        want = {n: (n, stamp[n] - 1, stamp[n]) for n in names}
+        assert_that(out.records | "r" >> beam.Map(window_start),
+                    equal_to([want[n] for i, n in enumerate(names) if i % 4]), label="records")
+        assert_that(out[DEAD] | "d" >> beam.Map(window_start),
+                    equal_to([want[n] for i, n in enumerate(names) if not i % 4]), label="dead")
+        assert_that(out[INPUTS] | "i" >> beam.Map(lambda row: (Path(row["uri"]).name, row["records"], row["status"])),
+                    equal_to([(n, 1, "processed") for n in names]), label="inputs")
+        assert_that(out[INPUTS] | "iw" >> beam.Map(window_start), equal_to(list(want.values())), label="inputs_windows")
+
+
+def test_pipelined_dicom_reader_returns_before_the_child_decodes_and_keeps_its_limit_and_order(tmp_path):
+    import shutil
+
+    from apache_beam.io import fileio
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.readers import DecodeDicomFile
+
+    src = pydicom_test_files()
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i:02d}.dcm"
+        shutil.copy(src / "CT_small.dcm", path)
+        paths.append(path)
+    # half a second per file in the child: a DoFn that waited for it would give each file's record at once
+    fn = DecodeDicomFile(decode_timeout_s=30, max_in_flight_files=3, decode_path="tests.hostile_corpus:slow_decode")
+    fn.setup()
+    try:
+        fn.start_bundle()
+        per_call, in_flight = [], []
+        for path in paths:
+            readable = fileio.ReadableFile(FileMetadata(str(path), path.stat().st_size))
+            per_call.append([o for o in fn.process(readable, window=GlobalWindow(), timestamp=0)
+                             if isinstance(o, WindowedValue)])  # the records; tagged outputs wrap theirs
+            in_flight.append(len(fn._in_flight))
+        per_call.append([o for o in fn.finish_bundle() if isinstance(o, WindowedValue)])
+    finally:
+        fn.teardown()
+    assert per_call[0] == [] and per_call[1] == [] and per_call[2] == []  # handed over, not waited for
+    assert in_flight[:3] == [1, 2, 3] and max(in_flight) == 3  # the fourth file waits for the first
+    records = [o.value for call in per_call for o in call]
+    assert [Path(r.record_id).name for r in records] == [p.name for p in paths]
+
+
 def test_pydicom_logs_and_warnings_never_reach_stderr(capfd):
     """pydicom's decoders log ERROR tracebacks for some files; the reader routes them."""
     import logging
