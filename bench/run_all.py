@@ -171,6 +171,34 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
     return time.perf_counter() - t0
 
 
+def dicom_decode_rate(input_glob: str, passes: int = 3) -> float:
+    """Files/s of ``transforms.decode_worker.decode_bytes`` (what the decoder child runs per file) in
+    this process, on the files already in memory: the best of ``passes`` passes."""
+    from transforms.decode_worker import decode_bytes
+
+    datas = [f.read_bytes() for f in sorted(Path(input_glob).parent.glob("*.dcm"))]
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for data in datas:
+            decode_bytes(data, "middle", 1 << 30)
+        best = min(best, time.perf_counter() - t0)
+    return len(datas) / best
+
+
+def dicom_profile(prof: dict) -> str:
+    parts = []
+    if "dicom_decode_records_per_s" in prof:
+        parts.append(f"DICOM decoding alone (pydicom, one process) {prof['dicom_decode_records_per_s']:.0f} records/s")
+    if "image_preprocess_records_per_s" in prof:
+        parts.append(f"image preprocessing alone (decoded pixels to model input) "
+                     f"{prof['image_preprocess_records_per_s']:.0f} records/s")
+    elif "decode_records_per_s" in prof:  # results saved before the two were told apart: it measured preprocessing
+        parts.append(f"image preprocessing alone (decoded pixels to model input) {prof['decode_records_per_s']:.0f} "
+                     "records/s")
+    return "; ".join(parts)
+
+
 # -- one corpus ------------------------------------------------------------------------------------
 def encode_examples(bundle, examples) -> tuple[list, list, list]:
     """(samples, gold, examples kept): examples that cannot be encoded are left out of every system."""
@@ -287,7 +315,7 @@ def time_our_pipeline(pipeline: str, model_dir: str, input_glob: str, out: Path,
 
 def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, stock_batch_size: int,
                  steady_records: int = 0, confidence: float = 0.9, precision: str = "float32",
-                 pipeline_batch_size: int = 0) -> dict:
+                 pipeline_batch_size: int = 0, decode_processes: int = 2) -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
     from epee.cli import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
@@ -341,7 +369,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
         result["profile"] = {"tokenise_records_per_s": encode_per_s, "mean_tokens": sum(lengths) / len(lengths),
                              "stock_padded_tokens": bundle.preprocessor.settings.max_length}
     else:
-        result["profile"] = {"decode_records_per_s": encode_per_s}
+        result["profile"] = {"image_preprocess_records_per_s": encode_per_s}
     n_ref = min(len(t_samples), 200)
     t0 = time.perf_counter()
     run_reference(model, t_samples[:n_ref], ExitPolicy(chosen["epee"], L))
@@ -351,6 +379,8 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
 
     input_glob, gold_index = write_inputs(bundle, test, work / name / "input")
     is_dicom = bundle.data_task == "image"
+    if is_dicom:  # what bounds the DICOM pipelines: pydicom reading the files, in one process
+        result["profile"]["dicom_decode_records_per_s"] = dicom_decode_rate(input_glob)
     n = len(gold_index)
     pipeline = CORPORA[name][0]
     # Beam's stock handler and the batch-size-1 reference stay float32. Each Beam system runs at its own
@@ -361,6 +391,9 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
         base += ["--min_batch_size", str(pipeline_batch_size), "--max_batch_size", str(pipeline_batch_size)]
     if not is_dicom:
         base += ["--id_field", "id", "--max_windows", "1"]
+    else:  # decoding, not the model, bounds this pipeline (docs/analyses.md, "Pipelined DICOM decoding")
+        base += ["--decode_processes", str(decode_processes)]
+        result["decode_processes"] = decode_processes
     epee = chosen["epee"]
     variants = {"pipeline_epee": ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
                                   "--patience", str(epee.patience)],
@@ -504,6 +537,10 @@ def render(results: dict, meta: dict, path: Path) -> None:
         b = r.get("run_inference_batch")
         lines += [f"RunInference batch (min = max): our pipelines {b['pipelines']}, Beam stock {b['beam_stock']}." if b else
                   "RunInference batch (min = max): 64 for both Beam systems (run before each system had its own).", ""]
+        if "decode_processes" in r:
+            lines += [f"Our DICOM pipelines decoded in {r['decode_processes']} child process(es) "
+                      f"(`--decode_processes {r['decode_processes']}`), fed batches of files while the worker runs "
+                      "the model; Beam stock decodes in its DoFn.", ""]
         lines += [f"| policy | setting | {r['metric']} | mean exit layer | layer speedup | engine records/s |",
                   "|---|---|---|---|---|---|"]
         for kind in KINDS:
@@ -533,7 +570,7 @@ def render(results: dict, meta: dict, path: Path) -> None:
         if prof and ep:
             cost = (f"tokenisation alone {prof['tokenise_records_per_s']:.0f} records/s; mean {prof['mean_tokens']:.0f} tokens "
                     f"per record (the stock handler pads every record to {prof['stock_padded_tokens']})"
-                    if "tokenise_records_per_s" in prof else f"DICOM decoding alone {prof['decode_records_per_s']:.0f} records/s")
+                    if "tokenise_records_per_s" in prof else dicom_profile(prof))
             lines += ["", f"Profile: {cost}; EPEE engine batch fill per layer (rows per layer call / engine batch size): "
                       + " ".join(f"{x:.2f}" for x in ep["batch_fill_per_layer"])
                       + f"; padding {100 * ep['padding_fraction']:.0f}% of token slots."]
@@ -630,6 +667,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="our engine and pipelines (calibration too); adds Beam's stock handler in that precision "
                         "(beam_stock and the reference stay float32). Write it to another --docs (docs/bf16)")
+    p.add_argument("--decode-processes", type=int, default=2,
+                   help="decoder child processes of our DICOM pipelines (--decode_processes; the pipeline's own "
+                        "default is 1)")
     p.add_argument("--steady-records", type=int, default=2000,
                    help="also time the Beam systems on the test half repeated to at least this many records "
                         "(steady state; 0: not)")
@@ -652,7 +692,8 @@ def main(argv: list[str] | None = None) -> None:
             real_models.main(["--only", name, "--models", args.models, "--docs", args.docs])
         t0 = time.time()
         results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.stock_batch_size,
-                                     args.steady_records, args.confidence, args.precision, args.pipeline_batch_size)
+                                     args.steady_records, args.confidence, args.precision, args.pipeline_batch_size,
+                                     args.decode_processes)
         results[name]["seconds"] = round(time.time() - t0, 1)
         from epee.config import EngineConfig
         from epee.kernels import resolve_linear_kernel
@@ -664,7 +705,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in results[name].items() if k != "sweep_test"}, default=float))
     meta = run_meta(args.tolerance, args.confidence, args.precision, args.docs,
                     "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, default in
-                            (("stock_batch_size", 64), ("pipeline_batch_size", 0)) if getattr(args, k) != default))
+                            (("stock_batch_size", 64), ("pipeline_batch_size", 0), ("decode_processes", 2))
+                            if getattr(args, k) != default))
     figs = docs / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     results["_meta"] = meta
