@@ -91,6 +91,22 @@ def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int
 INPUTS = "inputs"
 
 
+def read_bounded(fh, limit: int, size_hint: int | None = None) -> bytes:
+    """The file's bytes, or its first ``limit + 1`` when it is longer than ``limit`` (0: no limit).
+
+    ``fh.read(limit + 1)`` would allocate ``limit + 1`` bytes (1 GiB by default) for every file
+    before shrinking the result, about 25 us per small file; this reads the size the file is said
+    to have, plus one byte, then on in chunks while the file turns out longer."""
+    if not limit:
+        return fh.read()
+    chunks = [fh.read(min(limit, size_hint) + 1 if size_hint else min(limit + 1, 1 << 20))]
+    total = len(chunks[0])
+    while total <= limit and chunks[-1]:  # until end of file (a stream may return short reads before it)
+        chunks.append(fh.read(min(limit + 1 - total, 1 << 24)))
+        total += len(chunks[-1])
+    return b"".join(chunks)
+
+
 def file_digest(readable: fileio.ReadableFile, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with readable.open() as fh:
@@ -248,7 +264,7 @@ class ParseNoteFile(_FileReader):
                     self._digest = file_digest(readable)
                     return
                 limit = self.max_note_bytes if fmt == "txt" else self.max_file_bytes
-                data = fh.read(limit + 1) if limit else fh.read()
+                data = read_bounded(fh, limit, readable.metadata.size_in_bytes)
                 self._digest = hashlib.sha256(data).hexdigest()
         except Exception as exc:  # noqa: BLE001 - storage errors: the file (or its rest) is one unreadable record
             yield self._dead(uri, None, "read_error", f"could not read file ({type(exc).__name__})")
@@ -527,7 +543,7 @@ class DecodeDicomFile(_FileReader):
                                                            f"{limit}-byte limit (--max_file_bytes); not read", "read")
         try:
             with readable.open() as fh:
-                data = fh.read(limit + 1) if limit else fh.read()
+                data = read_bounded(fh, limit, readable.metadata.size_in_bytes)
         except Exception as exc:  # noqa: BLE001 - storage errors: the file is one unreadable record
             return None, self._dead(uri, "read_error", f"could not read file ({type(exc).__name__})", "read")
         if limit and len(data) > limit:

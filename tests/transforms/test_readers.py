@@ -205,3 +205,21 @@ def test_binary_check_counts_the_control_characters_it_says():
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(500)]
     assert [_binary(t) for t in texts] == [rule(t) for t in texts]
     assert _binary("x" * 8 + "\x01\x1f") and not _binary("x" * 9 + "\x01") and not _binary(texts[5])
+
+
+@pytest.mark.parametrize("size_hint", [None, 0, 3, 10, 100, 1 << 30])
+@pytest.mark.parametrize("length,limit", [(0, 10), (10, 10), (11, 10), (50, 10), (50, 0), (7, 1 << 30)])
+def test_read_bounded_reads_the_whole_file_or_limit_plus_one_bytes_whatever_the_size_hint(size_hint, length, limit):
+    import io
+
+    from transforms.readers import read_bounded
+
+    class ShortReads(io.BytesIO):  # a stream that returns at most 4 bytes per call, as network streams may
+        def read(self, n=-1):
+            return super().read(4 if n is None or n < 0 else min(n, 4))
+
+    data = bytes(range(length))
+    want = data if not limit or length <= limit else data[:limit + 1]
+    assert read_bounded(io.BytesIO(data), limit, size_hint) == want
+    if limit:
+        assert read_bounded(ShortReads(data), limit, size_hint) == want
