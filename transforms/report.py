@@ -21,7 +21,7 @@ import base64
 import html
 import io
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
