@@ -107,6 +107,9 @@ def _resolve(path: str) -> Callable[..., DecodeOutcome]:
 
 # the shared progress record: (start time on the monotonic clock, index of the file in the batch; -1: none)
 _PROGRESS = struct.Struct("<dq")
+# the child sends the outcomes it holds once their pixels reach this size, so that a batch of large
+# images is not held whole in the child (nor arrives whole in the parent)
+PART_BYTES = 8 << 20
 
 
 def _set_progress(progress: mmap.mmap, index: int, started: float) -> None:
@@ -120,15 +123,20 @@ def _child_main(conn, progress: mmap.mmap, decode_path: str) -> None:  # pragma:
     conn.send("ready")
     while True:
         try:
-            jobs = conn.recv()
+            message = conn.recv()
         except EOFError:
             return
-        if jobs is None:
+        if message is None:
             return
-        outcomes = []
+        part_bytes, jobs = message
+        outcomes, held = [], 0
         for i, job in enumerate(jobs):
             _set_progress(progress, i, time.monotonic())
             outcomes.append(decode(*job))
+            held += getattr(outcomes[-1].pixels, "nbytes", 0)
+            if held >= part_bytes and i < len(jobs) - 1:  # large images leave as they come, not all at the end
+                conn.send(outcomes)
+                outcomes, held = [], 0
         _set_progress(progress, -1, 0.0)
         conn.send(outcomes)
 
@@ -154,10 +162,11 @@ class IsolatedDecoder:
 
     STARTUP_TIMEOUT_S = 300.0
 
-    def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes") -> None:
+    def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes",
+                 part_bytes: int = PART_BYTES) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s!r}) must be > 0")
-        self.timeout_s, self.decode_path = timeout_s, decode_path
+        self.timeout_s, self.decode_path, self.part_bytes = timeout_s, decode_path, part_bytes
         self._proc: subprocess.Popen | None = None
         self._conn = None
         self._progress: mmap.mmap | None = None
@@ -209,29 +218,39 @@ class IsolatedDecoder:
     def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
         return self.decode_many([(data, frame_policy, max_pixel_bytes)])[0]
 
-    def decode_many(self, jobs: list[tuple[bytes, str, int]]) -> list[DecodeOutcome]:
-        """One outcome per ``(data, frame_policy, max_pixel_bytes)``, in order. A file that hangs or
-        kills the child gets its outcome; the other files of its batch go to a new child. Where
-        the child died before it named a file (e.g. out of memory reading the batch), the batch's
-        files are retried one per message, so the file at fault is the only one that pays."""
+    def decode_many(self, jobs: list[tuple[bytes, str, int]],
+                    on_outcome: Callable[[int, DecodeOutcome], None] | None = None) -> list[DecodeOutcome]:
+        """One outcome per ``(data, frame_policy, max_pixel_bytes)``, in order; ``on_outcome(i,
+        outcome)`` is called for each as it arrives. The jobs go to the child as one batch. A file
+        that hangs or kills the child gets its outcome, and the files of the batch not answered
+        yet go to a new child. Where the child died before it named a file (e.g. out of memory
+        reading the batch), those files are retried one per message, so the file at fault is the
+        only one that pays."""
         outcomes: list[DecodeOutcome | None] = [None] * len(jobs)
+
+        def deliver(i: int, outcome: DecodeOutcome) -> None:
+            outcomes[i] = outcome
+            if on_outcome is not None:
+                on_outcome(i, outcome)
+
         todo, single = list(range(len(jobs))), False
         while todo:
             batch = todo[:1] if single else todo
-            answer, at, failure = self._run_batch([jobs[i] for i in batch])
-            if answer is not None:
-                for i, outcome in zip(batch, answer):
-                    outcomes[i] = outcome
-                todo = todo[len(batch):]
-            elif at >= 0 or len(batch) == 1:
-                outcomes[batch[max(at, 0)]] = failure
-                todo.remove(batch[max(at, 0)])
-            else:
+            answered, at, failure = self._run_batch([jobs[i] for i in batch], lambda k, o: deliver(batch[k], o))
+            done = set(batch[:answered])
+            if failure is not None and (at >= 0 or len(batch) == 1):
+                deliver(batch[max(at, 0)], failure)
+                done.add(batch[max(at, 0)])
+            elif failure is not None:
                 single = True
+            todo = [i for i in todo if i not in done]
         return outcomes
 
-    def _run_batch(self, batch: list[tuple]) -> tuple[list[DecodeOutcome] | None, int, DecodeOutcome | None]:
-        """(the batch's outcomes, -1, None), or (None, index of the file at fault or -1, its outcome)."""
+    def _run_batch(self, batch: list[tuple],
+                   deliver: Callable[[int, DecodeOutcome], None]) -> tuple[int, int, DecodeOutcome | None]:
+        """Sends the batch and delivers its outcomes as they come. Returns (outcomes delivered,
+        -1, None) when all came, else (outcomes delivered, index of the file at fault or -1, its outcome)."""
+        answered = 0
         try:
             if not self._alive():
                 if self._conn is not None:
@@ -239,24 +258,29 @@ class IsolatedDecoder:
                 self._start()
             self.batches += 1
             sent = time.monotonic()
-            self._conn.send(batch)
-            while not self._conn.poll(min(0.1, self.timeout_s / 4)):
-                at, started = self._running()
-                if time.monotonic() - (started if at >= 0 else sent) > self.timeout_s:
-                    self._kill()
-                    return None, at, DecodeOutcome(reason="decode_timeout", message=f"decoding took longer than the "
-                                                   f"{self.timeout_s:g} s per-file timeout; stopped")
-            answer = self._conn.recv()
-            if not isinstance(answer, list) or len(answer) != len(batch):
-                raise TypeError("the decoder process answered out of step")
-            return answer, -1, None
+            self._conn.send((self.part_bytes, batch))
+            while answered < len(batch):
+                while not self._conn.poll(min(0.1, self.timeout_s / 4)):
+                    at, started = self._running()
+                    if time.monotonic() - (started if at >= 0 else sent) > self.timeout_s:
+                        self._kill()
+                        return answered, at if at >= answered else -1, DecodeOutcome(reason="decode_timeout", message=f"decoding took longer "
+                                                           f"than the {self.timeout_s:g} s per-file timeout; stopped")
+                part = self._conn.recv()
+                if not isinstance(part, list) or not part or answered + len(part) > len(batch):
+                    raise TypeError("the decoder process answered out of step")
+                for outcome in part:
+                    deliver(answered, outcome)
+                    answered += 1
+            return answered, -1, None
         except (EOFError, OSError, BrokenPipeError):
             message = "the decoder process died while decoding this file (crash or out of memory)"
         except Exception as exc:  # noqa: BLE001 - e.g. an answer that cannot be unpickled: the pipe is out of step
             message = f"the decoder process's answer for this file could not be read ({type(exc).__name__})"
         at = self._running()[0] if self._progress is not None else -1
         self._kill()
-        return None, at, DecodeOutcome(reason="decoder_crashed", message=message)
+        # a file whose outcome already came is not the one at fault (the child died sending it)
+        return answered, at if at >= answered else -1, DecodeOutcome(reason="decoder_crashed", message=message)
 
     def close(self) -> None:
         if self._alive():
@@ -279,16 +303,18 @@ class PipelinedDecoder:
     """``processes`` :class:`IsolatedDecoder` children, each fed from one queue by a thread of its own.
 
     :meth:`submit` returns a future at once. A thread sends whatever files are waiting (up to
-    ``max_batch``) to its child as one batch, so batches grow by themselves when the caller
-    submits faster than the children decode, and stay single files when it does not.
+    ``max_batch`` files, and past ``max_batch_bytes`` of them no more) to its child as one batch,
+    so batches grow by themselves when the caller submits faster than the children decode, and
+    stay single files when it does not. Each future is set as its outcome arrives.
     """
 
     def __init__(self, timeout_s: float, decode_path: str = "transforms.decode_worker:decode_bytes",
-                 max_batch: int = 32, processes: int = 1) -> None:
-        if max_batch < 1 or processes < 1:
-            raise ValueError(f"max_batch ({max_batch!r}) and processes ({processes!r}) must be >= 1")
+                 max_batch: int = 32, processes: int = 1, max_batch_bytes: int = 16 << 20) -> None:
+        if min(max_batch, processes, max_batch_bytes) < 1:
+            raise ValueError(f"max_batch ({max_batch!r}), processes ({processes!r}) and max_batch_bytes "
+                             f"({max_batch_bytes!r}) must be >= 1")
         self.decoders = [IsolatedDecoder(timeout_s, decode_path) for _ in range(processes)]
-        self.max_batch = max_batch
+        self.max_batch, self.max_batch_bytes = max_batch, max_batch_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
@@ -307,8 +333,8 @@ class PipelinedDecoder:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            while len(batch) < self.max_batch:
+            batch, size = [item], len(item[1][0])
+            while len(batch) < self.max_batch and size < self.max_batch_bytes:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -317,14 +343,13 @@ class PipelinedDecoder:
                     self._queue.put(None)
                     break
                 batch.append(item)
+                size += len(item[1][0])
             try:
-                outcomes = decoder.decode_many([job for _, job in batch])
+                decoder.decode_many([job for _, job in batch], lambda i, outcome: batch[i][0].set_result(outcome))
             except BaseException as exc:  # noqa: BLE001 - a bug here must reach the caller, not hang it
                 for future, _ in batch:
-                    future.set_exception(exc)
-                continue
-            for (future, _), outcome in zip(batch, outcomes):
-                future.set_result(outcome)
+                    if not future.done():
+                        future.set_exception(exc)
 
     @property
     def restarts(self) -> int:

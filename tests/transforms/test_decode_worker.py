@@ -69,11 +69,12 @@ def test_a_child_lost_before_it_names_a_file_makes_the_batch_go_one_file_at_a_ti
     d = IsolatedDecoder(timeout_s=2)
     sent = []
 
-    def run_batch(batch):  # dies on any batch of several files, and on the single file b"bad"
+    def run_batch(batch, deliver):  # dies on any batch of several files, and on the single file b"bad"
         sent.append(len(batch))
         if len(batch) > 1 or batch[0][0] == b"bad":
-            return None, -1, DecodeOutcome(reason="decoder_crashed", message="lost")
-        return [DecodeOutcome(pixels=batch[0][0])], -1, None
+            return 0, -1, DecodeOutcome(reason="decoder_crashed", message="lost")
+        deliver(0, DecodeOutcome(pixels=batch[0][0]))
+        return 1, -1, None
 
     monkeypatch.setattr(d, "_run_batch", run_batch)
     outcomes = d.decode_many([(x, "middle", 0) for x in (b"a", b"bad", b"c")])
@@ -107,3 +108,31 @@ def test_pipelined_decoder_refuses_nonsense_sizes():
         PipelinedDecoder(timeout_s=1, processes=0)
     with pytest.raises(ValueError, match="max_batch"):
         PipelinedDecoder(timeout_s=1, max_batch=0)
+
+
+@pytest.mark.parametrize("part_bytes,batches", [(1, 1), (1 << 30, 2)])
+def test_outcomes_leave_the_child_in_parts_so_a_crash_later_in_the_batch_costs_no_resend(part_bytes, batches):
+    """With parts of any size the two good files' outcomes are out before the third file kills
+    the child: nothing is sent again. Held to the end of the batch, they die with the child and
+    go to a new one."""
+    good = _good()
+    d = IsolatedDecoder(timeout_s=30, decode_path="tests.hostile_corpus:hanging_decode", part_bytes=part_bytes)
+    arrived = []
+    try:
+        outcomes = d.decode_many([(x, "middle", 1 << 30) for x in (good, good, b"CRASH" + b"\0" * 10)],
+                                 lambda i, o: arrived.append(i))
+    finally:
+        d.close()
+    assert [o.reason for o in outcomes] == [None, None, "decoder_crashed"]
+    assert sorted(arrived) == [0, 1, 2]
+    assert d.batches == batches
+
+
+def test_pipelined_batches_stop_at_their_byte_budget():
+    good = _good()
+    d = PipelinedDecoder(timeout_s=30, max_batch_bytes=1)  # every file is over it: one file per batch
+    try:
+        assert all(f.result(timeout=60).reason is None for f in [d.submit(good, "middle", 1 << 30) for _ in range(6)])
+        assert d.decoders[0].batches == 6
+    finally:
+        d.close()
