@@ -190,7 +190,15 @@ class IsolatedDecoder:
         self._conn = Connection(parent.detach())
         # start-up (imports) is not on a file's clock; a child that cannot start is a crash
         if not self._conn.poll(self.STARTUP_TIMEOUT_S) or self._conn.recv() != "ready":
+            self._kill()
             raise OSError("the decoder process did not start")
+
+    def start(self) -> None:
+        """Start the child if none is running (one that died is replaced)."""
+        if not self._alive():
+            if self._conn is not None:
+                self._kill()
+            self._start()
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -252,10 +260,7 @@ class IsolatedDecoder:
         -1, None) when all came, else (outcomes delivered, index of the file at fault or -1, its outcome)."""
         answered = 0
         try:
-            if not self._alive():
-                if self._conn is not None:
-                    self._kill()  # the child died between batches
-                self._start()
+            self.start()  # a child that died between batches is replaced
             self.batches += 1
             sent = time.monotonic()
             self._conn.send((self.part_bytes, batch))
