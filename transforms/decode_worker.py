@@ -356,10 +356,6 @@ class PipelinedDecoder:
                     if not future.done():
                         future.set_exception(exc)
 
-    @property
-    def restarts(self) -> int:
-        return sum(d.restarts for d in self.decoders)
-
     def close(self) -> None:
         for _ in self._threads:
             self._queue.put(None)

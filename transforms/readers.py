@@ -163,7 +163,8 @@ class _FileReader(beam.DoFn):
         records = 0
         self._digest = None
         for out in self.read_file(readable):
-            records += _is_record(out)
+            if not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD):
+                records += 1
             yield out
         yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(readable.metadata.path, readable,
                                                                digest or self._digest, "processed", records))
@@ -188,12 +189,6 @@ class _FileReader(beam.DoFn):
 
     def read_file(self, readable: fileio.ReadableFile) -> Iterator:
         raise NotImplementedError
-
-
-def _is_record(out) -> bool:
-    """Whether a reader output counts in the ``inputs`` row's records: a record or a dead letter,
-    not the inputs row itself."""
-    return not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD)
 
 
 def load_processed(pattern: str) -> dict[str, str]:
@@ -527,7 +522,7 @@ class DecodeDicomFile(_FileReader):
         self._in_flight_bytes -= job.size
         uri = job.readable.metadata.path
         outputs = list(self._outputs(uri, job.outcome.result()))  # decode() turns every failure into an outcome
-        row = self._input_row(uri, job.readable, job.digest, "processed", sum(map(_is_record, outputs)))
+        row = self._input_row(uri, job.readable, job.digest, "processed", len(outputs))  # records or a dead letter
         for out in (*outputs, beam.pvalue.TaggedOutput(INPUTS, row)):
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, job.timestamp, (job.window,)))
