@@ -136,3 +136,32 @@ def test_pipelined_batches_stop_at_their_byte_budget():
         assert d.decoders[0].batches == 6
     finally:
         d.close()
+
+
+def test_large_images_cross_the_pipe_as_raw_bytes_unchanged():
+    import socket
+    from multiprocessing.connection import Connection
+
+    from transforms.decode_worker import RAW_BYTES, _RawPixels, _receive_part, _send_part
+
+    rng = np.random.default_rng(0)
+    big = [rng.integers(0, 4096, (600, 500)).astype(">u2"),  # big-endian, as some DICOM pixel data are
+           rng.standard_normal((3, 300, 200)).astype(np.float64)[:, ::2],  # not contiguous
+           (rng.random((700, 400, 3)) > 0.5)]
+    small = rng.standard_normal((28, 28)).astype(np.float32)
+    assert all(a.nbytes >= RAW_BYTES for a in big) and small.nbytes < RAW_BYTES
+    sent = [DecodeOutcome(pixels=a.copy()) for a in big] + [DecodeOutcome(pixels=small), DecodeOutcome(reason="x")]
+    a, b = socket.socketpair()
+    left, right = Connection(a.detach()), Connection(b.detach())
+    import threading
+
+    writer = threading.Thread(target=_send_part, args=(left, sent))  # large messages fill the socket buffer
+    writer.start()
+    got = _receive_part(right)
+    writer.join()
+    assert sum(isinstance(o.pixels, _RawPixels) for o in sent) == 3  # the sender's outcomes stood in for them
+    for want, outcome in zip(big + [small], got):
+        assert outcome.pixels.dtype == want.dtype and np.array_equal(outcome.pixels, want)
+    assert got[-1].pixels is None and got[-1].reason == "x"
+    left.close()
+    right.close()
