@@ -4,7 +4,8 @@ A pixel decoder can loop forever on a hostile stream, or take the process down w
 segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
 :class:`IsolatedDecoder` keeps one long-lived child process per DoFn instance and sends it files
 over a pipe, a batch per message; the child decodes them one at a time and answers with the
-batch's outcomes in one message. Before each file the child writes the file's index and start time
+batch's outcomes in one message (in parts of about 8 MB of pixels for large images, each large
+image as raw bytes rather than pickled). Before each file the child writes the file's index and start time
 into a small shared mapping, so the parent knows which file is running: when one file takes longer
 than the timeout the child is killed, that file is reported, and the batch's other files go to a
 new child; when the child dies, the file it was on is reported as a crash. The child routes
@@ -288,6 +289,8 @@ class IsolatedDecoder:
         while todo:
             batch = todo[:1] if single else todo
             answered, at, failure = self._run_batch([jobs[i] for i in batch], lambda k, o: deliver(batch[k], o))
+            if at < answered:  # a file whose outcome already came is not the one at fault (the child died sending it)
+                at = -1
             done = set(batch[:answered])
             if failure is not None and (at >= 0 or len(batch) == 1):
                 deliver(batch[max(at, 0)], failure)
@@ -314,7 +317,7 @@ class IsolatedDecoder:
                         self._kill()
                         timeout = DecodeOutcome(reason="decode_timeout", message=f"decoding took longer than the "
                                                 f"{self.timeout_s:g} s per-file timeout; stopped")
-                        return answered, at if at >= answered else -1, timeout
+                        return answered, at, timeout
                 part = _receive_part(self._conn)
                 if answered + len(part) > len(batch):
                     raise TypeError("the decoder process answered out of step")
@@ -328,8 +331,7 @@ class IsolatedDecoder:
             message = f"the decoder process's answer for this file could not be read ({type(exc).__name__})"
         at = self._running()[0] if self._progress is not None else -1
         self._kill()
-        # a file whose outcome already came is not the one at fault (the child died sending it)
-        return answered, at if at >= answered else -1, DecodeOutcome(reason="decoder_crashed", message=message)
+        return answered, at, DecodeOutcome(reason="decoder_crashed", message=message)
 
     def close(self) -> None:
         if self._alive():
