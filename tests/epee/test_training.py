@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -290,3 +291,34 @@ def test_pickle_checkpoint_is_not_a_model_dir(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pickle checkpoint"):
         load_model_dir(tmp_path)
+
+
+class TestProbeFeatureSpread:
+    def test_spread_of_a_shared_vector_with_small_differences(self):
+        from epee.training import feature_spread
+
+        g = torch.Generator().manual_seed(0)
+        shared = torch.randn(64, generator=g) * 10
+        narrow = shared + 1e-3 * 10 * torch.randn(200, 64, generator=g)  # differences a thousandth of it
+        assert 0.5e-3 < feature_spread(narrow) < 2e-3
+        assert feature_spread(torch.randn(200, 64, generator=g)) > 1.0  # no common part
+        assert feature_spread(torch.zeros(5, 4)) == float("inf")
+
+    def test_probes_return_spreads_and_name_narrow_heads(self, monkeypatch, caplog):
+        import epee.training as training
+        from tests.conftest import make_samples, tiny_model
+
+        model = tiny_model("bert")
+        samples = make_samples("bert", "sequence", n=24)
+        labels = torch.arange(24) % 3
+        with caplog.at_level("WARNING", logger="epee.training"):
+            spreads = training.fit_heads_as_probes(model, samples, labels, batch_size=8)
+        assert len(spreads) == model.num_layers and all(s > training.LOW_PRECISION_SPREAD for s in spreads)
+        assert "exit heads" not in caplog.text
+        threshold = sorted(spreads)[1] * 1.0001  # the two narrowest heads fall under it
+        monkeypatch.setattr(training, "LOW_PRECISION_SPREAD", threshold)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="epee.training"):
+            assert training.fit_heads_as_probes(model, samples, labels, batch_size=8) == spreads
+        named = re.findall(r"(\d+) \(\d\.\de[-+]\d+\)", caplog.text)
+        assert named == [str(i + 1) for i, s in enumerate(spreads) if s < threshold] and len(named) == 2
