@@ -50,9 +50,10 @@ class EpeeOptions(PipelineOptions):
                        help="DICOM: seconds one file may take to decode; decoding runs in a child process that is "
                             "killed past it (decode_timeout). 0: decode in the worker itself, no timeout")
         g.add_argument("--decode_processes", type=int, default=1,
-                       help="DICOM: decoder child processes per reading DoFn instance; files go to them in batches "
-                            "while the worker reads on and runs the model. More than 1 helps where decoding, not the "
-                            "model, bounds the job and cores are free (ignored with --decode_timeout 0)")
+                       help="DICOM: decoder child processes per worker process, shared by all its reading DoFn "
+                            "instances (threads); files go to them in batches while the worker reads on and runs the "
+                            "model. More than 1 helps where decoding, not the model, bounds the job and cores are "
+                            "free (ignored with --decode_timeout 0)")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
         g.add_argument("--precision", default="float32", choices=PRECISIONS,
                        help="bfloat16: run the model under torch.autocast in bfloat16 (exit decisions stay float32); "

@@ -2,7 +2,8 @@
 
 A pixel decoder can loop forever on a hostile stream, or take the process down with it (a
 segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
-:class:`IsolatedDecoder` keeps one long-lived child process per DoFn instance and sends it files
+:class:`IsolatedDecoder` keeps one long-lived child process (a few, :class:`SharedDecoders`, shared by
+the worker process's DoFn instances) and sends it files
 over a pipe, a batch per message; the child decodes them one at a time and answers with the
 batch's outcomes in one message (in parts of about 8 MB of pixels for large images, each large
 image as raw bytes rather than pickled). Before each file the child writes the file's index and start time
@@ -368,13 +369,18 @@ class PipelinedDecoder:
         self.max_batch, self.max_batch_bytes = max_batch, max_batch_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()  # submit may be called from several DoFn threads (SharedDecoders)
 
     def submit(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> Future:
+        """Queue one file's bytes; the future's result is its :class:`DecodeOutcome`. Thread-safe."""
         if not self._threads:
-            self._threads = [threading.Thread(target=self._loop, args=(d,), name=f"dicom-decoder-{i}", daemon=True)
-                             for i, d in enumerate(self.decoders)]
-            for t in self._threads:
-                t.start()
+            with self._start_lock:
+                if not self._threads:
+                    threads = [threading.Thread(target=self._loop, args=(d,), name=f"dicom-decoder-{i}", daemon=True)
+                               for i, d in enumerate(self.decoders)]
+                    for t in threads:
+                        t.start()
+                    self._threads = threads
         future: Future = Future()
         self._queue.put((future, (data, frame_policy, max_pixel_bytes)))
         return future
@@ -403,10 +409,55 @@ class PipelinedDecoder:
                         future.set_exception(exc)
 
     def close(self) -> None:
-        for _ in self._threads:
+        with self._start_lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
             self._queue.put(None)
-        for t in self._threads:
+        for t in threads:
             t.join()
-        self._threads = []
         for d in self.decoders:
             d.close()
+
+
+class SharedDecoders:
+    """One :class:`PipelinedDecoder` per worker process and setting, shared by every DoFn instance.
+
+    A runner may run many instances of the reading DoFn in one process: one per bundle-processing
+    thread (Dataflow's Python workers run several), or one per stage that reads DICOM. Each used to
+    start its own children; now the first :meth:`acquire` of a setting starts its pool, later ones
+    share it, and the last :meth:`release` closes it. So ``--decode_processes N`` means N children
+    per worker process. The pool's queue is thread-safe and each file's outcome goes to the future
+    its caller holds, so instances never see each other's files; a timeout or crash still costs
+    the one file at fault."""
+
+    _lock = threading.Lock()
+    _pools: dict[tuple, tuple[PipelinedDecoder, int]] = {}
+
+    @classmethod
+    def acquire(cls, timeout_s: float, decode_path: str, processes: int) -> PipelinedDecoder:
+        key = (float(timeout_s), decode_path, int(processes))
+        with cls._lock:
+            pool, users = cls._pools.get(key, (None, 0))
+            if pool is None:
+                pool = PipelinedDecoder(timeout_s, decode_path, processes=processes)
+            cls._pools[key] = (pool, users + 1)
+            return pool
+
+    @classmethod
+    def release(cls, pool: PipelinedDecoder) -> None:
+        """Drop one user of ``pool``; the last one closes it (its children exit)."""
+        with cls._lock:
+            key = next((k for k, (p, _) in cls._pools.items() if p is pool), None)
+            if key is None:
+                return
+            users = cls._pools[key][1] - 1
+            if users:
+                cls._pools[key] = (pool, users)
+                return
+            del cls._pools[key]
+        pool.close()
+
+    @classmethod
+    def users(cls, pool: PipelinedDecoder) -> int:
+        with cls._lock:
+            return next((n for p, n in cls._pools.values() if p is pool), 0)

@@ -23,7 +23,7 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from .decode_worker import DecodeOutcome, PipelinedDecoder, decode_bytes, route_pydicom_logs
+from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
 from .records import DeadLetter, InputRecord
 
 log = logging.getLogger(__name__)
@@ -444,7 +444,8 @@ class DecodeDicomFile(_FileReader):
     process (:class:`~transforms.decode_worker.IsolatedDecoder`) that is killed when one file
     takes longer; 0 decodes in this process (no protection against a hanging decoder).
 
-    With the child process, decoding is pipelined (:class:`~transforms.decode_worker.PipelinedDecoder`):
+    With the child process, decoding is pipelined (:class:`~transforms.decode_worker.PipelinedDecoder`,
+    one pool of ``decode_processes`` children per worker process, :class:`~transforms.decode_worker.SharedDecoders`):
     a file's bytes go to the child and the DoFn goes on reading the next files, and running
     inference on the records already out, while the child decodes. Up to ``max_in_flight_files``
     files (and ``max_in_flight_bytes`` of their bytes; always at least one file) wait for the
@@ -474,7 +475,8 @@ class DecodeDicomFile(_FileReader):
         super().setup()
         route_pydicom_logs()
         if self.decode_timeout_s > 0:
-            self.decoder = PipelinedDecoder(self.decode_timeout_s, self.decode_path, processes=self.decode_processes)
+            # one pool of decode_processes children per worker process, shared by every instance
+            self.decoder = SharedDecoders.acquire(self.decode_timeout_s, self.decode_path, self.decode_processes)
 
     def start_bundle(self) -> None:
         self._in_flight: deque[_InFlight] = deque()
@@ -482,7 +484,8 @@ class DecodeDicomFile(_FileReader):
 
     def teardown(self) -> None:
         if self.decoder is not None:
-            self.decoder.close()
+            SharedDecoders.release(self.decoder)
+            self.decoder = None
 
     def _dead(self, uri: str, kind: str, message: str, stage: str = "decode"):
         self.records_read.inc()

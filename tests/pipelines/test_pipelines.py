@@ -203,7 +203,8 @@ def pydicom_files() -> Path:
     return Path(pydicom.__file__).parent / "data" / "test_files"
 
 
-def test_dicom_pipeline_multiprocessing(models, tmp_path):
+@pytest.mark.parametrize("mode", ["multi_processing", "multi_threading"])  # threads share one decoder pool
+def test_dicom_pipeline_multiple_workers(models, tmp_path, mode):
     src = pydicom_files()
     (tmp_path / "in").mkdir()
     names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm", "test-SR.dcm", "rtplan.dcm", "JPEG2000.dcm"]
@@ -212,7 +213,7 @@ def test_dicom_pipeline_multiprocessing(models, tmp_path):
     (tmp_path / "in" / "not_dicom").write_bytes(b"\x00" * 300)
     out = tmp_path / "out"
     summary = run("dicom", ["--input", str(tmp_path / "in" / "*"), "--model", models["image"], "--output", str(out),
-                            "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+                            "--direct_running_mode", mode, "--direct_num_workers", "2", "--decode_processes", "2"])
     preds, dead = read(out, "predictions"), read(out, "dead_letters")
     assert len(preds) + len(dead) == len(names) + 1 == summary["records"]
     assert {Path(p["record_id"]).name for p in preds} >= {"CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm"}

@@ -165,3 +165,56 @@ def test_large_images_cross_the_pipe_as_raw_bytes_unchanged():
     assert got[-1].pixels is None and got[-1].reason == "x"
     left.close()
     right.close()
+
+
+def test_concurrent_first_submits_start_one_thread_per_child():
+    """SharedDecoders hands one pool to many DoFn threads: their first submits race to start the
+    pool's threads, and exactly one thread per child may result."""
+    import threading
+
+    good = _good()
+    d = PipelinedDecoder(timeout_s=30, processes=2)
+    barrier = threading.Barrier(8)
+    futures: list = []
+
+    def first_submit():
+        barrier.wait()
+        futures.append(d.submit(good, "middle", 1 << 30))
+
+    callers = [threading.Thread(target=first_submit) for _ in range(8)]
+    try:
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        assert all(f.result(timeout=60).reason is None for f in futures) and len(futures) == 8
+        names = [t.name for t in threading.enumerate() if t.name.startswith("dicom-decoder-")]
+        assert sorted(names) == ["dicom-decoder-0", "dicom-decoder-1"]
+    finally:
+        d.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dicom-decoder-")]
+
+
+def test_shared_decoders_give_one_pool_per_setting_and_the_last_release_closes_it():
+    from transforms.decode_worker import SharedDecoders
+
+    good = _good()
+    a = SharedDecoders.acquire(30, "transforms.decode_worker:decode_bytes", 1)
+    b = SharedDecoders.acquire(30.0, "transforms.decode_worker:decode_bytes", 1)
+    other = SharedDecoders.acquire(30, "transforms.decode_worker:decode_bytes", 2)
+    try:
+        assert a is b and other is not a and SharedDecoders.users(a) == 2 and SharedDecoders.users(other) == 1
+        assert a.submit(good, "middle", 1 << 30).result(timeout=60).reason is None
+        child = a.decoders[0]._proc
+        SharedDecoders.release(b)
+        assert child.poll() is None and SharedDecoders.users(a) == 1  # a still uses it
+        assert a.submit(good, "middle", 1 << 30).result(timeout=60).reason is None
+        SharedDecoders.release(a)
+        assert SharedDecoders.users(a) == 0 and child.wait(timeout=30) is not None  # closed with its last user
+        c = SharedDecoders.acquire(30, "transforms.decode_worker:decode_bytes", 1)
+        assert c is not a  # a closed pool is never handed out again
+        SharedDecoders.release(c)
+        SharedDecoders.release(c)  # a second release of a closed pool does nothing
+    finally:
+        SharedDecoders.release(other)
+    assert SharedDecoders.users(other) == 0

@@ -223,3 +223,55 @@ def test_read_bounded_reads_the_whole_file_or_limit_plus_one_bytes_whatever_the_
     assert read_bounded(io.BytesIO(data), limit, size_hint) == want
     if limit:
         assert read_bounded(ShortReads(data), limit, size_hint) == want
+
+
+def test_dicom_reader_instances_of_one_process_share_their_decoder_children(tmp_path):
+    """Two DoFn instances (two bundle threads, or two reading stages) in one worker process use one
+    pool of --decode_processes children, decode their own files each, and its children end with
+    the last teardown."""
+    import shutil
+    import threading
+
+    from apache_beam.io import fileio
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    from transforms.decode_worker import SharedDecoders
+    from transforms.readers import DecodeDicomFile
+
+    src = pydicom_test_files()
+    names = {"a": ["CT_small.dcm", "MR_small.dcm"], "b": ["JPEG2000.dcm", "CT_small.dcm", "MR_small.dcm"]}
+    fns = {k: DecodeDicomFile(decode_timeout_s=30, decode_processes=2) for k in names}
+    for fn in fns.values():
+        fn.setup()
+    pool = fns["a"].decoder
+    assert fns["b"].decoder is pool and len(pool.decoders) == 2 and SharedDecoders.users(pool) == 2
+    got: dict[str, list[str]] = {}
+
+    def run(key):
+        fn = fns[key]
+        fn.start_bundle()
+        out = []
+        for i, name in enumerate(names[key]):
+            path = tmp_path / key / f"{i}-{name}"
+            path.parent.mkdir(exist_ok=True)
+            shutil.copy(src / name, path)
+            readable = fileio.ReadableFile(FileMetadata(str(path), path.stat().st_size))
+            out += [o for o in fn.process(readable, window=GlobalWindow(), timestamp=0) if isinstance(o, WindowedValue)]
+        out += [o for o in fn.finish_bundle() if isinstance(o, WindowedValue)]
+        got[key] = [Path(o.value.record_id).name for o in out]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in names]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        children = [d._proc for d in pool.decoders if d._proc is not None]
+    finally:
+        for fn in fns.values():
+            fn.teardown()
+    assert got == {k: [f"{i}-{n}" for i, n in enumerate(v)] for k, v in names.items()}
+    assert children and all(p.wait(timeout=30) is not None for p in children)
+    assert SharedDecoders.users(pool) == 0
