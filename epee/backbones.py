@@ -45,7 +45,7 @@ from transformers.models.bert.modeling_bert import (
 from transformers.models.vit import modeling_vit
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMLP
 
-from transformers.pytorch_utils import Conv1D
+from transformers.pytorch_utils import Conv1D, apply_chunking_to_forward
 
 from .inputs import Batch
 from .kernels import linear_gelu, unhooked
@@ -90,6 +90,23 @@ class BackboneAdapter:
 
     def layer_module(self, i: int) -> nn.Module:
         """The module that :meth:`layer` runs for layer ``i`` (ALBERT: a shared group)."""
+        raise NotImplementedError
+
+    # -- a layer as its attention sublayer, then its feed-forward (EarlyExitConfig.head_input
+    # "attention"): the exit head reads the first step's output, and only the rows that go on run
+    # the second. Families that cannot split a layer there leave supports_attention_heads False.
+    supports_attention_heads: bool = False
+
+    def layer_attention(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``i``'s attention sublayer (with its residual and norm): (N, T, H) -> (N, T, H)."""
+        raise NotImplementedError
+
+    def layer_feed_forward(self, i: int, attention: torch.Tensor) -> torch.Tensor:
+        """The rest of layer ``i`` on :meth:`layer_attention`'s output: together they are :meth:`layer`."""
+        raise NotImplementedError
+
+    def feed_forward_weights(self, i: int) -> list[torch.Tensor]:
+        """The weights :meth:`layer_feed_forward` multiplies by, per token (MAC accounting)."""
         raise NotImplementedError
 
     # -- a layer in two steps: the exit head's positions first, the other positions only for the
@@ -284,6 +301,22 @@ class BertAdapter(BackboneAdapter):
             return module.output(linear_gelu(attention, module.intermediate.dense), attention)
         return module.feed_forward_chunk(attention)
 
+    supports_attention_heads = True
+
+    def layer_attention(self, i: int, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.model.encoder.layer[i].attention(hidden, bias)[0]
+
+    def layer_feed_forward(self, i: int, attention: torch.Tensor) -> torch.Tensor:
+        module = self.model.encoder.layer[i]
+        if module.training:  # the stock step, as layer() runs it in training
+            return apply_chunking_to_forward(module.feed_forward_chunk, module.chunk_size_feed_forward,
+                                             module.seq_len_dim, attention)
+        return self._feed_forward(module, attention)
+
+    def feed_forward_weights(self, i: int) -> list[torch.Tensor]:
+        module = self.model.encoder.layer[i]
+        return [module.intermediate.dense.weight, module.output.dense.weight]
+
     def layer_module(self, i: int) -> nn.Module:
         return self.model.encoder.layer[i]
 
@@ -320,6 +353,7 @@ class AlbertAdapter(BertAdapter):
     """ALBERT: layer i runs the shared layer group that ALBERT maps it to; same stock forward as BERT."""
 
     family = "albert"
+    supports_attention_heads = False  # BertAdapter's layer_attention reads encoder.layer, which ALBERT has not
 
     def embed(self, batch: Batch) -> torch.Tensor:
         embedded = self.model.embeddings(batch.input_ids, token_type_ids=batch.token_type_ids)  # (N, T, E)

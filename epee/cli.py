@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     model_task = "sequence" if task == "image" else task
     config = EarlyExitConfig(
         task=model_task, label_names=label_names, negative_label=neg if task == "relation" else None,
-        pooling=args.pooling,
+        pooling=args.pooling, head_input=args.head_input,
         policy=ExitPolicyConfig(kind="epee", entropy_threshold=args.tau, patience=args.patience),
     )
     torch.manual_seed(args.seed)
@@ -568,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence/image exit-head input: the family's pooled vector ([CLS] via the pooler, "
                         "GPT-2 last token, ViT CLS) or the mean of the real tokens (sentence-transformers "
                         "backbones such as all-MiniLM were trained with mean pooling)")
+    t.add_argument("--head-input", choices=["layer", "attention"], default="layer",
+                   help="what the exit heads after layers 1..L-1 read: each layer's output, or (bert) its attention "
+                        "sublayer's output, so that a record exiting there skips that layer's feed-forward; the "
+                        "last head reads the last layer's output either way")
     h = t.add_argument_group("training")
     h.add_argument("--epochs", type=int, default=3)
     h.add_argument("--batch-size", type=int, default=16)

@@ -13,6 +13,7 @@ from typing import Any
 POLICY_KINDS = ("entropy", "patience", "epee", "none")
 TASKS = ("sequence", "relation", "token")
 POOLINGS = ("default", "mean")
+HEAD_INPUTS = ("layer", "attention")  # EarlyExitConfig.head_input
 BACKBONES = ("bert", "albert", "gpt2", "vit")
 
 
@@ -78,6 +79,12 @@ class EarlyExitConfig:
     # preprocessor reserves (after [CLS] for BERT/ALBERT, at the start for GPT-2)
     num_prompts: int = 0
     prompt_position: int = 0
+    # what the exit heads after layers 1 .. L-1 read: "layer", each layer's output; "attention",
+    # the layer's attention sublayer output before its feed-forward (BERT backbones). A record that
+    # exits then never runs its exit layer's feed-forward, about 60% of a MiniLM layer, which
+    # matters where the head reads every token (mean pooling, token tasks). The last head always
+    # reads the last layer's output, so full depth is the unchanged backbone.
+    head_input: str = "layer"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -97,6 +104,8 @@ class EarlyExitConfig:
             raise ValueError(f"pooling ({self.pooling!r}) must be one of {POOLINGS}")
         if self.pooling != "default" and self.task != "sequence":
             raise ValueError(f"pooling {self.pooling!r} applies to task 'sequence' only, not {self.task!r}")
+        if self.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input ({self.head_input!r}) must be one of {HEAD_INPUTS}")
         for name in ("num_prompts", "prompt_position"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -118,12 +127,13 @@ class EarlyExitConfig:
             "pooling": self.pooling,
             "num_prompts": self.num_prompts,
             "prompt_position": self.prompt_position,
+            "head_input": self.head_input,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EarlyExitConfig":
         known = {"task", "label_names", "policy", "head_dropout", "negative_label", "pooling", "num_prompts",
-                 "prompt_position"}
+                 "prompt_position", "head_input"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown early-exit config keys: {sorted(unknown)}")
@@ -136,6 +146,7 @@ class EarlyExitConfig:
             pooling=data.get("pooling", "default"),
             num_prompts=int(data.get("num_prompts", 0)),
             prompt_position=int(data.get("prompt_position", 0)),
+            head_input=data.get("head_input", "layer"),
         )
 
 

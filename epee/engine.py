@@ -59,7 +59,9 @@ class EngineStats:
     rows_per_layer: list[int] = field(default_factory=list)  # sample-rows computed by layer i
     calls_per_layer: list[int] = field(default_factory=list)  # layer-i forward calls
     exits_per_layer: list[int] = field(default_factory=list)
-    two_step_calls: int = 0  # layer calls run at the exit head's positions first (EngineConfig.split_layers)
+    # layer calls run in two steps: the exit head's positions first (EngineConfig.split_layers), or
+    # the attention sublayer first (EarlyExitConfig.head_input "attention")
+    two_step_calls: int = 0
     token_slots: int = 0  # rows x padded length, summed over layer calls
     real_tokens: int = 0  # real (non-pad) tokens, summed over layer calls
     macs: int = 0  # multiply-adds, summed over samples (epee.flops)
@@ -334,8 +336,13 @@ class EarlyExitEngine:
                     stats.token_slots += rows.mask.numel()
                     stats.real_tokens += int(rows.mask.sum())
                 bias = adapter.attention_bias(rows.hidden, rows.mask)
-                positions = self._split_positions(layer, rows, policy)
-                if positions is None:  # the whole layer, then the head
+                after_attention = model.head_reads_attention(layer)
+                positions = None if after_attention else self._split_positions(layer, rows, policy)
+                if after_attention:  # the attention sublayer, the head on it; the feed-forward below
+                    stats.two_step_calls += 1
+                    hidden = adapter.layer_attention(layer, rows.hidden, bias)
+                    logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
+                elif positions is None:  # the whole layer, then the head
                     hidden = adapter.layer(layer, rows.hidden, bias)
                     logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
                 else:  # the head's positions first; the rest below, for the rows that go on
@@ -352,11 +359,14 @@ class EarlyExitEngine:
                 if n_exit:
                     stats.exits_per_layer[layer] += n_exit
                     self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results, stats,
-                               exit_positions=None if positions is None else positions.shape[1])
+                               exit_positions=None if positions is None else positions.shape[1],
+                               after_attention=after_attention)
                 if n_exit == rows.size:
                     continue
                 going_on = rows if n_exit == 0 else rows.take(~exited)
-                if positions is not None:
+                if after_attention:
+                    going_on = replace(going_on, hidden=adapter.layer_feed_forward(layer, going_on.hidden))
+                elif positions is not None:
                     if n_exit:
                         keys = keys.take(~exited, going_on.hidden.shape[1])
                         bias = adapter.attention_bias(going_on.hidden, going_on.mask)
@@ -385,15 +395,18 @@ class EarlyExitEngine:
         results: list[ExitPrediction | None],
         stats: EngineStats,
         exit_positions: int | None = None,
+        after_attention: bool = False,
     ) -> None:
         """Record the exited rows' predictions. ``exit_positions``: their exit layer ran in two
-        steps, at that many positions (:meth:`_split_positions`), which their MACs count."""
+        steps, at that many positions (:meth:`_split_positions`), which their MACs count;
+        ``after_attention``: they exited before its feed-forward (``head_input`` "attention")."""
         num_layers = self.model.num_layers
         index = rows.index[exited].tolist()
         n_exit = len(index)
         lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((n_exit,), rows.hidden.shape[1])
         lengths = lengths_t.tolist()
-        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer), exit_positions=exit_positions)
+        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer), exit_positions=exit_positions,
+                                after_attention=after_attention)
         for c in costs:
             stats.macs += c.actual
             stats.dense_exit_macs += c.dense_at_exit

@@ -11,6 +11,8 @@ padding is a batching artefact, reported separately as the engine's padding shar
 * a layer the engine ran in two steps and the sample exited at (``EngineConfig.split_layers``):
   the keys and values of every token, T·(their weights), and the rest of the layer for the P
   positions the head reads, P·(the other weights) + 2·P·T·H;
+* a layer whose exit head read its attention sublayer (``head_input`` "attention") and the sample
+  exited at: the feed-forward's weights, T·(their weights), are not run;
 * each exit head evaluated: its pooler (BERT/ALBERT default pooling, H·H), mean pooling (T·H),
   and the head itself (F·C, or T·H·C for token tasks).
 
@@ -57,6 +59,10 @@ class MacCounter:
         kv = [adapter.key_value_weights(i) for i in range(self.num_layers)]  # what a two-step layer runs per token
         self.dense_kv_per_token = [sum(w.shape[0] * w.shape[1] for w in ws) for ws in kv]
         self.sparse_kv_per_token = [sum(_nonzeros(w) for w in ws) for ws in kv]
+        # what a record that exits after a layer's attention sublayer never runs (head_input "attention")
+        ffn = [adapter.feed_forward_weights(i) if cfg.head_input == "attention" else [] for i in range(self.num_layers)]
+        self.dense_ffn_per_token = [sum(w.shape[0] * w.shape[1] for w in ws) for ws in ffn]
+        self.sparse_ffn_per_token = [sum(_nonzeros(w) for w in ws) for ws in ffn]
         self.embed_per_token = 0
         self.embed_fixed = 0
         if adapter.family == "albert":
@@ -98,9 +104,11 @@ class MacCounter:
         rest = torch.tensor([0] + [a - b for a, b in zip(per_token, kv_per_token)], dtype=torch.float64)[k]
         return (t - p) * rest + 2.0 * (t - p) * t * self.hidden
 
-    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor, exit_positions: int | None = None) -> list[SampleMacs]:
+    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor, exit_positions: int | None = None,
+              after_attention: bool = False) -> list[SampleMacs]:
         """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers;
-        ``exit_positions`` P when their exit layer ran in two steps, at P positions."""
+        ``exit_positions`` P when their exit layer ran in two steps, at P positions;
+        ``after_attention`` when they exited after its attention sublayer (its feed-forward not run)."""
         t = lengths.detach().cpu().double()
         k = exit_layers.detach().cpu().long()
         embed = self.embed_fixed + t * self.embed_per_token
@@ -111,6 +119,9 @@ class MacCounter:
             actual = actual - self._split_discount(self.sparse_per_token, self.sparse_kv_per_token, t, k, exit_positions)
             dense_exit = dense_exit - self._split_discount(self.dense_per_token, self.dense_kv_per_token, t, k,
                                                            exit_positions)
+        if after_attention:
+            actual = actual - t * torch.tensor([0] + self.sparse_ffn_per_token, dtype=torch.float64)[k]
+            dense_exit = dense_exit - t * torch.tensor([0] + self.dense_ffn_per_token, dtype=torch.float64)[k]
         full = embed + self._layers(self.dense_per_token, t, torch.full_like(k, self.num_layers)) + head
         return [SampleMacs(int(a), int(d), int(f)) for a, d, f in zip(actual.tolist(), dense_exit.tolist(), full.tolist())]
 

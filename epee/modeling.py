@@ -72,6 +72,9 @@ class EarlyExitModel(nn.Module):
         for head in self.exit_heads:
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
+        if config.head_input == "attention" and not self.adapter.supports_attention_heads:
+            raise ValueError(f"head_input 'attention' needs a backbone whose layers split after attention "
+                             f"(bert); the {self.adapter.family} backbone's do not")
         self.prompts: nn.Parameter | None = None
         if config.num_prompts:
             if self.adapter.is_image:
@@ -147,6 +150,21 @@ class EarlyExitModel(nn.Module):
         features = self.head_features(hidden, attention_mask, entity_positions)
         return self.exit_heads[layer_index](self.head_dropout(features))
 
+    def head_reads_attention(self, layer_index: int) -> bool:
+        """Whether the exit head after 0-based layer ``layer_index`` reads that layer's attention
+        sublayer output (``head_input`` "attention", every layer but the last) instead of its output."""
+        return self.config.head_input == "attention" and layer_index < self.num_layers - 1
+
+    def layer_and_head_input(
+        self, layer_index: int, hidden: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one whole layer: (its output, the states its exit head reads)."""
+        if self.head_reads_attention(layer_index):
+            attention = self.adapter.layer_attention(layer_index, hidden, bias)
+            return self.adapter.layer_feed_forward(layer_index, attention), attention
+        out = self.adapter.layer(layer_index, hidden, bias)
+        return out, out
+
     # -- full-depth forward for training and calibration ---------------------------------------
     def layer_features(self, batch: Batch) -> list[torch.Tensor]:
         """Exit-head inputs after every layer (no early exit): L tensors of (N, F) or (N, T, F)."""
@@ -154,8 +172,8 @@ class EarlyExitModel(nn.Module):
         bias = self.adapter.attention_bias(hidden, batch.attention_mask)
         features = []
         for i in range(self.num_layers):
-            hidden = self.adapter.layer(i, hidden, bias)
-            features.append(self.head_features(hidden, batch.attention_mask, batch.entity_positions))
+            hidden, head_input = self.layer_and_head_input(i, hidden, bias)
+            features.append(self.head_features(head_input, batch.attention_mask, batch.entity_positions))
         return features
 
     def forward(self, batch: Batch) -> AllLayerOutput:

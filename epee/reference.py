@@ -40,7 +40,11 @@ def run_reference(
             previous, streak = None, torch.zeros(1, dtype=torch.long, device=device)
             index = torch.tensor([i], device=device)
             for layer in range(model.num_layers):
-                hidden = adapter.layer(layer, hidden, bias)
+                after_attention = model.head_reads_attention(layer)
+                if after_attention:  # the head reads the attention sublayer; the feed-forward waits
+                    hidden = adapter.layer_attention(layer, hidden, bias)
+                else:
+                    hidden = adapter.layer(layer, hidden, bias)
                 logits = model.head_logits(layer, hidden, batch.attention_mask, batch.entity_positions)
                 signal = exit_signal(logits, token_mask)
                 streak = update_streak(signal.prediction, previous, streak)
@@ -53,7 +57,7 @@ def run_reference(
                     if probs.ndim == 2:
                         label, token_labels = None, tuple(signal.prediction[0].tolist())
                     length = batch.attention_mask.sum(dim=1) if batch.attention_mask is not None else torch.tensor([hidden.shape[1]])
-                    cost = counter.count(length, torch.tensor([layer + 1]))[0]
+                    cost = counter.count(length, torch.tensor([layer + 1]), after_attention=after_attention)[0]
                     out.append(
                         ExitPrediction(
                             label=label, probs=probs, exit_layer=layer + 1, num_layers=model.num_layers,
@@ -63,4 +67,6 @@ def run_reference(
                         )
                     )
                     break
+                if after_attention:
+                    hidden = adapter.layer_feed_forward(layer, hidden)
     return out
