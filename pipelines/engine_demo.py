@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     policy = ExitPolicyConfig(kind="epee", entropy_threshold=args.entropy_threshold, patience=args.patience)
-    model = EarlyExitModel.from_backbone(path, EarlyExitConfig(task="sequence", label_names=LABELS, policy=policy, pooling="mean"))
+    # mean pooling: probes on MiniLM's early [CLS] states do not survive int8 or bfloat16 (docs/analyses.md)
+    config = EarlyExitConfig(task="sequence", label_names=LABELS, policy=policy, pooling="mean")
+    model = EarlyExitModel.from_backbone(path, config)
 
     notes = generate_notes(args.train_notes + args.eval_notes, seed=0)
     train, held_out = notes[: args.train_notes], notes[args.train_notes :]

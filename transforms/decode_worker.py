@@ -2,10 +2,10 @@
 
 A pixel decoder can loop forever on a hostile stream, or take the process down with it (a
 segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
-:class:`IsolatedDecoder` keeps one long-lived child process (a few, :class:`SharedDecoders`, shared by
-the worker process's DoFn instances) and sends it files
-over a pipe, a batch per message; the child decodes them one at a time and answers with the
-batch's outcomes in one message (in parts of about 8 MB of pixels for large images, each large
+:class:`IsolatedDecoder` keeps a long-lived child process (:class:`SharedDecoders` gives all the
+reading DoFn instances of one worker process one pool of them) and sends it files over a pipe, a
+batch per message; the child decodes them one at a time and answers with the batch's outcomes in
+one message (in parts of about 8 MB of pixels for large images, each large
 image as raw bytes rather than pickled). Before each file the child writes the file's index and start time
 into a small shared mapping, so the parent knows which file is running: when one file takes longer
 than the timeout the child is killed, that file is reported, and the batch's other files go to a
