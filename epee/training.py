@@ -411,16 +411,10 @@ def fit_heads_as_probes(
             model.layer_features(collate(samples[s : s + batch_size], model.adapter.pad_token_id))
             for s in range(0, len(samples), batch_size)
         ]
-    spreads = [feature_spread(torch.cat([c[i] for c in chunks])) for i in range(len(model.exit_heads))]
-    narrow = [f"{i + 1} ({s:.1e})" for i, s in enumerate(spreads) if s < LOW_PRECISION_SPREAD]
-    if narrow:
-        log.warning(
-            "exit heads %s read features that differ between samples by less than %.0f%% of their common part: "
-            "their probes amplify that, so int8 or bfloat16 rounding can change what they predict (calibrate "
-            "and evaluate in the precision you run; pooling='mean' spreads a pretrained encoder's features more)",
-            ", ".join(narrow), 100 * LOW_PRECISION_SPREAD)
+    spreads = []
     for i, head in enumerate(model.exit_heads):
         x = torch.cat([c[i] for c in chunks])  # (N, F)
+        spreads.append(feature_spread(x))
         mean, std = x.mean(0), x.std(0) + 1e-6
         z = (x - mean) / std
         w = torch.zeros(z.shape[1], head.out_features, requires_grad=True)
@@ -438,4 +432,11 @@ def fit_heads_as_probes(
             scaled = w / std[:, None]
             head.weight.copy_(scaled.T)
             head.bias.copy_(b - mean @ scaled)
+    narrow = [f"{i + 1} ({s:.1e})" for i, s in enumerate(spreads) if s < LOW_PRECISION_SPREAD]
+    if narrow:
+        log.warning(
+            "exit heads %s read features that differ between samples by less than %.0f%% of their common part: "
+            "their probes amplify that, so int8 or bfloat16 rounding can change what they predict (calibrate "
+            "and evaluate in the precision you run; pooling='mean' spreads a pretrained encoder's features more)",
+            ", ".join(narrow), 100 * LOW_PRECISION_SPREAD)
     return spreads

@@ -123,20 +123,21 @@ def train_image_model(out: Path) -> None:
         epee_main(["calibrate", "--model", str(out), "--confidence", "0.99"])  # 100 dev images
 
 
-def _current(path: Path) -> bool:
-    """A cached sample model of this version: the notes model's probes read mean-pooled features
-    since 2026-11-24 (earlier caches read [CLS] and are trained again)."""
+def _current(path: Path, pooling: str = "default") -> bool:
+    """A cached sample model with the pooling its trainer uses now: the notes model's probes read
+    mean-pooled features since 2026-11-24 (earlier caches read [CLS] and are trained again)."""
     try:
         doc = json.loads((path / "epee_config.json").read_text())
     except (OSError, ValueError):
         return False
-    return path.name != "notes" or doc.get("model", {}).get("pooling") == "mean"
+    return doc.get("model", {}).get("pooling", "default") == pooling
 
 
 def ensure_models() -> tuple[Path, Path]:
     notes, images = MODELS / "notes", MODELS / "dicom"
-    for path, trainer, what in ((notes, train_notes_model, "notes"), (images, train_image_model, "image")):
-        if not _current(path):
+    for path, trainer, what, pooling in ((notes, train_notes_model, "notes", "mean"),
+                                         (images, train_image_model, "image", "default")):
+        if not _current(path, pooling):
             log.info("training the sample %s model (first run only) into %s", what, path)
             shutil.rmtree(path, ignore_errors=True)
             path.parent.mkdir(parents=True, exist_ok=True)

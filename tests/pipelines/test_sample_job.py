@@ -38,7 +38,7 @@ def test_sample_notes_probes_predict_the_same_in_int8_and_bfloat16(tmp_path):
     out = tmp_path / "notes"
     sample_job.train_notes_model(out)
     bundle = load_model_dir(out)
-    assert bundle.model.config.pooling == "mean" and sample_job._current(out)
+    assert bundle.model.config.pooling == "mean" and sample_job._current(out, "mean")
     rows = read_records(str(tmp_path / "notes-dev.jsonl"))
     samples, targets, _, _ = _encode_all(bundle.preprocessor, [Example(id=str(i), text=r["text"], label=r["label"])
                                                                for i, r in enumerate(rows)])
