@@ -14,7 +14,14 @@ X-ray files in compressed transfer syntaxes, some of them non-image objects that
 letters). Beam stock is left out there: it has no dead-letter path and stops at the first bad
 file. Every run must then give one prediction or dead letter per file.
 
+``--workers N`` runs our systems on the DirectRunner in ``multi_threading`` mode with N workers:
+N bundle-processing threads in one process; reading DoFn instances in several of them share one
+decoder pool (``transforms.decode_worker.SharedDecoders``). Each run's peak number of live child processes and
+their peak summed resident memory are sampled from ``/proc`` every 20 ms and printed beside its
+speed (children that have not yet exec'd a program of their own are left out).
+
     .venv/bin/python -m bench.dicom_decoding --files 8640 --rounds 3
+    .venv/bin/python -m bench.dicom_decoding --files 8640 --rounds 3 --workers 2
     .venv/bin/python -m bench.dicom_decoding --source ../shared/data/dicom --files 660 --rounds 3
 """
 
@@ -27,6 +34,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +57,65 @@ def records(out: Path) -> int:
                if f.name.startswith(("predictions-", "dead_letters-", "stock")))
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from ``/proc/<pid>/task/*/children`` (Linux)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ChildSampler:
+    """Peak count and peak summed resident memory of this process' children while it runs."""
+
+    def __init__(self, every_s: float = 0.02):
+        self.every_s, self.peak_children, self.peak_rss = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        own = _cmdline(os.getpid())
+        while not self._stop.is_set():
+            # a child between fork and exec (or a zombie) still shows this process' command line (or
+            # none) and counts this process' shared pages as its own: not a decoder, left out
+            kids = [k for k in _descendants(os.getpid()) if _cmdline(k) not in (b"", own)]
+            self.peak_children = max(self.peak_children, len(kids))
+            self.peak_rss = max(self.peak_rss, sum(_rss_bytes(k) for k in kids))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "ChildSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.run_all import halves, held_out, run_stock, time_our_pipeline, write_inputs
 
@@ -57,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--files", type=int, default=8640, help="DICOM files per run (copies of the test half)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--source", help="a folder of DICOM files to copy instead of PneumoniaMNIST's test half")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run our systems on the DirectRunner in multi_threading mode with this many workers")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="epee-dicom-decoding-"))
@@ -76,13 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     pattern = str(work / "in" / "*.dcm")
 
     runs = itertools.count()
+    threads = (["--direct_running_mode", "multi_threading", "--direct_num_workers", str(args.workers)]
+               if args.workers else [])
+    children: dict[str, list[tuple[int, int]]] = {name: [] for name in systems}
 
     def once(name: str, extra: list[str] | None, tag: str) -> float:
         out = work / "out" / f"run{next(runs)}"
-        if extra is None:
-            secs = run_stock(pattern, args.model, str(out), 64, True)
-        else:
-            secs = time_our_pipeline("dicom", args.model, pattern, out, 512, *extra)
+        with ChildSampler() as sampler:
+            if extra is None:
+                secs = run_stock(pattern, args.model, str(out), 64, True)
+            else:
+                secs = time_our_pipeline("dicom", args.model, pattern, out, 512, *extra, *threads)
+        children[name].append((sampler.peak_children, sampler.peak_rss))
         got = records(out)
         if got != args.files:
             raise SystemExit(f"{name} ({tag}): {got} predictions and dead letters for {args.files} files")
@@ -90,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         return args.files / secs
 
     print(f"{args.files} DICOM files, copies of {what}; {machine()}; "
+          f"{'multi_threading DirectRunner, ' + str(args.workers) + ' workers (ours); ' if args.workers else ''}"
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for name, extra in systems.items():
         once(name, extra, "warm-up")
@@ -99,10 +174,13 @@ def main(argv: list[str] | None = None) -> None:
             rates[name].append(once(name, extra, f"round {r + 1}"))
         print(f"round {r + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in systems), flush=True)
     base = "beam_stock" if "beam_stock" in rates else next(iter(rates))
-    print(f"\n| system | records/s (median) | rounds | vs {base} |\n|---|---|---|---|")
+    print(f"\n| system | records/s (median) | rounds | vs {base} | peak child processes | "
+          f"peak children's memory (MiB) |\n|---|---|---|---|---|---|")
     for name, rs in rates.items():
+        kids = children[name][1:]  # the timed rounds, not the warm-up
         print(f"| {name} | {statistics.median(rs):.1f} | {' / '.join(f'{x:.0f}' for x in rs)} | "
-              f"{statistics.median(rs) / statistics.median(rates[base]):.2f}x |")
+              f"{statistics.median(rs) / statistics.median(rates[base]):.2f}x | {max(k for k, _ in kids)} | "
+              f"{max(m for _, m in kids) / 2**20:.0f} |")
     shutil.rmtree(work, ignore_errors=True)
 
 
