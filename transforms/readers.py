@@ -417,6 +417,7 @@ class ReadNotes(beam.PTransform):
         return (
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
+            | "Spread" >> beam.Reshuffle()  # the files across workers: see ReadDicom
             | "Open" >> fileio.ReadMatches()
             | "Parse" >> beam.ParDo(self.parse).with_outputs(DEAD, INPUTS, main="records")
         )
@@ -585,6 +586,10 @@ class ReadDicom(beam.PTransform):
         return (
             pbegin
             | "Match" >> fileio.MatchFiles(self.pattern)
+            # Matching yields every file from one element, and nothing in fileio splits: without a
+            # shuffle here a runner fuses the reading, the model and everything up to the writes into
+            # one bundle on one worker, whatever the number of workers. Only file names are shuffled.
+            | "Spread" >> beam.Reshuffle()
             | "Open" >> fileio.ReadMatches()
             | "Decode" >> beam.ParDo(self.decode).with_outputs(DEAD, INPUTS, main="records")
         )

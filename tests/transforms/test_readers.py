@@ -275,3 +275,33 @@ def test_dicom_reader_instances_of_one_process_share_their_decoder_children(tmp_
     assert got == {k: [f"{i}-{n}" for i, n in enumerate(v)] for k, v in names.items()}
     assert children and all(p.wait(timeout=30) is not None for p in children)
     assert SharedDecoders.users(pool) == 0
+
+
+@pytest.mark.parametrize("kind", ["notes", "dicom"])
+def test_readers_spread_the_matched_files_over_the_workers(tmp_path, kind):
+    """fileio's match and read do not split: without a shuffle after matching, every file is read in
+    the one bundle that matched them, by one worker of however many (and the model after it too)."""
+    import os
+    import shutil
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    inputs, marks = tmp_path / "in", tmp_path / "pids"
+    inputs.mkdir()
+    marks.mkdir()
+    for i in range(8):
+        if kind == "notes":
+            (inputs / f"{i}.jsonl").write_text(json.dumps({"id": str(i), "text": f"note {i}"}) + "\n")
+        else:
+            shutil.copy(pydicom_test_files() / "CT_small.dcm", inputs / f"{i}.dcm")
+
+    def mark(record, d=str(marks)):
+        Path(d, str(os.getpid())).touch()  # the worker process that read this record
+        return record
+
+    reader = ReadNotes(str(inputs / "*.jsonl"), id_field="id") if kind == "notes" else ReadDicom(str(inputs / "*.dcm"))
+    options = PipelineOptions(["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    with beam.Pipeline(options=options) as p:
+        out = p | reader
+        assert_that(out.records | beam.Map(mark) | beam.combiners.Count.Globally(), equal_to([8]))
+    assert len(list(marks.iterdir())) == 2
