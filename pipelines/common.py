@@ -62,6 +62,8 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
         raise StartupError(f"--max_windows must be >= 0 (0: the whole note), got {opts.max_windows}")
     if not 0.0 <= opts.window_overlap < 1.0:
         raise StartupError(f"--window_overlap must lie in [0, 1), got {opts.window_overlap}")
+    if opts.torch_threads < 0:
+        raise StartupError(f"--torch_threads must be >= 0 (0: PyTorch's default), got {opts.torch_threads}")
     if opts.decode_processes < 1:
         raise StartupError(f"--decode_processes must be >= 1, got {opts.decode_processes}")
     from epee.kernels import check_linear_kernel
@@ -150,7 +152,8 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     s3_client_kwargs=s3_client_kwargs(options),
                                     allow_pickle_weights=opts.allow_pickle_weights,
                                     heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
-                                    linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers)
+                                    linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers,
+                                    torch_threads=opts.torch_threads)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None

@@ -112,8 +112,14 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         precision: str = "float32",
         linear_kernel: str = "auto",
         split_layers: bool = True,
+        torch_threads: int = 0,
     ) -> None:
         super().__init__()
+        if torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: PyTorch's default, every core), got {torch_threads}")
+        # PyTorch's intra-op threads in each worker process; several processes on one machine each
+        # take every core by default and then contend for them
+        self.torch_threads = torch_threads
         # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
         self.heap_trim_seconds = heap_trim_seconds
         self._trimmer: HeapTrimmer | None = HeapTrimmer(heap_trim_seconds)  # validates; rebuilt after pickling
@@ -148,6 +154,10 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
 
     def load_model(self) -> ModelBundle:
         started = time.perf_counter()
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs,
                                 allow_pickle=self.allow_pickle_weights)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)

@@ -123,6 +123,21 @@ def test_exit_policy_none_runs_every_record_to_the_last_layer(models, tmp_path):
     assert preds and all(p["exit_layer"] == 3 and p["exit_reason"] == "last_layer" for p in preds)
 
 
+def test_torch_threads_are_set_where_the_model_loads(models, tmp_path):
+    import torch
+
+    mixed_notes(tmp_path / "in")
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    try:  # the in-memory DirectRunner loads the model in this process
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output",
+                      str(tmp_path / "out"), "--id_field", "id", "--torch_threads", str(want)])
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert read(tmp_path / "out", "predictions")
+
+
 def test_bfloat16_and_int8_predict_every_record_close_to_float32(models, tmp_path):
     n_in = mixed_notes(tmp_path / "in")
     runs = {}
@@ -258,6 +273,9 @@ def test_startup_errors_are_clear(models, tmp_path):
     with pytest.raises(StartupError, match="--heap_trim_seconds"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--heap_trim_seconds", "-1"])
+    with pytest.raises(StartupError, match="--torch_threads must be >= 0"):
+        run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
+                      "--torch_threads", "-1"])
     with pytest.raises(StartupError, match="--max_windows must be >= 0"):
         run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output", str(tmp_path / "o"),
                       "--max_windows", "-1"])

@@ -109,6 +109,22 @@ def test_heap_trimmer_hands_freed_heap_back():
     assert before - after > 50 * 1024, (before, after)  # most of the ~94 MiB freed goes back
 
 
+def test_torch_threads_are_set_at_load_and_validated(notes_model):
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    try:
+        EarlyExitModelHandler(notes_model).load_model()
+        assert torch.get_num_threads() == before  # 0, the default: PyTorch's own setting is left alone
+        EarlyExitModelHandler(notes_model, torch_threads=want).load_model()
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads must be >= 0"):
+        EarlyExitModelHandler(notes_model, torch_threads=-1)
+
+
 def test_handler_pickles_without_its_trimmer(notes_model):
     import pickle
 
