@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -132,6 +133,25 @@ def make_reader(pipeline: str, opts: EpeeOptions, task: str, run_id: str, **extr
                      max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes, **extra)
 
 
+def torch_threads(asked: int, options: PipelineOptions) -> int:
+    """PyTorch threads per worker process: ``--torch_threads`` if given; on the DirectRunner in
+    multi_processing mode the machine's cores shared by its worker processes (each would otherwise
+    take every core: 2 workers on 2 cores ran at 51 records/s against 75 with one thread each,
+    docs/analyses.md); else 0, PyTorch's own default."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from .streaming import is_direct_runner
+
+    if asked or not is_direct_runner(options):
+        return asked
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode != "multi_processing":
+        return 0
+    cores = os.cpu_count() or 1
+    workers = direct.direct_num_workers or cores  # Beam: 0 means one per core
+    return max(1, cores // workers) if workers > 1 else 0
+
+
 def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     """Run one pipeline to completion; returns a summary (also printed by the launcher)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -153,7 +173,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     allow_pickle_weights=opts.allow_pickle_weights,
                                     heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
                                     linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers,
-                                    torch_threads=opts.torch_threads)
+                                    torch_threads=torch_threads(opts.torch_threads, options))
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None

@@ -82,10 +82,10 @@ class EpeeOptions(PipelineOptions):
                             "instead of model.safetensors, through PyTorch's restricted unpickler (weights_only=True); "
                             "refused at start-up without this flag. `epee convert --model DIR` converts it once")
         g.add_argument("--torch_threads", type=int, default=0,
-                       help="PyTorch's intra-op threads in each worker process (0: PyTorch's default, every core). "
-                            "Where a machine runs several worker processes (--direct_num_workers N in "
-                            "multi_processing mode; Dataflow starts one per core), cores / processes keeps them from "
-                            "contending for the same cores")
+                       help="PyTorch's intra-op threads in each worker process. 0 (default): cores / workers on "
+                            "the DirectRunner in multi_processing mode, PyTorch's own default (every core) elsewhere. "
+                            "Where a machine runs several worker processes (Dataflow starts one per core), "
+                            "cores / processes keeps them from contending for the same cores")
         g.add_argument("--large_model", action="store_true",
                        help="share one model copy across worker processes (Beam's multi-process sharing)")
         g.add_argument("--exit_policy", default="stored", choices=["stored", "none", "entropy", "patience", "epee"],

@@ -138,6 +138,29 @@ def test_torch_threads_are_set_where_the_model_loads(models, tmp_path):
     assert read(tmp_path / "out", "predictions")
 
 
+def test_worker_processes_share_the_cores_unless_told(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.common import torch_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+
+    def threads(asked, *argv):
+        return torch_threads(asked, PipelineOptions(list(argv)))
+
+    multi = ["--direct_running_mode", "multi_processing"]
+    assert threads(0, *multi, "--direct_num_workers", "2") == 4
+    assert threads(0, *multi, "--direct_num_workers", "3") == 2
+    assert threads(0, *multi, "--direct_num_workers", "16") == 1
+    assert threads(0, *multi, "--direct_num_workers", "0") == 1  # Beam's 0: one worker per core
+    assert threads(0, *multi) == 0  # Beam's default, 1 worker
+    assert threads(0, *multi, "--direct_num_workers", "1") == 0  # one process: PyTorch's default
+    assert threads(0, "--direct_running_mode", "multi_threading", "--direct_num_workers", "2") == 0  # one process
+    assert threads(0) == 0
+    assert threads(0, "--runner", "DataflowRunner") == 0
+    assert threads(3, *multi, "--direct_num_workers", "2") == 3  # asked for: kept
+
+
 def test_bfloat16_and_int8_predict_every_record_close_to_float32(models, tmp_path):
     n_in = mixed_notes(tmp_path / "in")
     runs = {}
