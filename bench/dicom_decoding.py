@@ -16,7 +16,8 @@ file. Every run must then give one prediction or dead letter per file.
 
 ``--workers N`` runs our systems on the DirectRunner in ``multi_threading`` mode with N workers:
 N bundle-processing threads in one process; reading DoFn instances in several of them share one
-decoder pool (``transforms.decode_worker.SharedDecoders``). Each run's peak number of live child processes and
+decoder pool (``transforms.decode_worker.SharedDecoders``). Each run's peak number of live child processes (the
+decoders, and any other program the run starts for a moment) and
 their peak summed resident memory are sampled from ``/proc`` every 20 ms and printed beside its
 speed (children that have not yet exec'd a program of their own are left out).
 
@@ -42,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench import machine
+from bench.scaling import _descendants, _rss_mib
 
 SYSTEMS = {"ours, 1 decoder process": ["--decode_processes", "1"],
            "ours, 2 decoder processes": ["--decode_processes", "2"],
@@ -57,21 +59,6 @@ def records(out: Path) -> int:
                if f.name.startswith(("predictions-", "dead_letters-", "stock")))
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, read from ``/proc/<pid>/task/*/children`` (Linux)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -79,21 +66,11 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class ChildSampler:
     """Peak count and peak summed resident memory of this process' children while it runs."""
 
     def __init__(self, every_s: float = 0.02):
-        self.every_s, self.peak_children, self.peak_rss = every_s, 0, 0
+        self.every_s, self.peak_children, self.peak_rss_mib = every_s, 0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -104,7 +81,7 @@ class ChildSampler:
             # none) and counts this process' shared pages as its own: not a decoder, left out
             kids = [k for k in _descendants(os.getpid()) if _cmdline(k) not in (b"", own)]
             self.peak_children = max(self.peak_children, len(kids))
-            self.peak_rss = max(self.peak_rss, sum(_rss_bytes(k) for k in kids))
+            self.peak_rss_mib = max(self.peak_rss_mib, sum(_rss_mib(k) or 0.0 for k in kids))
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> "ChildSampler":
@@ -147,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = itertools.count()
     threads = (["--direct_running_mode", "multi_threading", "--direct_num_workers", str(args.workers)]
                if args.workers else [])
-    children: dict[str, list[tuple[int, int]]] = {name: [] for name in systems}
+    children: dict[str, list[tuple[int, float]]] = {name: [] for name in systems}
 
     def once(name: str, extra: list[str] | None, tag: str) -> float:
         out = work / "out" / f"run{next(runs)}"
@@ -156,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                 secs = run_stock(pattern, args.model, str(out), 64, True)
             else:
                 secs = time_our_pipeline("dicom", args.model, pattern, out, 512, *extra, *threads)
-        children[name].append((sampler.peak_children, sampler.peak_rss))
+        children[name].append((sampler.peak_children, sampler.peak_rss_mib))
         got = records(out)
         if got != args.files:
             raise SystemExit(f"{name} ({tag}): {got} predictions and dead letters for {args.files} files")
@@ -180,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         kids = children[name][1:]  # the timed rounds, not the warm-up
         print(f"| {name} | {statistics.median(rs):.1f} | {' / '.join(f'{x:.0f}' for x in rs)} | "
               f"{statistics.median(rs) / statistics.median(rates[base]):.2f}x | {max(k for k, _ in kids)} | "
-              f"{max(m for _, m in kids) / 2**20:.0f} |")
+              f"{max(m for _, m in kids):.0f} |")
     shutil.rmtree(work, ignore_errors=True)
 
 
