@@ -405,6 +405,26 @@ def _has_surrogates(text: str) -> bool:
         return True
 
 
+class OpenFiles(beam.PTransform):
+    """File pattern -> the matching files, opened (``ReadableFile``), spread over the workers.
+
+    Matching yields every file from one element, and nothing in ``fileio`` splits: without the
+    shuffle a runner fuses the reading, the model and everything up to the writes into one bundle
+    on one worker, whatever the number of workers. Only file names are shuffled."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(self.pattern)
+            | "Spread" >> beam.Reshuffle()
+            | "Open" >> fileio.ReadMatches()
+        )
+
+
 class ReadNotes(beam.PTransform):
     """File pattern -> notes (main output) and dead letters (``dead_letters``)."""
 
@@ -416,9 +436,7 @@ class ReadNotes(beam.PTransform):
     def expand(self, pbegin):
         return (
             pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            | "Spread" >> beam.Reshuffle()  # the files across workers: see ReadDicom
-            | "Open" >> fileio.ReadMatches()
+            | "Files" >> OpenFiles(self.pattern)
             | "Parse" >> beam.ParDo(self.parse).with_outputs(DEAD, INPUTS, main="records")
         )
 
@@ -585,11 +603,6 @@ class ReadDicom(beam.PTransform):
     def expand(self, pbegin):
         return (
             pbegin
-            | "Match" >> fileio.MatchFiles(self.pattern)
-            # Matching yields every file from one element, and nothing in fileio splits: without a
-            # shuffle here a runner fuses the reading, the model and everything up to the writes into
-            # one bundle on one worker, whatever the number of workers. Only file names are shuffled.
-            | "Spread" >> beam.Reshuffle()
-            | "Open" >> fileio.ReadMatches()
+            | "Files" >> OpenFiles(self.pattern)
             | "Decode" >> beam.ParDo(self.decode).with_outputs(DEAD, INPUTS, main="records")
         )
