@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass
 
 KEY_ENV = "EPEE_PSEUDONYM_KEY"
@@ -65,3 +66,60 @@ class Pseudonymizer:
 
     def row(self, row: dict) -> dict:
         return {k: (self(v) if k in ID_FIELDS else v) for k, v in row.items()}
+
+    def path(self, path: str | None) -> str | None:
+        """A path or file pattern with every component replaced by its pseudonym (the scheme, the
+        separators, and components that are only wildcards and extensions such as ``*.dcm`` or
+        ``**`` are kept): ``/archive/DOE^JOHN_12345/*.dcm`` -> ``/p-3fa1.../p-9c0e.../*.dcm``.
+        Archives name folders after patients and MRNs, so a path is as identifying as an id."""
+        if path is None:
+            return None
+        scheme, rest = _split_scheme(path)
+        return scheme + "/".join(c if (not c or _PUBLIC_COMPONENT.fullmatch(c)) else f"p-{self(c)[:16]}"
+                                 for c in rest.split("/"))
+
+
+_PUBLIC_COMPONENT = re.compile(r"[*?]+(\.[A-Za-z0-9]{1,10})*|\.{1,2}")  # "*", "**", "*.dcm", "*.jsonl.gz", ".", ".."
+
+
+def _split_scheme(path: str) -> tuple[str, str]:
+    m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path)
+    return (m.group(0), path[m.end():]) if m else ("", path)
+
+
+def printable(path: str) -> str:
+    """A file name as text that can be written anywhere (Parquet, JSON, logs). Bytes that are not
+    UTF-8 (a Latin-1 file name from an old PACS export, which Python holds as surrogate escapes)
+    are written as backslash-x escapes, and so are control characters (a newline in a name). The
+    same name always gives the same text, so ids, sorting and hashing stay stable."""
+    if _CLEAN.fullmatch(path):
+        return path
+    text = os.fsencode(path).decode("utf-8", "backslashreplace") if _has_surrogates(path) else path
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
+_CLEAN = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+class PathWriter:
+    """How paths are written by one run: always :func:`printable`; with ``--pseudonymize_ids``
+    also pseudonymised, component by component. The one function every path that leaves a reader
+    or reaches the manifest, report or a log goes through."""
+
+    def __init__(self, pz: Pseudonymizer | None = None) -> None:
+        self.pz = pz
+
+    def __call__(self, path: str | None) -> str | None:
+        if path is None:
+            return None
+        text = printable(path)
+        return self.pz.path(text) if self.pz is not None else text
