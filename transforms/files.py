@@ -22,6 +22,15 @@ DEAD = "dead_letters"
 INPUTS = "inputs"
 NAMESPACE = "epee"
 
+
+def record_uri(readable: fileio.ReadableFile) -> str:
+    """The file's path as every output and log carries it (:func:`transforms.privacy.printable`:
+    valid UTF-8 whatever bytes the name has); open the file with ``readable`` itself, never by
+    this text."""
+    from .privacy import printable
+
+    return printable(readable.metadata.path)
+
 def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:
     """(line number, line bytes without the newline) for each line of a binary file, reading
     ``chunk`` bytes at a time; a line longer than ``max_line`` is skipped and given as ``None``,
