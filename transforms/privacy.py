@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 KEY_ENV = "EPEE_PSEUDONYM_KEY"
@@ -53,6 +55,13 @@ class KeySource:
         if len(key) < MIN_KEY_BYTES:
             raise PseudonymKeyError(f"the pseudonymisation key must be at least {MIN_KEY_BYTES} bytes long")
         return key
+
+    def pseudonymizer(self) -> "Pseudonymizer":
+        """The key's pseudonymizer, for a worker or the launcher; from now on this process's log
+        records carry pseudonymised paths too (:func:`scrub_logs`), whoever logs them."""
+        pz = Pseudonymizer(self.load())
+        scrub_logs(pz)
+        return pz
 
 
 class Pseudonymizer:
@@ -123,3 +132,53 @@ class PathWriter:
             return None
         text = printable(path)
         return self.pz.path(text) if self.pz is not None else text
+
+
+# -- logs ------------------------------------------------------------------------------------------
+# A path or URI inside a log message: a scheme or a leading "/" at the start of a token.
+_PATH_IN_TEXT = re.compile(r"(?<![\w.~])(?:[A-Za-z][A-Za-z0-9+.-]*://|/)[^\s'\"<>,;()\[\]{}]+")
+_scrubbing: list[Pseudonymizer] = []
+
+
+def _own_paths() -> tuple[str, ...]:
+    """Where Python and this package live: their paths name no patient, and tracebacks stay readable."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return tuple({sys.prefix, sys.base_prefix, sys.exec_prefix, here} - {""})
+
+
+def scrub_text(text: str, pz: Pseudonymizer) -> str:
+    """Every path or URI in ``text`` pseudonymised component by component (Python's and this
+    package's own files kept)."""
+    own = _own_paths()
+
+    def one(m: re.Match) -> str:
+        path = m.group(0)
+        return path if path.startswith(own) else pz.path(printable(path))
+
+    return _PATH_IN_TEXT.sub(one, text)
+
+
+def scrub_logs(pz: Pseudonymizer) -> None:
+    """With ``--pseudonymize_ids``, every log record made in this process from now on (ours,
+    Beam's, pydicom's, warnings captured by logging) has the paths in its message and traceback
+    pseudonymised before any handler sees it: Beam's file systems log the paths they touch at
+    DEBUG level, and archives name folders after patients. Installed once per process."""
+    if _scrubbing:
+        _scrubbing[0] = pz
+        return
+    _scrubbing.append(pz)
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        key = _scrubbing[0]
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: let logging report it as usual
+            return record
+        record.msg, record.args = scrub_text(message, key), ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = scrub_text(logging.Formatter().formatException(record.exc_info), key)
+        return record
+
+    logging.setLogRecordFactory(factory)

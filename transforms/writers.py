@@ -126,9 +126,7 @@ class _SpillSortedRuns(beam.DoFn):
     def setup(self) -> None:
         self.pz = None
         if self.key_source is not None:
-            from .privacy import Pseudonymizer
-
-            self.pz = Pseudonymizer(self.key_source.load())
+            self.pz = self.key_source.pseudonymizer()
 
     def start_bundle(self) -> None:
         self.pending: dict[int, list[dict]] = {}  # rows not yet in an Arrow chunk
@@ -326,9 +324,7 @@ class _PseudonymizeRows(beam.DoFn):
         self.key_source = key_source
 
     def setup(self) -> None:
-        from .privacy import Pseudonymizer
-
-        self.pz = Pseudonymizer(self.key_source.load())
+        self.pz = self.key_source.pseudonymizer()
 
     def process(self, element: tuple[str, dict]):
         kind, row = element
