@@ -112,9 +112,7 @@ class _FileReader(beam.DoFn):
         self._seen: dict[str, str] = {}
         self._pz = None
         if self.key_source is not None:
-            from .privacy import Pseudonymizer
-
-            self._pz = Pseudonymizer(self.key_source.load())
+            self._pz = self.key_source.pseudonymizer()  # also pseudonymises this worker's log records
         if self.previous:
             self._seen = load_processed(self.previous)
 

@@ -8,6 +8,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 
+from epee.errors import InputError, describe
+
 from .handler import EarlyExitModelHandler
 from .readers import DEAD, NAMESPACE
 from .records import DeadLetter, InputRecord, PreparedInput
@@ -36,20 +38,22 @@ class Prepare(beam.DoFn):
         try:
             if self.task == "image":
                 if record.pixels is None:
-                    raise ValueError("the model takes images, this record has none")
+                    raise InputError("prepare_error", "the model takes images, this record has none")
                 encoded = [self.preprocessor.encode(Example(id=record.record_id, image=record.pixels))]
             else:
                 if record.text is None:
-                    raise ValueError("the model takes text, this record has none")
+                    raise InputError("prepare_error", "the model takes text, this record has none")
                 ex = Example(id=record.record_id, text=record.text, entities=record.entities)
                 # with max_windows, only the beginning of a long note that those windows need is tokenised
                 encoded, truncated = self.preprocessor.first_windows(ex, self.overlap, self.max_windows)
                 if truncated:
                     Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
-        except (ValueError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one record the preprocessor cannot encode costs that record
+            # the tokenizer's or image code's own text can quote the note: only its type is kept
             Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare",
-                                                            "prepare_error", str(exc), self.run_id))
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare", "prepare_error",
+                                                            describe(exc, "the preprocessor cannot encode this record"),
+                                                            self.run_id))
             return
         Metrics.counter(NAMESPACE, "model_windows").inc(len(encoded))
         yield PreparedInput(record_id=record.record_id, source_uri=record.source_uri,
