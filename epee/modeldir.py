@@ -17,18 +17,19 @@ into a safetensors directory once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Iterator
 
-
-from .config import ExitPolicyConfig
+from .config import HEAD_INPUTS, POLICY_KINDS, POOLINGS, TASKS, EarlyExitConfig, ExitPolicyConfig
 from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings
 from .modeling import EPEE_CONFIG_NAME, EarlyExitModel
 from .weights import (
@@ -36,11 +37,190 @@ from .weights import (
     PICKLE_WEIGHTS_NAMES,
     WEIGHTS_NAME,
     PickleWeightsRefused,
+    check_weights_stream,
     is_pickle_weights,
     weights_path,
 )
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# What epee_config.json must hold: one list, read by the loader and by the pipelines' start-up check
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One entry of epee_config.json, by its dotted path (``model.policy.patience``): what it must
+    be, in our words, and the check; ``applies`` narrows it to text or image model directories."""
+
+    path: str
+    expected: str
+    ok: Callable[[Any], bool]
+    applies: Callable[[dict], bool] = lambda doc: True
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _text(doc: dict) -> bool:
+    return doc["preprocessing"]["input"] == "text"
+
+
+def _image(doc: dict) -> bool:
+    return doc["preprocessing"]["input"] == "image"
+
+
+def _channels(v: Any) -> bool:
+    from .images import CHANNEL_COUNTS
+
+    return isinstance(v, int) and not isinstance(v, bool) and v in CHANNEL_COUNTS
+
+
+def _frame_policy(v: Any) -> bool:
+    from .images import FRAME_POLICIES
+
+    return isinstance(v, str) and v in FRAME_POLICIES
+
+
+_OBJECT = "a JSON object"
+DATA_TASKS = (*TASKS, "image")  # preprocessing.data_task: an image model's exit heads run task "sequence"
+
+# Every entry the loader reads, in the order they are checked (a section before its fields). All are
+# written by save_model_dir; a missing one is refused rather than defaulted, because a default
+# (max_length 256, the uncalibrated exit policy, [CLS] pooling) would run a different model silently.
+REQUIRED_FIELDS: tuple[ConfigField, ...] = (
+    ConfigField("model", _OBJECT, lambda v: isinstance(v, dict)),
+    ConfigField("model.task", f"one of {', '.join(TASKS)}", _one_of(TASKS)),
+    ConfigField("model.label_names", "a list of at least 2 distinct label names (strings)",
+                lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(n, str) for n in v)
+                and len(set(v)) == len(v)),
+    ConfigField("model.policy", _OBJECT, lambda v: isinstance(v, dict)),
+    ConfigField("model.policy.kind", f"one of {', '.join(POLICY_KINDS)}", _one_of(POLICY_KINDS)),
+    ConfigField("model.policy.entropy_threshold", "a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    ConfigField("model.policy.patience", "an integer >= 1", _int_at_least(1)),
+    ConfigField("model.policy.min_exit_layer", "an integer >= 1", _int_at_least(1)),
+    ConfigField("model.pooling", f"one of {', '.join(POOLINGS)}", _one_of(POOLINGS)),
+    ConfigField("model.num_prompts", "an integer >= 0", _int_at_least(0)),
+    ConfigField("model.prompt_position", "an integer >= 0", _int_at_least(0)),
+    ConfigField("model.head_input", f"one of {', '.join(HEAD_INPUTS)}", _one_of(HEAD_INPUTS)),
+    ConfigField("preprocessing", _OBJECT, lambda v: isinstance(v, dict)),
+    ConfigField("preprocessing.input", "text or image", _one_of(("text", "image"))),
+    ConfigField("preprocessing.data_task", f"one of {', '.join(DATA_TASKS)}", _one_of(DATA_TASKS)),
+    ConfigField("preprocessing.text", _OBJECT, lambda v: isinstance(v, dict), _text),
+    ConfigField("preprocessing.text.max_length", "an integer >= 8", _int_at_least(8), _text),
+    ConfigField("preprocessing.text.relation_markers", "a list of 4 non-blank strings",
+                lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(m, str) and m.strip() for m in v),
+                _text),
+    ConfigField("preprocessing.image", _OBJECT, lambda v: isinstance(v, dict), _image),
+    ConfigField("preprocessing.image.image_size", "an integer >= 1", _int_at_least(1), _image),
+    ConfigField("preprocessing.image.num_channels", "1 (grey) or 3 (RGB)", _channels, _image),
+    ConfigField("preprocessing.image.mean", "a list of finite numbers, one per channel",
+                lambda v: isinstance(v, list) and bool(v) and all(_number(x) for x in v), _image),
+    ConfigField("preprocessing.image.std", "a list of numbers > 0, one per channel",
+                lambda v: isinstance(v, list) and bool(v) and all(_number(x) and x > 0 for x in v), _image),
+    ConfigField("preprocessing.image.frame_policy", "middle or all", _frame_policy, _image),
+    ConfigField("files", "a list of the directory's relative file names",
+                lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+)
+
+# Checked only where present: they do not change what a loaded model predicts (head_dropout acts in
+# training, negative_label in scoring) or were recorded later (weights).
+OPTIONAL_FIELDS: tuple[ConfigField, ...] = (
+    ConfigField("model.head_dropout", "a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    ConfigField("model.negative_label", "null or one of model.label_names", lambda v: v is None or isinstance(v, str)),
+    ConfigField("model_id", "a string", lambda v: isinstance(v, str)),
+    ConfigField("weights", _OBJECT, lambda v: isinstance(v, dict)),
+    ConfigField("weights.file", "a file name of the directory", lambda v: isinstance(v, str) and bool(v)),
+    ConfigField("weights.sha256", "64 hexadecimal digits",
+                lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)),
+)
+
+_MISSING = object()
+
+
+def _lookup(doc: dict, path: str) -> Any:
+    node: Any = doc
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _missing_message(path: str) -> str:
+    if path == "preprocessing":
+        return (f"{EPEE_CONFIG_NAME} has no preprocessing section: the tokenizer or image settings the model was "
+                "trained with are unknown, and running with default settings would silently differ from them; "
+                "save the directory again with `epee train` (or epee.modeldir.save_model_dir)")
+    return f"{EPEE_CONFIG_NAME} has no {path}, which the loader needs; save the directory again with `epee train`"
+
+
+def validate_config(doc: Any) -> None:
+    """Refuse an epee_config.json the loader could not use as written: a missing entry of
+    :data:`REQUIRED_FIELDS`, an entry of the wrong type or value, or sections that disagree.
+
+    Pure (the document only, no files): the loader and the pipelines' start-up check both call it,
+    so what is refused before a job starts is exactly what a worker would fail on. Raises
+    ``ValueError`` naming the field; the message never quotes the document's values."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{EPEE_CONFIG_NAME} is not a JSON object")
+    for spec in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+        if not spec.applies(doc):
+            continue
+        value = _lookup(doc, spec.path)
+        if value is _MISSING:
+            if spec in REQUIRED_FIELDS:
+                raise ValueError(_missing_message(spec.path))
+            continue
+        if not spec.ok(value):
+            raise ValueError(f"{EPEE_CONFIG_NAME}: {spec.path} must be {spec.expected}")
+    model, prep = doc["model"], doc["preprocessing"]
+    if model.get("negative_label") is not None and model["negative_label"] not in model["label_names"]:
+        raise ValueError(f"{EPEE_CONFIG_NAME}: model.negative_label must be one of model.label_names")
+    if _image(doc) != (prep["data_task"] == "image"):
+        raise ValueError(f"{EPEE_CONFIG_NAME}: preprocessing.data_task must be image exactly when preprocessing.input is")
+    if ("sequence" if _image(doc) else prep["data_task"]) != model["task"]:  # an image model's heads classify
+        raise ValueError(f"{EPEE_CONFIG_NAME}: preprocessing.data_task disagrees with model.task")
+    if _image(doc) and not len(prep["image"]["mean"]) == len(prep["image"]["std"]) == prep["image"]["num_channels"]:
+        raise ValueError(f"{EPEE_CONFIG_NAME}: preprocessing.image.mean and .std need one value per channel")
+    # the frozen configs' own rules as well (unknown keys among them), in case they grow ahead of the list
+    for section, build in (("model", lambda: EarlyExitConfig.from_dict(model)), ("preprocessing", lambda: _settings(prep))):
+        try:
+            build()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{EPEE_CONFIG_NAME}: its {section} section is not valid ({type(exc).__name__}: "
+                             "unknown keys or values out of range)") from None
+
+
+def _settings(prep: dict) -> "TextSettings | Any":
+    """The preprocessing settings of a validated ``preprocessing`` section (text or image)."""
+    if prep["input"] == "image":
+        from .images import ImageSettings
+
+        return ImageSettings.from_dict(prep["image"])
+    return TextSettings.from_dict(prep["text"])
+
+
+def backbone_num_layers(config: Any) -> int:
+    """The number of transformer layers in a backbone's config.json (BERT, ALBERT and ViT name it
+    num_hidden_layers, GPT-2 n_layer); ``ValueError`` naming the field where it is missing."""
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError("config.json has no model_type (not a transformers backbone config)")
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if not _int_at_least(1)(layers):
+        raise ValueError("config.json has no num_hidden_layers (or n_layer) that is an integer >= 1")
+    return layers
 
 
 @dataclass
@@ -93,8 +273,16 @@ def save_model_dir(
         prep = {"input": "image", "data_task": "image", "image": preprocessor.settings.to_dict()}
     sections = {**(sections or {}), "preprocessing": prep}
     model.save_pretrained(out, sections)
-    sections["model_id"] = f"{out.name}@{weights_digest(out)[:12]}"
+    digest = weights_digest(out)
+    sections["model_id"] = f"{out.name}@{digest[:12]}"
+    sections["weights"] = weights_record(WEIGHTS_NAME, digest)
     _write_sections(out, model, sections)
+
+
+def weights_record(name: str, sha256: str) -> dict[str, str]:
+    """epee_config.json ``weights``: the file the model loads from and its SHA-256, which the
+    pipelines verify before a job starts (a changed or damaged byte is refused, not run)."""
+    return {"file": name, "sha256": sha256}
 
 
 def _write_sections(out: Path, model: EarlyExitModel, sections: dict[str, Any]) -> None:
@@ -139,8 +327,9 @@ def convert_pickle_weights(directory: str | os.PathLike) -> dict[str, str]:
     model.save_weights(out / WEIGHTS_NAME)
     src.unlink()
     previous = str(json.loads((out / EPEE_CONFIG_NAME).read_text()).get("model_id", ""))
-    model_id = f"{previous.split('@')[0] or out.name}@{weights_digest(out)[:12]}"
-    update_model_dir(out, model_id=model_id)
+    digest = weights_digest(out)
+    model_id = f"{previous.split('@')[0] or out.name}@{digest[:12]}"
+    update_model_dir(out, model_id=model_id, weights=weights_record(WEIGHTS_NAME, digest))
     log.info("converted %s to %s in %s", src.name, WEIGHTS_NAME, out)
     return {"model": str(out), "removed": src.name, "written": WEIGHTS_NAME, "model_id": model_id,
             "previous_model_id": previous}
@@ -216,28 +405,22 @@ def _load_local(directory: Path, device: str, allow_pickle: bool = False) -> Mod
         pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES] if directory.is_dir() else []
         hint = f"; found pickle checkpoint(s) {pickles}, which are never loaded" if pickles else ""
         raise FileNotFoundError(f"{directory} is not an epee model directory (no {EPEE_CONFIG_NAME}){hint}")
-    doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
+    doc = read_config(directory)
     model = EarlyExitModel.from_pretrained(directory, device=device, allow_pickle=allow_pickle)
-    prep = doc.get("preprocessing", {})
-    if prep.get("input") == "image":
-        from .images import ImageSettings
-
-        preprocessor: TextPreprocessor | ImagePreprocessor = ImagePreprocessor(
-            model.config.label_names, ImageSettings.from_dict(prep["image"])
-        )
+    prep = doc["preprocessing"]
+    if prep["input"] == "image":
+        preprocessor: TextPreprocessor | ImagePreprocessor = ImagePreprocessor(model.config.label_names, _settings(prep))
     else:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        preprocessor = TextPreprocessor(
-            tokenizer, prep.get("data_task", model.config.task), model.config.label_names,
-            TextSettings.from_dict(prep.get("text", {})), num_prompts=model.config.num_prompts,
-        )
+        preprocessor = TextPreprocessor(tokenizer, prep["data_task"], model.config.label_names, _settings(prep),
+                                        num_prompts=model.config.num_prompts)
         if model.config.num_prompts and preprocessor.prompt_position != model.config.prompt_position:
             raise ValueError(f"model directory {directory}: the tokenizer puts prompts at position "
                              f"{preprocessor.prompt_position}, the model expects {model.config.prompt_position}")
     sections = {k: v for k, v in doc.items() if k not in ("model", "files")}
-    return ModelBundle(model=model, preprocessor=preprocessor, data_task=prep.get("data_task", model.config.task),
+    return ModelBundle(model=model, preprocessor=preprocessor, data_task=prep["data_task"],
                        sections=sections, uri=str(directory))
 
 
@@ -256,16 +439,63 @@ def load_preprocessor(uri: str | os.PathLike, s3_client_kwargs: dict[str, Any] |
 def _load_preprocessor_local(directory: Path) -> tuple[TextPreprocessor | ImagePreprocessor, str]:
     if not (directory / EPEE_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not an epee model directory (no {EPEE_CONFIG_NAME})")
-    doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
+    doc = read_config(directory)
     labels = tuple(doc["model"]["label_names"])
-    prep = doc.get("preprocessing", {})
-    if prep.get("input") == "image":
-        from .images import ImageSettings
-
-        return ImagePreprocessor(labels, ImageSettings.from_dict(prep["image"])), "image"
+    prep = doc["preprocessing"]
+    if prep["input"] == "image":
+        return ImagePreprocessor(labels, _settings(prep)), "image"
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    task = prep.get("data_task", doc["model"]["task"])
-    return TextPreprocessor(tokenizer, task, labels, TextSettings.from_dict(prep.get("text", {})),
-                            num_prompts=int(doc["model"].get("num_prompts", 0))), task
+    return TextPreprocessor(tokenizer, prep["data_task"], labels, _settings(prep),
+                            num_prompts=doc["model"]["num_prompts"]), prep["data_task"]
+
+
+def read_config(directory: Path) -> dict:
+    """A local model directory's epee_config.json, validated (:func:`validate_config`), and its
+    backbone's config.json checked for the layer count (:func:`backbone_num_layers`)."""
+    doc = json.loads((directory / EPEE_CONFIG_NAME).read_text())
+    validate_config(doc)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {directory} has no config.json")
+    backbone_num_layers(json.loads((directory / "config.json").read_text()))
+    return doc
+
+
+@contextlib.contextmanager
+def open_model_file(uri: str, name: str, s3_client_kwargs: dict[str, Any] | None = None) -> Iterator[BinaryIO]:
+    """One file of a model directory, opened for reading as the loader reaches it: a local path
+    directly, ``s3://`` / ``gs://`` through smart-open with the loader's client arguments."""
+    uri = str(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        from smart_open import open as smart_open
+
+        with smart_open(f"{uri.rstrip('/')}/{name}", "rb", transport_params=_transport_params(uri, s3_client_kwargs)) as fh:
+            yield fh
+    else:
+        with open(Path(uri.removeprefix("file://")) / name, "rb") as fh:
+            yield fh
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    """What the start-up check of a model directory's weights found."""
+
+    file: str  # the weights file, relative to the directory
+    sha256: str  # its SHA-256, computed while it was checked (the run manifest records it)
+    verified: bool  # True: it matched the SHA-256 recorded in epee_config.json
+
+
+def check_model_weights(uri: str, doc: dict, name: str, s3_client_kwargs: dict[str, Any] | None = None) -> WeightsCheck:
+    """Check the weights file ``name`` of the model directory ``uri`` (validated ``doc``) without
+    loading it: safetensors structure (:func:`epee.weights.check_weights_stream`), and its bytes
+    against ``weights.sha256`` where epee_config.json records it for this file. The file is read
+    once, in 1 MiB chunks. Raises :class:`epee.weights.WeightsFileError` or ``OSError``."""
+    record = doc.get("weights") or {}
+    recorded = record.get("sha256") if record.get("file") == name else None
+    if recorded is None:
+        log.info("epee_config.json records no SHA-256 for %s (saved before it was recorded, or its weights were "
+                 "replaced): %s", name, "only its header is checked" if name == WEIGHTS_NAME else "it is not checked")
+    with open_model_file(uri, name, s3_client_kwargs) as fh:
+        sha256 = check_weights_stream(fh, name, recorded)
+    return WeightsCheck(file=name, sha256=sha256, verified=recorded is not None)

@@ -9,10 +9,12 @@ PyTorch's restricted unpickler, which refuses anything but tensors and plain con
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import torch
 
@@ -115,3 +117,123 @@ def refuse_pickle_backbone(directory: str | os.PathLike, allow_pickle: bool) -> 
         raise PickleWeightsRefused(pickle_refusal_message(
             f"backbone directory {src}", pickles[0],
             convert=f"transformers' `AutoModel.from_pretrained(DIR).save_pretrained(DIR)` writes {WEIGHTS_NAME}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity of a weights file, checked at start-up without loading a tensor
+# --------------------------------------------------------------------------------------------------
+
+# Bits per element of each safetensors dtype (safetensors' Dtype::bitsize); F4 and F6 pack elements.
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64,
+    "F64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses longer headers (MAX_HEADER_SIZE)
+HASH_CHUNK_BYTES = 1 << 20  # weights are streamed in 1 MiB chunks: start-up memory stays flat for any model size
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be what its model directory says; the message is ours and never
+    quotes the file's content (its header is free text to whoever wrote it)."""
+
+
+def _read_exactly(fh: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the file (object-store streams return short reads)."""
+    parts, left = [], n
+    while left:
+        part = fh.read(min(left, HASH_CHUNK_BYTES))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def safetensors_data_bytes(header: object) -> int:
+    """The bytes of tensor data a parsed safetensors header describes: every tensor's dtype and shape
+    must match its ``data_offsets``, and the tensors must tile the data section from 0 without gap or
+    overlap (what safetensors itself requires before it reads a tensor)."""
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"{WEIGHTS_NAME}: its header is not a JSON object")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if entry is not None and not isinstance(entry, dict):
+                raise WeightsFileError(f"{WEIGHTS_NAME}: its header's __metadata__ is not a JSON object")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise WeightsFileError(f"{WEIGHTS_NAME}: a tensor entry of its header lacks dtype, shape or data_offsets")
+        bits = SAFETENSORS_DTYPE_BITS.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if bits is None:
+            raise WeightsFileError(f"{WEIGHTS_NAME}: a tensor of its header has a dtype safetensors does not define")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise WeightsFileError(f"{WEIGHTS_NAME}: a tensor of its header has a shape that is not a list of sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+            raise WeightsFileError(f"{WEIGHTS_NAME}: a tensor of its header has data_offsets that are not two offsets")
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        if end < begin or (end - begin) * 8 != numel * bits:
+            raise WeightsFileError(f"{WEIGHTS_NAME}: a tensor's data_offsets disagree with its dtype and shape")
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise WeightsFileError(f"{WEIGHTS_NAME}: its tensors overlap or leave gaps in the data section")
+        covered = end
+    return covered
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_weights_stream(fh: BinaryIO, name: str, recorded_sha256: str | None = None) -> str:
+    """Check one weights file read front to back, once, and return its SHA-256 (hex).
+
+    ``model.safetensors``: the 8-byte header length, the JSON header, every tensor's dtype x shape
+    against its ``data_offsets``, and the data section's size against the file's, so a file cut
+    short, padded, or with a garbled header is refused before any worker loads it. No tensor is
+    built: the data is only hashed, in 1 MiB chunks. A pickle weights file is only hashed (its
+    format is checked by the restricted unpickler when it is loaded). With ``recorded_sha256``
+    (epee_config.json ``weights.sha256``), a file whose bytes differ from the ones saved is refused.
+    Raises :class:`WeightsFileError`; only our own words and byte counts reach its message."""
+    digest = hashlib.sha256()
+    size = 0
+    if name == WEIGHTS_NAME:
+        prefix = _read_exactly(fh, 8)
+        digest.update(prefix)
+        if len(prefix) < 8:
+            raise WeightsFileError(f"{WEIGHTS_NAME} is cut short: {len(prefix)} bytes, less than its 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if not 2 <= header_len <= MAX_HEADER_BYTES:
+            raise WeightsFileError(f"{WEIGHTS_NAME}: its header length ({header_len} bytes) is not that of a "
+                                   "safetensors file (corrupt or not safetensors)")
+        raw = _read_exactly(fh, header_len)
+        digest.update(raw)
+        if len(raw) < header_len:
+            raise WeightsFileError(f"{WEIGHTS_NAME} is cut short inside its header ({8 + len(raw)} bytes; the header "
+                                   f"alone needs {8 + header_len})")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise WeightsFileError(f"{WEIGHTS_NAME}: its header is not valid JSON (corrupt or not safetensors)") from None
+        expected = safetensors_data_bytes(header)
+        for chunk in iter(lambda: fh.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+            size += len(chunk)
+        if size != expected:
+            how = "cut short in its tensor data" if size < expected else "longer than its tensors"
+            raise WeightsFileError(f"{WEIGHTS_NAME} is {how}: its header describes {expected} bytes of tensor "
+                                   f"data, the file holds {size}")
+    else:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    if recorded_sha256 is not None and sha256 != recorded_sha256.lower():
+        raise WeightsFileError(f"{name}: the weights do not match the SHA-256 recorded in epee_config.json "
+                               "(changed or damaged since the model directory was saved)")
+    return sha256

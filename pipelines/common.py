@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import apache_beam as beam
@@ -30,7 +31,9 @@ class StartupError(SystemExit):
 
 
 def read_model_config(uri: str) -> dict:
-    from epee.modeldir import EPEE_CONFIG_NAME
+    """The model directory's epee_config.json, validated by the loader's own rules
+    (:func:`epee.modeldir.validate_config`), with ``_num_layers`` from its backbone's config.json."""
+    from epee.modeldir import EPEE_CONFIG_NAME, backbone_num_layers, validate_config
 
     path = f"{uri.rstrip('/')}/{EPEE_CONFIG_NAME}"
     try:
@@ -43,14 +46,39 @@ def read_model_config(uri: str) -> dict:
             f"--model {uri}: not an epee model directory ({type(exc).__name__}: cannot read {EPEE_CONFIG_NAME}); "
             "train one with `epee train` or run ./run_pipeline.sh with no arguments for a sample model"
         ) from None
-    doc["_num_layers"] = int(backbone.get("num_hidden_layers") or backbone.get("n_layer"))
+    try:
+        validate_config(doc)
+        doc["_num_layers"] = backbone_num_layers(backbone)
+    except ValueError as exc:  # our words, naming the field (never its value)
+        raise StartupError(f"--model {uri}: {exc}") from None
     return doc
+
+
+def check_output(output: str) -> None:
+    """A local ``--output`` must be a directory, or a path that can become one: an existing file
+    there or above it would otherwise fail the job only when it writes, after every record was
+    predicted. Object-store prefixes (``s3://``, ``gs://``) are key prefixes, not checked here."""
+    if "://" in output and not output.startswith("file://"):
+        return
+    path = Path(output.removeprefix("file://"))
+    if path.is_symlink() and not path.exists():
+        raise StartupError(f"--output {output}: is a symbolic link to nothing; give a directory")
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"--output {output}: is an existing file, not a directory; give a directory (or a new path)")
+    for parent in (path, *path.parents):  # the nearest existing one is where the first directory is made
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise StartupError(f"--output {output}: {parent} is a file, so no directory can be made below it")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise StartupError(f"--output {output}: {parent} is not writable by this user")
+            return
 
 
 def validate(opts: EpeeOptions, pipeline: str) -> dict:
     missing = [f"--{n}" for n in ("input", "output", "model") if not getattr(opts, n)]
     if missing:
         raise StartupError(f"missing {', '.join(missing)} (see --help)")
+    check_output(opts.output)
     if opts.max_batch_size is not None and opts.max_batch_size < 1:
         raise StartupError(f"--max_batch_size must be >= 1, got {opts.max_batch_size}")
     if opts.min_batch_size is not None and not 1 <= opts.min_batch_size <= (opts.max_batch_size or opts.min_batch_size):
@@ -74,7 +102,7 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     except ValueError as exc:
         raise StartupError(f"--linear_kernel: {exc}") from None
     doc = read_model_config(opts.model)
-    task = doc.get("preprocessing", {}).get("data_task", doc["model"]["task"])
+    task = doc["preprocessing"]["data_task"]
     if task != PIPELINE_TASKS[pipeline]:
         raise StartupError(f"--model {opts.model} is a {task!r} model; the {pipeline} pipeline needs a "
                            f"{PIPELINE_TASKS[pipeline]!r} model")
@@ -90,10 +118,14 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
 def check_weights_file(opts: EpeeOptions, doc: dict) -> None:
     """Pickle weights (no model.safetensors in the directory) need --allow_pickle_weights: refused
     here, before any worker starts, rather than on every worker. A local directory is listed as the
-    loader will see it; a remote one by its epee_config.json "files", which is what gets fetched."""
+    loader will see it; a remote one by its epee_config.json "files", which is what gets fetched.
+    Then the weights file is read once (the loader's file access, s3:// included): a safetensors
+    header that does not describe the file, or bytes that differ from the SHA-256 recorded in
+    epee_config.json, is a start-up error. Its digest is kept in ``doc["_weights_sha256"]``."""
     import os
 
-    from epee.weights import choose_weights_file, is_pickle_weights, pickle_refusal_message
+    from epee.modeldir import check_model_weights
+    from epee.weights import WEIGHTS_NAME, WeightsFileError, choose_weights_file, is_pickle_weights, pickle_refusal_message
 
     local = opts.model.removeprefix("file://") if "://" not in opts.model or opts.model.startswith("file://") else None
     names = os.listdir(local) if local and os.path.isdir(local) else doc.get("files", [])
@@ -105,6 +137,16 @@ def check_weights_file(opts: EpeeOptions, doc: dict) -> None:
         if not opts.allow_pickle_weights:
             raise StartupError(pickle_refusal_message(f"--model {opts.model}", name))
         log.warning("--allow_pickle_weights: loading pickle weights %s through PyTorch's restricted unpickler", name)
+    if not name:
+        raise StartupError(f"--model {opts.model}: no weights file ({WEIGHTS_NAME}) in the model directory")
+    # the file's structure and its recorded SHA-256, read once; the manifest reuses the digest
+    try:
+        checked = check_model_weights(opts.model, doc, name, s3_client_kwargs(opts))
+    except WeightsFileError as exc:  # our words and byte counts only
+        raise StartupError(f"--model {opts.model}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable (permissions, object store): a start-up error too
+        raise StartupError(f"--model {opts.model}: cannot read {name} ({type(exc).__name__})") from None
+    doc["_weights_sha256"] = checked.sha256
 
 
 def policy_override(opts: EpeeOptions, doc: dict):
@@ -264,8 +306,8 @@ def main(pipeline: str, argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = run(pipeline, argv)
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except StartupError as exc:  # one line, whatever the message holds (a path with a newline)
+        print("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     if summary:
         print(json.dumps(summary, indent=2))
