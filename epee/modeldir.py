@@ -6,9 +6,14 @@ file from ``s3://`` or ``gs://`` without listing a bucket)::
     config.json            the backbone's transformers config
     epee_config.json       {"model": task, labels, exit policy (calibrated values),
                             "backbone": family, "preprocessing": tokenizer or image settings,
-                            "calibration": {...}, "training": {...}, "files": [...]}
+                            "calibration": {...}, "training": {...}, "files": [...],
+                            "weights": {"file": "model.safetensors", "sha256": ...}}
     model.safetensors      backbone + exit-head weights
     tokenizer.json, ...    text models: the tokenizer, saved by transformers
+
+Every entry the loader reads is required (:data:`REQUIRED_FIELDS`, checked by
+:func:`validate_config`, which the pipelines also run before a job starts); ``weights`` records the
+SHA-256 of the weights file when the directory is saved, which the pipelines verify.
 
 A directory whose weights are a pickle file instead (``pytorch_model.bin``, ``model.pt``, ...) is
 refused unless the caller passes ``allow_pickle=True``; :func:`convert_pickle_weights` turns it
@@ -27,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 from .config import HEAD_INPUTS, POLICY_KINDS, POOLINGS, TASKS, EarlyExitConfig, ExitPolicyConfig
 from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings
@@ -41,6 +46,9 @@ from .weights import (
     is_pickle_weights,
     weights_path,
 )
+
+if TYPE_CHECKING:  # images.py imports pydicom; text-only processes never need it
+    from .images import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +183,12 @@ def validate_config(doc: Any) -> None:
     ``ValueError`` naming the field; the message never quotes the document's values."""
     if not isinstance(doc, dict):
         raise ValueError(f"{EPEE_CONFIG_NAME} is not a JSON object")
-    for spec in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+    for spec, required in [(f, True) for f in REQUIRED_FIELDS] + [(f, False) for f in OPTIONAL_FIELDS]:
         if not spec.applies(doc):
             continue
         value = _lookup(doc, spec.path)
         if value is _MISSING:
-            if spec in REQUIRED_FIELDS:
+            if required:
                 raise ValueError(_missing_message(spec.path))
             continue
         if not spec.ok(value):
@@ -203,7 +211,7 @@ def validate_config(doc: Any) -> None:
                              "unknown keys or values out of range)") from None
 
 
-def _settings(prep: dict) -> "TextSettings | Any":
+def _settings(prep: dict) -> TextSettings | ImageSettings:
     """The preprocessing settings of a validated ``preprocessing`` section (text or image)."""
     if prep["input"] == "image":
         from .images import ImageSettings
