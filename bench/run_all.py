@@ -416,7 +416,9 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
         if bundle.data_task != "token":
             import pyarrow.parquet as pq
 
-            rows = [r for f in sorted(out.glob("predictions-*.parquet")) for r in pq.read_table(f).to_pylist()]
+            from pipelines.outputs import output_files
+
+            rows = [r for f in output_files(str(out), "predictions") for r in pq.read_table(f).to_pylist()]
             names = list(model.config.label_names)
             preds = {gold_index[r["record_id"]]: names.index(r["label"]) for r in rows}
             gold_list = [t_gold[i] for i in sorted(preds)]

