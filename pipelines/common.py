@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from transforms.handler import EarlyExitModelHandler, s3_client_kwargs
 from transforms.inference import EarlyExitInference
-from transforms.privacy import KeySource, PseudonymKeyError
+from transforms.privacy import KeySource, PathWriter, PseudonymKeyError
 from transforms.readers import DEAD, INPUTS, ReadDicom, ReadNotes
 from transforms.writers import ExitStatsFn, WriteOutputs
 
@@ -54,6 +54,25 @@ def read_model_config(uri: str) -> dict:
     return doc
 
 
+def written_paths(text: str, options: PipelineOptions, paths: PathWriter) -> str:
+    """``text`` (a start-up message) with every path option's value in it written as ``paths``
+    writes paths (pseudonymised with ``--pseudonymize_ids``), longest value first, and any other
+    absolute path or URI in it pseudonymised too."""
+    if paths.pz is None:
+        return text
+    from transforms.privacy import scrub_text
+
+    values = {v for v in outputs.path_option_values(options) if v}
+    marks: dict[str, str] = {}
+    for i, value in enumerate(sorted(values, key=len, reverse=True)):
+        mark = f"\x00{i}\x00"  # not a path character: the scrub below leaves it alone
+        text, marks[mark] = text.replace(value, mark), paths(value)
+    text = scrub_text(text, paths.pz)
+    for mark, written in marks.items():
+        text = text.replace(mark, written)
+    return text
+
+
 def check_output(output: str) -> None:
     """A local ``--output`` must be a directory, or a path that can become one: an existing file
     there or above it would otherwise fail the job only when it writes, after every record was
@@ -74,7 +93,7 @@ def check_output(output: str) -> None:
             return
 
 
-def validate(opts: EpeeOptions, pipeline: str) -> dict:
+def validate(opts: EpeeOptions, pipeline: str, paths: PathWriter = PathWriter()) -> dict:
     missing = [f"--{n}" for n in ("input", "output", "model") if not getattr(opts, n)]
     if missing:
         raise StartupError(f"missing {', '.join(missing)} (see --help)")
@@ -109,7 +128,7 @@ def validate(opts: EpeeOptions, pipeline: str) -> dict:
     check_weights_file(opts, doc)
     matched = FileSystems.match([opts.input])[0].metadata_list
     if not matched and opts.view_as(StandardOptions).streaming:
-        log.warning("--input %s matches no file yet; streaming mode watches it for new files", opts.input)
+        log.warning("--input %s matches no file yet; streaming mode watches it for new files", paths(opts.input))
     elif not matched:
         raise StartupError(f"--input {opts.input}: no file matches this pattern")
     return doc
@@ -205,7 +224,25 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     # validate() and summarize() use Beam's file systems outside the pipeline, which only sets
     # them up in its constructor: without this, s3:// has no client (and would see a previous run's options).
     FileSystems.set_options(options)
-    doc = validate(opts, pipeline)
+    # the key first: with --pseudonymize_ids even a start-up error names paths only as pseudonyms
+    key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None
+    paths = PathWriter()
+    try:
+        if key_source is not None:
+            try:
+                paths = PathWriter(key_source.pseudonymizer())  # fail at start-up, not on every worker
+            except PseudonymKeyError as exc:
+                raise StartupError(str(exc)) from None
+        doc = validate(opts, pipeline, paths)
+        previous = None
+        if opts.skip_processed:
+            try:
+                previous = outputs.manifest_inputs_pattern(opts.skip_processed)
+            except FileNotFoundError as exc:
+                raise StartupError(str(exc)) from None
+        threads = torch_threads(opts.torch_threads, options)
+    except StartupError as exc:
+        raise StartupError(written_paths(str(exc), options, paths)) from None
     run_id = opts.run_id or default_run_id()
     task = PIPELINE_TASKS[pipeline]
     handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
@@ -215,26 +252,14 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                     allow_pickle_weights=opts.allow_pickle_weights,
                                     heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
                                     linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers,
-                                    torch_threads=torch_threads(opts.torch_threads, options))
+                                    torch_threads=threads)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
-    key_source = KeySource(opts.pseudonym_key_file) if opts.pseudonymize_ids else None
-    if key_source is not None:
-        try:
-            key_source.load()  # fail at start-up, not on every worker
-        except PseudonymKeyError as exc:
-            raise StartupError(str(exc)) from None
-    previous = None
-    if opts.skip_processed:
-        try:
-            previous = outputs.manifest_inputs_pattern(opts.skip_processed)
-        except FileNotFoundError as exc:
-            raise StartupError(str(exc)) from None
     reader = make_reader(pipeline, opts, task, run_id, previous=previous, key_source=key_source)
     if options.view_as(StandardOptions).streaming:  # watch --input, write per window: pipelines/streaming.py
         from .streaming import run_streaming
 
-        return run_streaming(options, reader, handler, stats_fn, started)
+        return {**run_streaming(options, reader, handler, stats_fn, started), "output": paths(opts.output)}
     # the run's final directory: nothing reads it until a manifest names it (pipelines/outputs.py)
     run_dir = outputs.new_run_dir(opts.output, run_id)
     try:
@@ -248,12 +273,12 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
         inputs = outputs.inputs_summary(run_dir)
         manifest = {
             "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
-            "model": {"uri": opts.model, "model_id": doc.get("model_id"),
+            "model": {"uri": paths(opts.model), "model_id": doc.get("model_id"),
                       "weights_sha256": doc["_weights_sha256"]},  # read once, at start-up
             "code_version": outputs.code_version(),
-            "options": outputs.public_options(options),
-            "inputs": {"pattern": opts.input, **{k: inputs[k] for k in ("matched", "processed", "skipped")},
-                       "skip_processed": opts.skip_processed},
+            "options": outputs.public_options(options, paths),
+            "inputs": {"pattern": paths(opts.input), **{k: inputs[k] for k in ("matched", "processed", "skipped")},
+                       "skip_processed": paths(opts.skip_processed)},
             "records_in": inputs["records_in"],
             "counts": {"records_in": inputs["records_in"], "predictions": summary["predictions"],
                        "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
@@ -266,7 +291,9 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     except BaseException:
         outputs.discard(opts.output, run_dir)  # a failed run leaves the previous one current and untouched
         raise
-    summary.update(records_in=inputs["records_in"], files_skipped=inputs["skipped"], run_dir=run_dir)
+    # printed by the launcher: paths as every output writes them
+    summary.update(records_in=inputs["records_in"], files_skipped=inputs["skipped"], output=paths(opts.output),
+                   run_dir=paths(run_dir))
     return summary
 
 

@@ -392,9 +392,40 @@ def code_version() -> dict:
     return {"package": v, "git_commit": commit_id, "git_dirty": dirty, "python": platform.python_version()}
 
 
-def public_options(options) -> dict:
-    """Every option of the run except credentials (S3 keys, tokens)."""
-    return {k: v for k, v in sorted(options.get_all_options(drop_default=True).items())
+# options whose values are paths or URIs (ours and Beam's); with --pseudonymize_ids the manifest
+# and start-up messages carry them with every component pseudonymised
+PATH_OPTIONS = ("input", "output", "model", "skip_processed", "pseudonym_key_file", "temp_location",
+                "staging_location", "gcp_temp_location", "setup_file", "requirements_file", "requirements_cache",
+                "sdk_location", "extra_packages", "files_to_stage", "dataflow_worker_jar", "template_location")
+
+
+def path_option_values(options) -> list[str]:
+    """The values of the run's :data:`PATH_OPTIONS` (lists flattened)."""
+    found: list[str] = []
+    for name, value in options.get_all_options(drop_default=True).items():
+        if name in PATH_OPTIONS:
+            found += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    return found
+
+
+def public_options(options, paths=None) -> dict:
+    """Every option of the run except credentials (S3 keys, tokens). With ``paths`` (the run's
+    :class:`transforms.privacy.PathWriter`) set to pseudonymise, the values of :data:`PATH_OPTIONS`
+    are written by it and every other text value has its absolute paths and URIs pseudonymised."""
+    from transforms.privacy import scrub_text
+
+    pz = getattr(paths, "pz", None)
+
+    def written(name: str, value):
+        if pz is None:
+            return value
+        if isinstance(value, (list, tuple)):
+            return [written(name, v) for v in value]
+        if not isinstance(value, str):
+            return value
+        return paths(value) if name in PATH_OPTIONS else scrub_text(value, pz)
+
+    return {k: written(k, v) for k, v in sorted(options.get_all_options(drop_default=True).items())
             if not any(w in k.lower() for w in SECRET_OPTION_WORDS)}
 
 

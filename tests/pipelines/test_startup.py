@@ -419,3 +419,30 @@ def test_s3_model_with_a_changed_byte_is_refused(capsys, models, notes, previous
         assert line.startswith("error: --model s3://models/m: model.safetensors: the weights do not match the SHA-256")
     finally:
         server.stop()
+
+
+# ---- paths in start-up errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["input", "output", "model"])
+def test_start_up_errors_name_paths_only_as_pseudonyms_with_pseudonymize_ids(fault, capsys, models, notes, tmp_path,
+                                                                             monkeypatch, no_pipeline):
+    """Archives name folders after patients: with --pseudonymize_ids a start-up line carries the
+    path with its components pseudonymised (relative and absolute paths alike), still one line."""
+    monkeypatch.setenv("EPEE_PSEUDONYM_KEY", "startup-test-key-0123456789")
+    patient = tmp_path / "DOE^JOHN_12345"
+    patient.mkdir()
+    model, inputs, output = str(models["sequence"]), notes, patient / "out"
+    if fault == "input":
+        inputs = str(patient / "*.jsonl")  # matches nothing
+    elif fault == "output":
+        output = patient / "a_file"
+        output.write_text("")
+    else:
+        model = str(patient / "no_model")
+    monkeypatch.chdir(tmp_path)
+    relative = ["--input", os.path.relpath(inputs)] if fault == "input" else ["--input", inputs]
+    for argv in (["--input", inputs], relative):
+        line = refused(capsys, "notes", [*argv, "--model", model, "--id_field", "id", "--pseudonymize_ids"], output)
+        assert "DOE^JOHN" not in line and "12345" not in line, line
+        assert f"--{fault}" in line and "p-" in line
