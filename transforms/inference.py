@@ -63,15 +63,17 @@ class Prepare(beam.DoFn):
 
 
 def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
-    """RunInference's dead-letter element is (failed batch, exception): one dead letter per record.
+    """RunInference's dead-letter element is (failed batch, what failed): one dead letter per record.
 
-    Only the exception's type is kept: its message could quote model input.
+    What failed is, in Beam's exception handling, (exception type, repr, formatted traceback), or
+    the exception itself. Only the exception's type name is kept: its text could quote model input.
     """
-    batch, exc = failed
+    batch, failure = failed
+    exc_type = failure[0] if isinstance(failure, tuple) and failure and isinstance(failure[0], type) else type(failure)
     Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(len(batch))
     for record in batch:
         yield DeadLetter(record.source_uri, record.record_id, "inference", "inference_error",
-                         f"model inference failed for this batch ({type(exc).__name__})", run_id)
+                         f"model inference failed for this batch ({exc_type.__name__})", run_id)
 
 
 class EarlyExitInference(beam.PTransform):
