@@ -502,7 +502,7 @@ def check_model_weights(uri: str, doc: dict, name: str, s3_client_kwargs: dict[s
     record = doc.get("weights") or {}
     recorded = record.get("sha256") if record.get("file") == name else None
     if recorded is None:
-        log.info("epee_config.json records no SHA-256 for %s (saved before it was recorded, or its weights were "
+        log.warning("epee_config.json records no SHA-256 for %s (saved before it was recorded, or its weights were "
                  "replaced): %s", name, "only its header is checked" if name == WEIGHTS_NAME else "it is not checked")
     with open_model_file(uri, name, s3_client_kwargs) as fh:
         sha256 = check_weights_stream(fh, name, recorded)
