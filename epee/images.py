@@ -8,10 +8,16 @@ A flat module of pure functions (inputs are never modified) in the style of pydi
 DICOM pixels first go through :func:`dicom_to_array`, which turns stored values into display values
 (modality LUT, VOI LUT, MONOCHROME1 inversion, colour conversion) as PS3.3 section C.11 describes.
 
-Failures come in three tiers, as in pydicom: ``ValueError`` naming the tag or value for missing or
+Failures come in three tiers, as in pydicom: ``ValueError`` naming the tag for missing or
 invalid input, ``NotImplementedError`` for valid input this module does not support, and a logged
-warning for suspicious but usable input. No message or log line ever contains a tag value that
-could identify a patient (names, IDs, dates): only tag names, numbers, and pixel-module values.
+warning for suspicious but usable input. No message or log line ever contains a tag value (a
+private UID or photometric value can carry site or patient information, a count can be a planted
+marker), nor the text of an exception that touched the file: only tag names and numbers, the
+names of standard UIDs and defined terms from pydicom's dictionaries and our own lists, and sizes
+we computed. DICOM Part 10 files are checked byte by byte before pydicom parses them
+(:func:`check_part10`): the file meta information, every element's declared length against the
+end of the file and of its sequence or item, the nesting depth, and a deflated dataset inflated in
+bounded chunks against ``DicomLimits.max_inflated_bytes``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -40,8 +47,11 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
+
+from .errors import InputError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the DICOM decoder process never needs it
     import torch
@@ -58,24 +68,26 @@ NPY_MAGIC = b"\x93NUMPY"
 DICOM_PREFIX_OFFSET = 128  # PS3.10 section 7.1: 128-byte preamble, then "DICM"
 
 
-class DicomRejected(ValueError):
-    """A DICOM file that will not become an image. ``reason`` is a short machine-readable reason
-    (``not_dicom``, ``parse_error``, ``nesting_too_deep``, ``no_pixel_data``,
-    ``non_image_sop_class``, ``pixel_budget_exceeded``, ``truncated_pixel_data``,
-    ``decode_error``, ...). Messages are written here and never quote a tag value."""
+class DicomRejected(InputError):
+    """A DICOM file that will not become an image. ``reason`` (= ``error_type``) is a short
+    machine-readable reason (``not_dicom``, ``parse_error``, ``truncated_file``,
+    ``nesting_too_deep``, ``file_too_large``, ``no_pixel_data``, ``non_image_sop_class``,
+    ``pixel_budget_exceeded``, ``truncated_pixel_data``, ``decode_error``, ...). Messages are
+    written here and never quote a tag value (an :class:`epee.errors.InputError`)."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(reason, message)
         self.reason = reason
 
 
 class DicomUnsupported(NotImplementedError):
     """Valid DICOM this path does not handle (``unsupported_transfer_syntax``,
-    ``unsupported_photometric``)."""
+    ``unsupported_photometric``). Its message is ours too (``message``, as :class:`InputError`)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = self.error_type = reason
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -84,14 +96,21 @@ class DicomLimits:
 
     ``max_pixel_bytes``: the decoded size its header declares (Rows x Columns x frames decoded x
     Samples per Pixel x bytes per sample) must stay within it; checked before any decoding, so a
-    header that claims a 100000 x 100000 x 1000 volume costs nothing. ``0`` disables the check.
+    header that claims a 100000 x 100000 x 1000 volume costs nothing. ``max_inflated_bytes``: a
+    Deflated Explicit VR Little Endian dataset (1.2.840.10008.1.2.1.99) may inflate to at most this
+    many bytes; it is inflated in 1 MiB steps and, when it could exceed the limit at all, counted
+    in a first pass that keeps nothing, so a 1 MB file that inflates to gigabytes is refused
+    (``file_too_large``) before anything large is allocated. ``0`` disables either check.
     """
 
     max_pixel_bytes: int = 1 << 30
+    max_inflated_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_pixel_bytes, int) or self.max_pixel_bytes < 0:
-            raise ValueError(f"max_pixel_bytes ({self.max_pixel_bytes!r}) must be an integer >= 0")
+        for name in ("max_pixel_bytes", "max_inflated_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} ({value!r}) must be an integer >= 0")
 
 
 # SOP classes that are not images (PS3.4 B.5): skipped with a reason rather than decoded.
@@ -106,6 +125,7 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.68.": "surface or mesh",
     "1.2.840.10008.5.1.4.1.1.200.": "protocol",
     "1.2.840.10008.5.1.4.1.1.66": "raw data",
+    "1.2.840.10008.1.3.10": "media storage directory (DICOMDIR)",  # an index of other files: no pixels
 }
 RT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.1"  # RT Image (portal images): an image, decoded
 
@@ -352,7 +372,7 @@ def read_png(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryv
                 img.load()
                 return np.array(_to_array_mode(img))
         except (OSError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt streams
-            raise ValueError(f"corrupt PNG image: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"corrupt PNG image ({type(exc).__name__})") from exc
 
 
 def _to_array_mode(img: Image.Image) -> Image.Image:
@@ -385,12 +405,47 @@ _LUT_KEYWORDS = (
     "ModalityLUTSequence", "RescaleSlope", "RescaleIntercept", "RescaleType",
     "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
 )
+# Defined terms of Photometric Interpretation (0028,0004) (PS3.3 C.7.6.3.1.2, retired ones included):
+# the only values a message may name; anything else is "an unknown value", never quoted.
+PHOTOMETRIC_TERMS = (
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB", "CMYK",
+)
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
+# what the decoders may hand back for a supported input (JPEG 2000's YBR_ICT/YBR_RCT come back as RGB)
+_DECODED_PHOTOMETRIC = SUPPORTED_PHOTOMETRIC + ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 # Enhanced multi-frame functional group macros that carry the same elements per frame:
 # Pixel Value Transformation (PS3.3 C.7.6.16.2.9) and Frame VOI LUT (C.7.6.16.2.10).
 _FUNCTIONAL_GROUP_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 _PALETTE_DATA_KEYWORDS = tuple(
     f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue", "Alpha")
 )
+
+
+# every element the checks, decoders and LUT steps read: converted once, up front, so that a value
+# pydicom cannot convert (an IS that is no number, a US of one byte) is bad_image_attribute, named
+_IMAGE_KEYWORDS = tuple(dict.fromkeys(
+    _REQUIRED_KEYWORDS + _INTEGER_REQUIRED_KEYWORDS + _LUT_KEYWORDS + (
+        "NumberOfFrames", "PlanarConfiguration", "HighBit", "SOPClassUID", "PixelPresentation",
+    ) + tuple(f"{c}PaletteColorLookupTableDescriptor" for c in ("Red", "Green", "Blue", "Alpha"))
+    + tuple(f"Segmented{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue", "Alpha"))
+    + _PALETTE_DATA_KEYWORDS
+))
+
+
+def _convert_attributes(ds: Dataset) -> None:
+    """Convert (pydicom does it on first access) every element decoding reads; raise
+    ``bad_image_attribute`` naming the first one that cannot be, never quoting it."""
+    for kw in _IMAGE_KEYWORDS:
+        try:
+            value = ds.get(kw)
+            if kw in _NUMBER_KEYWORDS and value not in (None, ""):  # pydicom keeps a bad DS/IS as text
+                [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
+        except Exception:  # noqa: BLE001 - pydicom's conversion errors quote the value
+            raise DicomRejected("bad_image_attribute", f"{_tag_name(kw)} has a value that cannot be read") from None
+
+
+_NUMBER_KEYWORDS = frozenset(("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"))
 
 
 def _tag_name(keyword: str) -> str:
@@ -465,6 +520,7 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
             "dataset has no PixelData (7FE0,0010), FloatPixelData (7FE0,0008) "
             "or DoubleFloatPixelData (7FE0,0009)"
         )
+    _convert_attributes(ds)
     is_float = keyword != "PixelData"
     required = _REQUIRED_KEYWORDS + (() if is_float else _INTEGER_REQUIRED_KEYWORDS)
     for kw in required:
@@ -472,6 +528,9 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
             raise DicomRejected("missing_image_attribute",
                                 f"dataset has no {_tag_name(kw)}, which decoding {_tag_name(keyword)} needs")
 
+    declared = str(ds.PhotometricInterpretation).strip()
+    if declared not in _DECODED_PHOTOMETRIC:  # refused before decoding: the decoders reject it with their own words
+        raise DicomUnsupported("unsupported_photometric", _photometric_message(declared))
     num_frames = _number_of_frames(ds)
     frames = [num_frames // 2] if frame_policy == "middle" else list(range(num_frames))
     arr, photometric = _decode(ds, keyword, index=frames[0] if frame_policy == "middle" else None)
@@ -489,29 +548,32 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
         if arr.dtype != np.uint8:
             raise DicomUnsupported(
                 "unsupported_photometric",
-                f"{photometric} to RGB is supported for 8-bit samples only, got BitsAllocated "
-                f"(0028,0100) {ds.BitsAllocated}"
+                f"{photometric} to RGB is supported for 8-bit samples only, not for the BitsAllocated "
+                f"(0028,0100) of this file"
             )
         return convert_color_space(arr, photometric, "RGB")
     if photometric == "PALETTE COLOR":
         return _apply_palette(arr, ds)
-    raise DicomUnsupported(
-        "unsupported_photometric",
-        f"PhotometricInterpretation (0028,0004) {photometric!r} is not supported: "
-        "expected MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, YBR_FULL_422 or PALETTE COLOR"
-    )
+    raise DicomUnsupported("unsupported_photometric", _photometric_message(photometric))
+
+
+def _photometric_message(value: str) -> str:
+    """The value is named only when it is a defined term (a constant of ours), else never quoted."""
+    named = repr(value) if value in PHOTOMETRIC_TERMS else "(a value that is no defined term, not quoted)"
+    return (f"PhotometricInterpretation (0028,0004) {named} is not supported: expected "
+            + ", ".join(SUPPORTED_PHOTOMETRIC[:-1]) + f" or {SUPPORTED_PHOTOMETRIC[-1]}")
 
 
 def _number_of_frames(ds: Dataset) -> int:
-    value = ds.get("NumberOfFrames")
-    if value in (None, ""):
-        return 1
     try:
+        value = ds.get("NumberOfFrames")  # pydicom converts the raw value here, and can raise
+        if value in (None, ""):
+            return 1
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DicomRejected("bad_image_attribute", "NumberOfFrames (0028,0008) is not an integer") from None
     if n < 1:
-        raise DicomRejected("bad_image_attribute", f"NumberOfFrames (0028,0008) must be >= 1, got {n}")
+        raise DicomRejected("bad_image_attribute", "NumberOfFrames (0028,0008) must be >= 1")
     return n
 
 
@@ -539,12 +601,15 @@ def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, s
         )
     try:
         arr, properties = decoder.as_array(ds, index=index, as_rgb=False, **as_pixel_options(ds))
-    except NotImplementedError:
+    except NotImplementedError:  # pydicom's text names values of the file: not kept
+        raise DicomRejected("decode_error", f"the decoder for {_syntax_name(syntax)} does not handle this "
+                                            f"file's {_tag_name(keyword)} (NotImplementedError)") from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:  # corrupt or truncated encoded data: pydicom and its plugins raise many types
-        # The decoders' own messages describe buffers, not tag values; they are kept for the
-        # reason only, and the message names the exception type.
-        text = str(exc).lower()
+    except BaseException as exc:  # noqa: BLE001 - corrupt data: many types, and Rust plugins panic (PanicException is no Exception)
+        # The decoders' own messages are read for the reason only, never written: the message
+        # names the exception type.
+        text = str(exc).lower() if isinstance(exc, Exception) else ""
         truncated = any(w in text for w in ("less than expected", "truncat", "end of", "insufficient", "too short",
                                                "not enough", "premature", "missing"))
         raise DicomRejected("truncated_pixel_data" if truncated else "decode_error",
@@ -554,8 +619,16 @@ def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, s
 
 
 def _syntax_name(syntax: UID) -> str:
-    name = syntax.name if syntax.name != str(syntax) else "unnamed"
-    return f"TransferSyntaxUID (0002,0010) {syntax} ({name})"
+    """A standard transfer syntax by its UID and name (public constants); any other UID is never
+    quoted (a private UID carries the site's root and can carry more)."""
+    return f"TransferSyntaxUID (0002,0010) {_uid_name(syntax)}"
+
+
+def _uid_name(uid) -> str:
+    uid = UID(str(uid))
+    if uid.name != str(uid) and uid.startswith("1.2.840.10008."):  # in pydicom's dictionary of the standard
+        return f"{uid} ({uid.name})"
+    return "(a private or unregistered UID, not quoted)"
 
 
 def _frame_view(ds: Dataset, frame: int) -> Dataset:
@@ -605,7 +678,7 @@ def _apply_grey_luts(
     try:
         out = apply_voi_lut(out, view)
     except ValueError as exc:  # e.g. Window Width < 1: suspicious, but the pixels are usable
-        logger.warning("VOI LUT (0028,1050-1056, 0028,3010) not applied: %s", exc)
+        logger.warning("VOI LUT (0028,1050-1056, 0028,3010) not applied (%s)", type(exc).__name__)
     if photometric == "MONOCHROME1":
         lo, hi = _nominal_range(view)
         out = _invert(out, lo, hi)
@@ -680,11 +753,12 @@ def check_dicom(ds: Dataset, frame_policy: str = "middle", limits: DicomLimits |
     presentation states, waveforms, documents), no pixel data, or a header whose declared decoded
     size exceeds ``limits.max_pixel_bytes``. Raises :class:`DicomRejected`; returns None."""
     limits = limits or DicomLimits()
+    _convert_attributes(ds)
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
     for prefix, kind in NON_IMAGE_SOP_CLASSES.items():
         if sop.startswith(prefix) and sop != RT_IMAGE_STORAGE:
-            name = UID(sop).name if UID(sop).name != sop else "unnamed"
-            raise DicomRejected("non_image_sop_class", f"SOP class {sop} ({name}) is a {kind}, not an image: skipped")
+            raise DicomRejected("non_image_sop_class",
+                                f"SOP class {_uid_name(sop)} is a {kind}, not an image: skipped")
     keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
     if keyword is None:
         dicom_to_array(ds, frame_policy)  # raises its no_pixel_data rejection
@@ -700,56 +774,363 @@ def check_dicom(ds: Dataset, frame_policy: str = "middle", limits: DicomLimits |
     declared = rows * cols * frames * samples * max(1, math.ceil(bits / 8))
     working = rows * cols * frames * samples * 8
     if max(declared, working) > limits.max_pixel_bytes:
-        raise DicomRejected(
+        raise DicomRejected(  # the sizes are ours (computed); the header's values are not quoted
             "pixel_budget_exceeded",
-            f"header declares {rows} x {cols} x {frames} frame(s) x {samples} sample(s) of {bits} bits; decoding "
-            f"needs about {max(declared, working) / 2**20:.0f} MiB, over the pixel budget of "
+            f"the image size the header declares (Rows, Columns, NumberOfFrames, SamplesPerPixel, BitsAllocated) "
+            f"needs about {max(declared, working) / 2**20:.0f} MiB to decode, over the pixel budget of "
             f"{limits.max_pixel_bytes / 2**20:.0f} MiB",
         )
 
 
-def read_dicom(
-    path_or_file: str | os.PathLike[str] | BinaryIO, frame_policy: str = "middle", limits: DicomLimits | None = None
-) -> np.ndarray:
-    """Read a DICOM Part 10 file and return :func:`dicom_to_array` of it, after :func:`check_dicom`.
+# -- the Part 10 byte structure, checked before pydicom parses it ---------------------------------
 
-    The file must have the 128-byte preamble and "DICM" prefix (PS3.10 section 7.1): it is read
-    with ``force=False``, so headerless datasets are rejected rather than guessed at.
+MAX_SEQUENCE_DEPTH = 64  # sequences nested deeper are refused (nesting_too_deep); real files nest a few levels
+INFLATE_STEP = 1 << 20  # a deflated dataset is inflated this many bytes at a time
+# the most a deflate stream can expand (RFC 1951: a 258-byte match per 2 bits at best, about 1032:1)
+_DEFLATE_MAX_RATIO = 1032
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+# explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2); the others have a 2-byte length
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
+_IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_LE_VALUE = b"1.2.840.10008.1.2.1\x00"  # even length, NUL padded (PS3.5 9.1)
+
+
+@dataclass(frozen=True)
+class Part10:
+    """What :func:`check_part10` found: the bytes pydicom is to parse (a deflated dataset comes
+    back inflated, its file meta naming Explicit VR Little Endian, which the inflated bytes are)."""
+
+    data: Any  # bytes, or a BytesIO holding the inflated file
+    transfer_syntax: str
+    inflated_bytes: int = 0
+
+
+def check_part10(data, limits: DicomLimits | None = None) -> Part10:
+    """Check a DICOM Part 10 file's byte structure before anything parses it; raise
+    :class:`DicomRejected` with the reason, in our words:
+
+    * ``not_dicom``: no "DICM" prefix after the 128-byte preamble;
+    * ``parse_error``: file meta information (group 0002) that cannot be read (an invalid VR, a
+      length past the end, no Transfer Syntax UID), an element with an invalid VR, a length past
+      the end of its sequence or item, a broken item structure, a deflated stream that is not one;
+    * ``truncated_file``: an element (other than the pixel data) whose declared length runs past
+      the end of the file, or a sequence or item never closed before it ends;
+    * ``truncated_pixel_data``: the top-level pixel data runs past the end of the file;
+    * ``nesting_too_deep``: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`;
+    * ``file_too_large``: a deflated dataset that inflates past ``limits.max_inflated_bytes``.
+
+    pydicom reads an element whose length runs past the end as a short value without a word, and
+    inflates a deflated dataset whole: after this check every length it reads lies inside the file.
+    The walk is iterative (no recursion) and reads only headers: about 1 us per element."""
+    limits = limits or DicomLimits()
+    view = memoryview(data)
+    if len(view) < DICOM_PREFIX_OFFSET + 4 or bytes(view[DICOM_PREFIX_OFFSET:DICOM_PREFIX_OFFSET + 4]) != b"DICM":
+        raise DicomRejected("not_dicom", "not a DICOM Part 10 file (PS3.10 7.1): no 'DICM' prefix after the "
+                                         "128-byte preamble")
+    meta_end, syntax, ts_at, gl_at = _walk_file_meta(view)
+    if syntax == _DEFLATED:
+        buf = io.BytesIO()
+        buf.write(_meta_as_explicit_le(view, meta_end, ts_at, gl_at))
+        start = buf.tell()
+        _inflate(view, meta_end, limits.max_inflated_bytes, buf)
+        size = buf.tell() - start
+        with buf.getbuffer() as inflated:
+            cut = _walk_dataset(inflated, start, implicit=False, little=True)
+        if cut is not None:
+            buf.truncate(cut)
+        buf.seek(0)
+        return Part10(buf, syntax, size)
+    cut = _walk_dataset(view, meta_end, implicit=syntax == _IMPLICIT_LE, little=syntax != _EXPLICIT_BE)
+    return Part10(data if cut is None else bytes(view[:cut]), syntax)
+
+
+def _walk_file_meta(view: memoryview) -> tuple[int, str, tuple[int, int], int | None]:
+    """(end of the file meta, its Transfer Syntax UID, (offset, length) of that value, offset of
+    the group length value or None). Group 0002 is always explicit VR little endian (PS3.10 7.1)."""
+    pos, end, syntax, ts_at, gl_at = DICOM_PREFIX_OFFSET + 4, len(view), None, None, None
+    while pos + 8 <= end:
+        group, elem = struct.unpack_from("<HH", view, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(view[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                break
+            (length,), head = struct.unpack_from("<L", view, pos + 8), 12
+        elif vr in _SHORT_VRS:
+            (length,), head = struct.unpack_from("<H", view, pos + 6), 8
+        else:
+            raise DicomRejected("parse_error", "the file meta information (0002,xxxx) cannot be parsed: an element "
+                                               "has an invalid value representation")
+        if length == _UNDEFINED or pos + head + length > end:
+            raise DicomRejected("parse_error", "the file meta information (0002,xxxx) cannot be parsed: an element's "
+                                               "length runs past the end of the file")
+        if elem == 0x0010:
+            if vr != b"UI":
+                raise DicomRejected("parse_error", "TransferSyntaxUID (0002,0010) has the wrong value representation")
+            syntax = bytes(view[pos + head:pos + head + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+            ts_at = (pos + head, length)
+        elif elem == 0x0000 and vr == b"UL" and length == 4:
+            gl_at = pos + head
+        pos += head + length
+    else:
+        if pos != end:
+            raise DicomRejected("parse_error", "the file meta information (0002,xxxx) cannot be parsed: the file "
+                                               "ends inside it")
+    if syntax is None:
+        raise DicomRejected("parse_error", "the file meta information has no TransferSyntaxUID (0002,0010)")
+    return pos, syntax, ts_at, gl_at
+
+
+def _meta_as_explicit_le(view: memoryview, meta_end: int, ts_at: tuple[int, int], gl_at: int | None) -> bytes:
+    """The preamble and file meta, with Explicit VR Little Endian as the transfer syntax (what an
+    inflated deflated dataset is) and the group length corrected."""
+    at, length = ts_at
+    head = bytearray(view[:meta_end])
+    head[at - 2:at + length] = struct.pack("<H", len(_EXPLICIT_LE_VALUE)) + _EXPLICIT_LE_VALUE
+    if gl_at is not None:
+        (group_length,) = struct.unpack_from("<L", head, gl_at)
+        struct.pack_into("<L", head, gl_at, max(0, group_length + len(_EXPLICIT_LE_VALUE) - length))
+    return bytes(head)
+
+
+def _inflate(view: memoryview, start: int, limit: int, out: io.BytesIO) -> None:
+    """The raw deflate stream after the file meta, inflated into ``out`` ``INFLATE_STEP`` bytes at
+    a time and never past ``limit`` (0: no limit): when the compressed size could inflate past it,
+    a first pass counts without keeping anything, so a bomb costs CPU, never memory."""
+    compressed = view[start:]
+
+    def inflate(keep: io.BytesIO | None) -> None:
+        d, total, tail = zlib.decompressobj(-zlib.MAX_WBITS), 0, compressed
+        try:
+            while True:
+                block = d.decompress(tail, INFLATE_STEP)
+                tail = d.unconsumed_tail
+                total += len(block)
+                if limit and total > limit:
+                    raise DicomRejected("file_too_large", f"the deflated dataset inflates past the {limit}-byte "
+                                                          "limit on inflated data (--max_file_bytes); not decoded")
+                if keep is not None:
+                    keep.write(block)
+                if d.eof or (not block and not tail):
+                    break
+        except zlib.error:
+            raise DicomRejected("parse_error", "the deflated dataset (1.2.840.10008.1.2.1.99) is not a valid "
+                                               "deflate stream") from None
+        if not d.eof:
+            raise DicomRejected("truncated_file", "the deflated dataset (1.2.840.10008.1.2.1.99) ends before its "
+                                                  "deflate stream does")
+
+    if limit and len(compressed) * _DEFLATE_MAX_RATIO > limit:
+        inflate(None)
+    inflate(out)
+
+
+def _walk_dataset(view, pos: int, implicit: bool, little: bool) -> int | None:
+    """Every element header of the dataset from ``pos`` to the end of ``view``: lengths inside the
+    file and inside their sequence or item, items well formed, nesting bounded. Raises
+    :class:`DicomRejected`; the values are never read. Returns None, or where to cut the file:
+    bytes after the top-level pixel data that do not parse (zero padding or junk some writers
+    leave, which pydicom tolerates) are dropped rather than refused."""
+    try:
+        _walk(view, pos, implicit, little)
+    except _AfterPixels as cut:
+        return cut.at
+    return None
+
+
+class _AfterPixels(Exception):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+
+def _walk(view, pos: int, implicit: bool, little: bool) -> None:
+    from pydicom.datadict import dictionary_VR
+
+    end = len(view)
+    order = "<" if little else ">"
+    tag_len = struct.Struct(order + "HHL")
+    short_len, long_len = struct.Struct(order + "H"), struct.Struct(order + "L")
+    # frames: [kind, end offset or None (undefined length), implicit, limit (nearest defined end)]
+    stack: list[list] = [["dataset", None, implicit, end]]
+    depth, pixels_end = 0, None
+
+    def past_end(what: str, pixels: bool = False) -> Exception:
+        if pixels_end is not None and len(stack) == 1:
+            return _AfterPixels(pixels_end)
+        if pixels:
+            return DicomRejected("truncated_pixel_data", f"{what}: the file ends inside the pixel data "
+                                                         "(shorter than the header declares)")
+        return DicomRejected("truncated_file", f"{what}: the file ends before it (an element's declared length "
+                                               "runs past the end of the file)")
+
+    def broken(what: str) -> Exception:
+        if pixels_end is not None and len(stack) == 1:
+            return _AfterPixels(pixels_end)
+        return DicomRejected("parse_error", f"the dataset cannot be parsed: {what}")
+
+    while True:
+        kind, cend, impl, limit = stack[-1]
+        if cend is not None and pos >= cend:
+            if pos > cend:
+                raise broken("an element runs past the end of its item or sequence")
+            if len(stack) == 1:
+                return
+            if stack.pop()[0] == "sequence":
+                depth -= 1
+            continue
+        if pos + 8 > end:
+            if len(stack) == 1:
+                return  # fewer than 8 bytes left after the last element: pydicom stops there too
+            raise past_end("a sequence or item is not closed", pixels=kind == "fragments" and len(stack) == 2)
+        group, elem, length = tag_len.unpack_from(view, pos)
+        tag = group << 16 | elem
+        if kind in ("sequence", "fragments"):
+            pixels = kind == "fragments" and len(stack) == 2
+            if tag == _SEQUENCE_END:
+                pos += 8
+                if stack.pop()[0] == "sequence":
+                    depth -= 1
+                elif pixels:
+                    pixels_end = pos
+                continue
+            if tag != _ITEM:
+                if pixels:
+                    raise DicomRejected("decode_error", "the encapsulated pixel data is not a sequence of items")
+                raise broken("a sequence holds something other than items")
+            pos += 8
+            if kind == "fragments":
+                if length == _UNDEFINED:
+                    raise DicomRejected("decode_error", "a fragment of the encapsulated pixel data has no length")
+                if pos + length > end:
+                    raise past_end("a pixel data fragment", pixels=pixels)
+                pos += length
+                continue
+            if length == _UNDEFINED:
+                stack.append(["item", None, impl, limit])
+            else:
+                if pos + length > end:
+                    raise past_end("a sequence item")
+                if pos + length > limit:
+                    raise broken("an item runs past the end of its sequence")
+                stack.append(["item", pos + length, impl, pos + length])
+            continue
+        if tag == _ITEM_END:
+            if kind != "item" or cend is not None:
+                raise broken("an item delimiter outside an item of undefined length")
+            pos += 8
+            stack.pop()
+            continue
+        if tag in (_ITEM, _SEQUENCE_END):
+            raise broken("an item or sequence delimiter where an element belongs")
+        if impl:
+            head, vr = 8, None
+            if length != _UNDEFINED:
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:  # private or unknown: skipped by its length
+                    vr = None
+        else:
+            vr = bytes(view[pos + 4:pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise past_end("an element header")
+                (length,), head = long_len.unpack_from(view, pos + 8), 12
+            elif vr in _SHORT_VRS:
+                (length,), head = short_len.unpack_from(view, pos + 6), 8
+            else:
+                raise broken("an element has an invalid value representation")
+            vr = vr.decode("ascii")
+        start = pos + head
+        top_pixels = tag in _PIXEL_TAGS and len(stack) == 1
+        if length == _UNDEFINED:
+            if tag in _PIXEL_TAGS:
+                stack.append(["fragments", None, impl, limit])
+            elif vr in (None, "SQ", "UN"):  # an undefined-length UN is a sequence in implicit VR LE (PS3.5 6.2.2)
+                depth += 1
+                if depth > MAX_SEQUENCE_DEPTH:
+                    raise DicomRejected("nesting_too_deep", f"sequences are nested deeper than {MAX_SEQUENCE_DEPTH} "
+                                                            "levels")
+                stack.append(["sequence", None, impl or vr == "UN", limit])
+            else:
+                raise broken("an element that is not a sequence has an undefined length")
+            pos = start
+            continue
+        if start + length > end:
+            raise past_end("an element" if not top_pixels else "the pixel data", pixels=top_pixels)
+        if start + length > limit:
+            raise broken("an element runs past the end of its item or sequence")
+        if vr == "SQ":
+            depth += 1
+            if depth > MAX_SEQUENCE_DEPTH:
+                raise DicomRejected("nesting_too_deep", f"sequences are nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+            stack.append(["sequence", start + length, impl, start + length])
+            pos = start
+            continue
+        pos = start + length
+        if top_pixels:
+            pixels_end = pos
+
+
+def read_dicom(
+    path_or_file: str | os.PathLike[str] | BinaryIO | bytes, frame_policy: str = "middle",
+    limits: DicomLimits | None = None,
+) -> np.ndarray:
+    """Read a DICOM Part 10 file and return :func:`dicom_to_array` of it, after
+    :func:`check_part10` (its byte structure) and :func:`check_dicom` (what it is).
+
+    The file must have the 128-byte preamble and "DICM" prefix (PS3.10 section 7.1): headerless
+    datasets are rejected rather than guessed at.
 
     Parameters
     ----------
-    path_or_file : str | os.PathLike | file-like
-        The file, or a binary file-like opened at its start.
+    path_or_file : str | os.PathLike | file-like | bytes
+        The file, a binary file-like opened at its start, or its bytes.
     frame_policy : str
         ``"middle"`` for one (H, W[, 3]) frame, ``"all"`` for the (F, H, W[, 3]) stack.
     limits : DicomLimits, optional
-        The pixel budget (default :class:`DicomLimits`).
+        The pixel budget and the limit on inflated data (default :class:`DicomLimits`).
 
     Raises
     ------
     DicomRejected (a ValueError)
-        Not a DICOM Part 10 file, unreadable or truncated header, sequences nested too deeply
-        for the parser, a non-image SOP class, no pixel data, over the pixel budget; and
-        everything :func:`dicom_to_array` raises. Messages never quote a tag value: parser
-        errors are reported by type only.
+        Not a DICOM Part 10 file, unreadable file meta or dataset structure, a file that ends
+        inside an element, sequences nested too deeply, a deflated dataset that inflates past
+        its limit, a non-image SOP class, no pixel data, over the pixel budget; and everything
+        :func:`dicom_to_array` raises. Messages never quote a tag value: parser errors are
+        reported by type only.
     DicomUnsupported (a NotImplementedError)
         As :func:`dicom_to_array`.
     """
     _check_frame_policy(frame_policy)
+    if isinstance(path_or_file, (bytes, bytearray, memoryview)):
+        data = path_or_file
+    elif isinstance(path_or_file, (str, os.PathLike)):
+        data = Path(path_or_file).read_bytes()
+    else:
+        data = path_or_file.read()
+    part10 = check_part10(data, limits)
+    source = part10.data if isinstance(part10.data, io.BytesIO) else io.BytesIO(part10.data)
+    del data
     try:
-        ds = pydicom.dcmread(path_or_file, force=False)
-    except InvalidDicomError as exc:
-        reason = str(exc).replace(" Use force=True to force reading.", "")  # read_dicom never forces
-        raise DicomRejected("not_dicom", f"not a DICOM Part 10 file (PS3.10 7.1): {reason}") from None
+        ds = pydicom.dcmread(source, force=False)
+    except InvalidDicomError:
+        raise DicomRejected("not_dicom", "not a DICOM Part 10 file (PS3.10 7.1)") from None
     except RecursionError:
         raise DicomRejected("nesting_too_deep", "sequences are nested deeper than the parser can follow") from None
     except MemoryError:
         raise DicomRejected("parse_error", "cannot parse DICOM file: an element declares more memory than is available") from None
-    except (EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error) as exc:  # truncated or malformed
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error,
+            UnicodeError, AttributeError, LookupError) as exc:  # malformed in ways the byte check does not see
         kind = "truncated_file" if isinstance(exc, EOFError) else "parse_error"
-        raise DicomRejected(kind, f"cannot parse DICOM file: {type(exc).__name__}") from None
-    check_dicom(ds, frame_policy, limits)
+        raise DicomRejected(kind, f"cannot parse DICOM file ({type(exc).__name__})") from None
+    del source
     try:
+        check_dicom(ds, frame_policy, limits)
         return dicom_to_array(ds, frame_policy)
     except RecursionError:
         raise DicomRejected("nesting_too_deep", "sequences are nested deeper than the parser can follow") from None

@@ -59,25 +59,41 @@ class DecodeOutcome:
     warnings: int = 0
 
 
-def decode_bytes(data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
-    """Decode one DICOM file held in memory; every failure becomes an outcome, never an exception."""
-    import io
+def decode_bytes(data: bytes, frame_policy: str, limits) -> DecodeOutcome:
+    """Decode one DICOM file held in memory; every failure becomes an outcome, never an exception.
 
+    ``limits``: an :class:`epee.images.DicomLimits` (pixel budget, limit on inflated data), or an
+    int, the pixel budget alone (the limit on inflated data is then its default)."""
     from epee.images import DicomLimits, DicomRejected, DicomUnsupported, read_dicom
 
+    if not isinstance(limits, DicomLimits):
+        limits = DicomLimits(max_pixel_bytes=limits)
     route_pydicom_logs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pixels = read_dicom(io.BytesIO(data), frame_policy=frame_policy, limits=DicomLimits(max_pixel_bytes))
+            pixels = read_dicom(data, frame_policy=frame_policy, limits=limits)
         except (DicomRejected, DicomUnsupported) as exc:
-            return DecodeOutcome(reason=exc.reason, message=str(exc), warnings=len(caught))
+            return DecodeOutcome(reason=exc.reason, message=exc.message, warnings=len(caught))
         except MemoryError:
             return DecodeOutcome(reason="out_of_memory", message="decoding ran out of memory", warnings=len(caught))
-        except Exception as exc:  # noqa: BLE001 - one file must never stop the job; the text may quote values
-            return DecodeOutcome(reason="decode_error", message=f"unexpected {type(exc).__name__} while decoding",
-                                 warnings=len(caught))
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one file must never stop the job (a Rust plugin's
+            # PanicException is a BaseException); the exception's text may quote values: its type only
+            return decode_failure(exc, len(caught))
     return DecodeOutcome(pixels=pixels, warnings=len(caught))
+
+
+def decode_failure(exc: BaseException, warnings_seen: int = 0) -> DecodeOutcome:
+    """The outcome of a decode that raised something unforeseen: ``decode_error``, by its type
+    (``out_of_memory`` for a MemoryError)."""
+    from epee.errors import describe
+
+    if isinstance(exc, MemoryError):
+        return DecodeOutcome(reason="out_of_memory", message="decoding ran out of memory", warnings=warnings_seen)
+    return DecodeOutcome(reason="decode_error", message=describe(exc, "unexpected failure while decoding"),
+                         warnings=warnings_seen)
 
 
 class _CountingHandler(logging.Handler):
@@ -177,7 +193,12 @@ def _child_main(conn, progress: mmap.mmap, decode_path: str) -> None:  # pragma:
         outcomes, held = [], 0
         for i, job in enumerate(jobs):
             _set_progress(progress, i, time.monotonic())
-            outcomes.append(decode(*job))
+            try:
+                outcomes.append(decode(*job))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a decode function that raises costs its file only
+                outcomes.append(decode_failure(exc))
             held += getattr(outcomes[-1].pixels, "nbytes", 0)
             if held >= part_bytes and i < len(jobs) - 1:  # large images leave as they come, not all at the end
                 _send_part(conn, outcomes)
@@ -268,12 +289,13 @@ class IsolatedDecoder:
         self._proc = self._conn = self._progress = None
         self.restarts += 1
 
-    def decode(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> DecodeOutcome:
-        return self.decode_many([(data, frame_policy, max_pixel_bytes)])[0]
+    def decode(self, data: bytes, frame_policy: str, limits) -> DecodeOutcome:
+        """``limits``: what :func:`decode_bytes` takes (a ``DicomLimits`` or the pixel budget)."""
+        return self.decode_many([(data, frame_policy, limits)])[0]
 
     def decode_many(self, jobs: list[tuple[bytes, str, int]],
                     on_outcome: Callable[[int, DecodeOutcome], None] | None = None) -> list[DecodeOutcome]:
-        """One outcome per ``(data, frame_policy, max_pixel_bytes)``, in order; ``on_outcome(i,
+        """One outcome per ``(data, frame_policy, limits)``, in order; ``on_outcome(i,
         outcome)`` is called for each as it arrives. The jobs go to the child as one batch. A file
         that hangs or kills the child gets its outcome, and the files of the batch not answered
         yet go to a new child. Where the child died before it named a file (e.g. out of memory
@@ -371,7 +393,7 @@ class PipelinedDecoder:
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()  # submit may be called from several DoFn threads (SharedDecoders)
 
-    def submit(self, data: bytes, frame_policy: str, max_pixel_bytes: int) -> Future:
+    def submit(self, data: bytes, frame_policy: str, limits) -> Future:
         """Queue one file's bytes; the future's result is its :class:`DecodeOutcome`. Thread-safe."""
         if not self._threads:
             with self._start_lock:
@@ -382,7 +404,7 @@ class PipelinedDecoder:
                         t.start()
                     self._threads = threads
         future: Future = Future()
-        self._queue.put((future, (data, frame_policy, max_pixel_bytes)))
+        self._queue.put((future, (data, frame_policy, limits)))
         return future
 
     def _loop(self, decoder: IsolatedDecoder) -> None:

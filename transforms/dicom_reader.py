@@ -14,7 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
-from .files import DEAD, INPUTS, NAMESPACE, OpenFiles, _FileReader, read_bounded
+from .files import DEAD, INPUTS, NAMESPACE, OpenFiles, _FileReader, read_bounded, record_uri
 from .records import DeadLetter, InputRecord
 
 @dataclass
@@ -65,6 +65,14 @@ class DecodeDicomFile(_FileReader):
         self.records_read = Metrics.counter(NAMESPACE, "records_read")
         self.decoder = None
 
+    @property
+    def limits(self):
+        """What the decoder may spend on one file: the pixel budget, and --max_file_bytes for a
+        deflated dataset's inflated size (a 1 MB file can inflate to gigabytes)."""
+        from epee.images import DicomLimits
+
+        return DicomLimits(max_pixel_bytes=self.max_pixel_bytes, max_inflated_bytes=self.max_file_bytes)
+
     def setup(self) -> None:
         super().setup()
         route_pydicom_logs()
@@ -98,10 +106,10 @@ class DecodeDicomFile(_FileReader):
         data, dead = self._read(readable)
         if dead is not None:
             yield dead
-            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(readable.metadata.path, readable, digest, "processed", 1))
+            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable, digest, "processed", 1))
             return
         digest = digest or hashlib.sha256(data).hexdigest()
-        outcome = self.decoder.submit(data, self.frame_policy, self.max_pixel_bytes)
+        outcome = self.decoder.submit(data, self.frame_policy, self.limits)
         self._in_flight.append(_InFlight(readable, digest, len(data), outcome, window, timestamp))
         self._in_flight_bytes += len(data)
         del data
@@ -117,7 +125,7 @@ class DecodeDicomFile(_FileReader):
         """The oldest file's outputs, once the child has decoded it (waits for it), windowed as its input was."""
         job = self._in_flight.popleft()
         self._in_flight_bytes -= job.size
-        uri = job.readable.metadata.path
+        uri = record_uri(job.readable)
         outputs = list(self._outputs(uri, job.outcome.result()))  # decode() turns every failure into an outcome
         row = self._input_row(uri, job.readable, job.digest, "processed", len(outputs))  # records or a dead letter
         for out in (*outputs, beam.pvalue.TaggedOutput(INPUTS, row)):
@@ -128,7 +136,7 @@ class DecodeDicomFile(_FileReader):
 
     def _read(self, readable: fileio.ReadableFile):
         """(the file's bytes, None) or (None, its dead letter): too large or unreadable."""
-        uri = readable.metadata.path
+        uri = record_uri(readable)
         limit = self.max_file_bytes
         if limit and (readable.metadata.size_in_bytes or 0) > limit:
             return None, self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, over the "
@@ -150,9 +158,9 @@ class DecodeDicomFile(_FileReader):
             yield dead
             return
         self._digest = hashlib.sha256(data).hexdigest()
-        outcome = decode_bytes(data, self.frame_policy, self.max_pixel_bytes)
+        outcome = decode_bytes(data, self.frame_policy, self.limits)
         del data
-        yield from self._outputs(readable.metadata.path, outcome)
+        yield from self._outputs(record_uri(readable), outcome)
 
     def _outputs(self, uri: str, outcome: DecodeOutcome) -> Iterator:
         """A decoded file's records (one per frame with ``frame_policy="all"``), or its dead letter."""
