@@ -96,8 +96,8 @@ class DecodeDicomFile(_FileReader):
 
     def process(self, readable: fileio.ReadableFile, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator:
-        if self.decoder is None:
-            yield from super().process(readable)
+        if self.decoder is None:  # decoding in this process (--decode_timeout 0)
+            yield from self._process_here(readable)
             return
         digest, skipped = self._skip_check(readable)
         if skipped is not None:
@@ -116,6 +116,21 @@ class DecodeDicomFile(_FileReader):
         while self._in_flight and (self._in_flight[0].outcome.done() or len(self._in_flight) > self.max_in_flight_files
                                    or self._in_flight_bytes > self.max_in_flight_bytes):
             yield from self._release()
+
+    def _process_here(self, readable: fileio.ReadableFile) -> Iterator:
+        """As :meth:`_FileReader.process`, with the inputs row under the printable name."""
+        digest, skipped = self._skip_check(readable)
+        if skipped is not None:
+            yield skipped
+            return
+        self._digest = None
+        records = 0
+        for out in self.read_file(readable):
+            if not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD):
+                records += 1
+            yield out
+        yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable,
+                                                               digest or self._digest, "processed", records))
 
     def finish_bundle(self) -> Iterator:
         while self._in_flight:

@@ -174,3 +174,21 @@ def test_injected_faults_in_the_decoder_child_cost_one_file_each(tmp_path):
         assert_that(read_[DEAD] | beam.Map(lambda d: MARKER in d.message), equal_to([False] * len(want)),
                     label="quiet")
         assert_that(read_.records | beam.Map(lambda r: Path(r.source_uri).name), equal_to(["good.dcm"]), label="good")
+
+
+def test_decoding_in_process_writes_odd_names_printable_too(tmp_path):
+    """--decode_timeout 0 (no child): the inputs row carried the raw name (a surrogate escape)."""
+    from pydicom.data import get_testdata_file
+    from transforms.readers import DEAD, INPUTS, ReadDicom
+
+    d = os.fsencode(str(tmp_path))
+    for raw in (b"/M\xfcller.dcm", b"/bad\n\xe9.dcm"):
+        with open(d + raw, "wb") as fh:
+            fh.write(Path(get_testdata_file("CT_small.dcm")).read_bytes()[: None if b"M" in raw else 100])
+    good, bad = _uri(d + b"/M\xfcller.dcm"), _uri(d + b"/bad\n\xe9.dcm")
+    with TestPipeline() as p:
+        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), decode_timeout_s=0)
+        assert_that(read_[INPUTS] | beam.Map(lambda r: r["uri"]), equal_to([good, bad]), label="inputs")
+        assert_that(read_[DEAD] | beam.Map(lambda r: (r.source_uri, r.error_type)),
+                    equal_to([(bad, "not_dicom")]), label="dead")
+        assert_that(read_.records | beam.Map(lambda r: r.record_id), equal_to([good]), label="good")
