@@ -234,6 +234,7 @@ def dicom_files(d: Path, marks: Markers, max_file_bytes: int) -> dict:
         f"good_{INFERENCE_FAILS}": ("CT_small.dcm", None, None, "inference_error"),
         "hang": ("CT_small.dcm", change(ImageComments=f"HANG-ME {marks.c()}"), None, "decode_timeout"),
         "crash": ("CT_small.dcm", change(ImageComments=f"CRASH-ME {marks.c()}"), None, "decoder_crashed"),
+        "oom": ("CT_small.dcm", change(ImageComments=f"OOM-ME {marks.c()}"), None, "out_of_memory"),
         "oversized": ("CT_small.dcm", None, lambda b: b + marks.c().encode() * (max_file_bytes // 8), "file_too_large"),
         "junk": (None, None, lambda b: marks.c().encode() * 300, "not_dicom"),
         "bad_meta": ("CT_small.dcm", None, lambda b: b[:153] + marks.c().encode(), "parse_error"),
@@ -270,6 +271,8 @@ def dicom_files(d: Path, marks: Markers, max_file_bytes: int) -> dict:
             expected["good"].append(prefix)
         else:
             expected[prefix] = reason
+    os.symlink(d / f"gone_{marks.i()}.dcm", d / f"link_{marks.i()}.dcm")  # matched, but cannot be read
+    expected["link"] = "read_error"
     return expected
 
 
@@ -293,13 +296,17 @@ def _cut_inside_value(data: bytes, marker: bytes) -> bytes:
     return data[:at + len(marker) // 2]
 
 
-def faulty_decode(data: bytes, frame_policy: str, max_pixel_bytes: int):
+def faulty_decode(data: bytes, frame_policy: str, limits):
     """The decoder child's function for the privacy test: hangs on files holding ``HANG-ME``, dies
-    on files holding ``CRASH-ME``, and decodes the others."""
+    on files holding ``CRASH-ME``, runs out of memory (with a message quoting the file) on files
+    holding ``OOM-ME``, and decodes the others."""
     from transforms.decode_worker import decode_bytes
 
     if b"HANG-ME" in data:
         time.sleep(3600)
     if b"CRASH-ME" in data:
         os._exit(11)
-    return decode_bytes(data, frame_policy, max_pixel_bytes)
+    if b"OOM-ME" in data:
+        at = data.find(b"OOM-ME")
+        raise MemoryError(f"cannot allocate for {data[at:at + 40]!r}")
+    return decode_bytes(data, frame_policy, limits)
