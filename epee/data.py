@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 Span = tuple[int, int]  # character offsets [start, end)
@@ -151,20 +153,45 @@ def strip_entity_markers(marked: str) -> tuple[str, tuple[Span, Span]]:
     return text, (tighten(spans[o1]), tighten(spans[o2]))
 
 
-def relation_example(row: dict, where: str, text_field: str, label_field: str, ex_id: str) -> Example:
+_MAX_OFFSET_DIGITS = 18  # an offset past 10**18 characters is no offset; int() of 5000 digits would raise
+
+
+def _offset(value: Any, text_offsets: bool) -> int:
+    """An entity offset: a whole number (not a bool, float, NaN or infinity); from a table whose
+    cells are all text (CSV) also a string of decimal digits. Raises InputError without the value."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if text_offsets and isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_OFFSET_DIGITS:
+            return int(digits)
+    raise InputError("bad_entities", f"entity offsets must be whole numbers (one is a {type(value).__name__}"
+                                     + (" that is not a plain decimal number" if isinstance(value, str) else "") + ")")
+
+
+def relation_example(row: dict, where: str, text_field: str, label_field: str, ex_id: str,
+                     text_offsets: bool = True) -> Example:
+    """One relation candidate from a row: offsets ``e1_start, e1_end, e2_start, e2_end`` (whole
+    numbers; digit strings too when ``text_offsets``, as CSV cells are), or inline markers. Errors
+    are :class:`~epee.errors.InputError` (``bad_entities``) whose message names the problem,
+    never a value of the row; ``where`` (may be empty) prefixes it."""
+    prefix = f"{where}: " if where else ""
     text = str(_field(row, text_field, where))
     keys = ("e1_start", "e1_end", "e2_start", "e2_end")
     if all(k in row and row[k] not in (None, "") for k in keys):
-        s1, e1, s2, e2 = (int(row[k]) for k in keys)
+        try:
+            s1, e1, s2, e2 = (_offset(row[k], text_offsets) for k in keys)
+        except InputError as exc:
+            raise InputError("bad_entities", prefix + exc.message) from None
         entities = ((s1, e1), (s2, e2))
     else:
         try:
             text, entities = strip_entity_markers(text)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    for s, e in entities:
+            raise InputError("bad_entities", prefix + str(exc)) from None  # our own words (strip_entity_markers)
+    for i, (s, e) in enumerate(entities, start=1):
         if not (0 <= s < e <= len(text)):
-            raise ValueError(f"{where}: entity span ({s}, {e}) is empty or outside a text of {len(text)} characters")
+            raise InputError("bad_entities", f"{prefix}entity {i}'s span is empty, reversed or outside the text")
     label = None if label_field not in row or row[label_field] in (None, "") else str(row[label_field])
     return Example(id=ex_id, text=text, label=label, entities=entities, group=row.get("document_id"))
 
