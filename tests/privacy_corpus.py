@@ -158,6 +158,18 @@ def note_files(d: Path, task: str, marks: Markers, max_note_bytes: int, max_file
     # a dangling symbolic link: the matched name cannot be read
     os.symlink(d / f"gone_{marks.i()}.jsonl", d / f"link_{marks.i()}.jsonl")
     expected["file:link"] = "read_error"
+    # a file of whitespace only; a gzip stream of marked notes cut short; a good gzipped file
+    (d / f"blank_{marks.i()}.jsonl").write_bytes(b" \n\t\n")
+    expected["file:blank"] = "empty_file"
+    import gzip
+
+    rows = b"".join(json.dumps({"id": rid(), **_good_text(task, marks)}).encode() + b"\n" for _ in range(50))
+    packed = gzip.compress(rows)
+    (d / f"cut_{marks.i()}.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    expected["file:cut_gz"] = "bad_compression"
+    g = rid()
+    good.append(g)
+    (d / f"packed_{marks.i()}.jsonl.gz").write_bytes(gzip.compress(json.dumps({"id": g, **_good_text(task, marks)}).encode()))
     expected["good"] = good
     return expected
 
