@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -13,8 +12,10 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from epee.errors import InputError, describe
+
 from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
-from .files import DEAD, INPUTS, NAMESPACE, OpenFiles, _FileReader, read_bounded, record_uri
+from .files import DEAD, INPUTS, NAMESPACE, NotAFile, OpenFiles, _FileReader, read_limited, record_uri
 from .records import DeadLetter, InputRecord
 
 @dataclass
@@ -96,19 +97,19 @@ class DecodeDicomFile(_FileReader):
 
     def process(self, readable: fileio.ReadableFile, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator:
-        if self.decoder is None:  # decoding in this process (--decode_timeout 0)
-            yield from self._process_here(readable)
+        if self.decoder is None or isinstance(readable.metadata, NotAFile):  # decoding in this process (--decode_timeout 0)
+            yield from super().process(readable)
             return
         digest, skipped = self._skip_check(readable)
         if skipped is not None:
             yield skipped
             return
-        data, dead = self._read(readable)
+        data, stored_digest, dead = self._read(readable)
         if dead is not None:
             yield dead
             yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable, digest, "processed", 1))
             return
-        digest = digest or hashlib.sha256(data).hexdigest()
+        digest = digest or stored_digest
         outcome = self.decoder.submit(data, self.frame_policy, self.limits)
         self._in_flight.append(_InFlight(readable, digest, len(data), outcome, window, timestamp))
         self._in_flight_bytes += len(data)
@@ -116,21 +117,6 @@ class DecodeDicomFile(_FileReader):
         while self._in_flight and (self._in_flight[0].outcome.done() or len(self._in_flight) > self.max_in_flight_files
                                    or self._in_flight_bytes > self.max_in_flight_bytes):
             yield from self._release()
-
-    def _process_here(self, readable: fileio.ReadableFile) -> Iterator:
-        """As :meth:`_FileReader.process`, with the inputs row under the printable name."""
-        digest, skipped = self._skip_check(readable)
-        if skipped is not None:
-            yield skipped
-            return
-        self._digest = None
-        records = 0
-        for out in self.read_file(readable):
-            if not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD):
-                records += 1
-            yield out
-        yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable,
-                                                               digest or self._digest, "processed", records))
 
     def finish_bundle(self) -> Iterator:
         while self._in_flight:
@@ -150,29 +136,29 @@ class DecodeDicomFile(_FileReader):
                 yield WindowedValue(out, job.timestamp, (job.window,))
 
     def _read(self, readable: fileio.ReadableFile):
-        """(the file's bytes, None) or (None, its dead letter): too large or unreadable."""
+        """(the file's content, SHA-256 of the stored file, None) or (None, None, its dead letter).
+        A compressed file (``.dcm.gz``, by its name) is inflated in 1 MiB steps and counted
+        against ``--max_file_bytes`` as it grows (:func:`transforms.files.read_limited`)."""
         uri = record_uri(readable)
         limit = self.max_file_bytes
         if limit and (readable.metadata.size_in_bytes or 0) > limit:
-            return None, self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, over the "
-                                                           f"{limit}-byte limit (--max_file_bytes); not read", "read")
+            return None, None, self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, "
+                                                                 f"over the {limit}-byte limit (--max_file_bytes); not read",
+                                          "read")
         try:
-            with readable.open() as fh:
-                data = read_bounded(fh, limit, readable.metadata.size_in_bytes)
+            data, digest = read_limited(readable, limit)
+        except InputError as exc:  # too large once inflated, a corrupt compressed stream: our words
+            return None, None, self._dead(uri, exc.error_type, describe(exc, ""), "read")
         except Exception as exc:  # noqa: BLE001 - storage errors: the file is one unreadable record
-            return None, self._dead(uri, "read_error", f"could not read file ({type(exc).__name__})", "read")
-        if limit and len(data) > limit:
-            return None, self._dead(uri, "file_too_large", f"file is over the {limit}-byte limit (--max_file_bytes)",
-                                    "read")
-        return data, None
+            return None, None, self._dead(uri, "read_error", f"could not read file ({type(exc).__name__})", "read")
+        return data, digest, None
 
     def read_file(self, readable: fileio.ReadableFile) -> Iterator:
         """Read and decode one file in this process (``decode_timeout_s == 0``)."""
-        data, dead = self._read(readable)
+        data, self._digest, dead = self._read(readable)
         if dead is not None:
             yield dead
             return
-        self._digest = hashlib.sha256(data).hexdigest()
         outcome = decode_bytes(data, self.frame_policy, self.limits)
         del data
         yield from self._outputs(record_uri(readable), outcome)

@@ -26,7 +26,8 @@ DICOM_REASONS = {
     "bad_image_attribute", "unsupported_transfer_syntax", "unsupported_photometric", "out_of_memory",
 }
 NOTE_REASONS = {"invalid_utf8", "empty_note", "malformed_json", "missing_field", "bad_field_type", "note_too_large",
-                "binary_content", "malformed_csv_row", "malformed_parquet", "unsupported_format"}
+                "binary_content", "malformed_csv_row", "malformed_parquet", "unsupported_format", "empty_file",
+                "bad_compression"}
 SEEDS = [Path(get_testdata_file(n)).read_bytes() for n in ("CT_small.dcm", "MR_small.dcm", "SC_rgb_rle.dcm",
                                                            "JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm",
                                                            "MR_small_bigendian.dcm", "SC_rgb_jpeg.dcm")]

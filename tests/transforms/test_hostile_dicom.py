@@ -6,6 +6,7 @@ colour, deflated, private sequences) are predicted."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def corpus(tmp_path_factory):
     ERROR_CASES["not_dicom"](os.fsdecode(d + b"/" + list(ODD_BAD)[0]), MARKER)
     deflate_bomb(os.fsdecode(d + b"/" + list(ODD_BAD)[1]), 64 << 20, MARKER)  # past MAX_FILE once inflated
     expected.update({d + b"/" + raw: reason for raw, reason in ODD_BAD.items()})
+    # compressed files, by the name's suffix: inflated in 1 MiB steps, counted against --max_file_bytes
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    packed = gzip.compress(ct)
+    for name, data, reason in ((b"packed.dcm.gz", packed, None),
+                               (b"cut.dcm.gz", packed[: len(packed) // 2], "bad_compression"),
+                               (b"gz_bomb.dcm.gz", None, "file_too_large")):
+        if data is None:  # CT_small and 64 MiB of zeros: 65 KB stored, past MAX_FILE once inflated
+            with gzip.open(d + b"/" + name, "wb") as fh:
+                fh.write(ct)
+                for _ in range(64):
+                    fh.write(bytes(1 << 20))
+        else:
+            Path(os.fsdecode(d + b"/" + name)).write_bytes(data)
+        expected[d + b"/" + name] = reason
+    # matched entries that are not files: a dangling symbolic link, a directory
+    os.symlink(d + b"/gone.dcm", d + b"/link.dcm")
+    os.mkdir(d + b"/folder.dcm")
+    expected.update({d + b"/link.dcm": "read_error", d + b"/folder.dcm": "read_error"})
     return d, expected
 
 
