@@ -209,7 +209,12 @@ def read_limited(readable: fileio.ReadableFile, limit: int, strip_bom: bool = Fa
     for a reader that needs a file in memory (the DICOM reader, ``.dcm.gz`` included). Raises
     :class:`FileTooLarge` as soon as the content passes ``limit`` bytes (never more than
     ``limit`` plus one 1 MiB step held), :class:`BadCompression` for a corrupt stream, and the
-    storage's own errors. A ``bytearray``, grown in place: no second copy of the content."""
+    storage's own errors. A ``bytearray``, grown in place: no second copy of the content.
+
+    A compressed file is counted first (:func:`content_size`, keeping nothing): a bomb that
+    inflates past ``limit`` is refused having held one step, not ``limit`` bytes."""
+    if limit and compression_of(readable.metadata.path) != CompressionTypes.UNCOMPRESSED:
+        content_size(readable, limit)  # raises FileTooLarge / BadCompression
     data = bytearray()
     with open_limited(readable, limit, strip_bom) as fh:
         for block in iter(lambda: fh.read(_READ_CHUNK), b""):
