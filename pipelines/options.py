@@ -41,8 +41,9 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--max_note_bytes", type=int, default=1 << 20,
                        help="notes: a note over this size is a dead letter (note_too_large) instead of being read")
         g.add_argument("--max_file_bytes", type=int, default=1 << 30,
-                       help="DICOM and CSV files over this size are dead letters (file_too_large), never read "
-                            "(JSONL and Parquet note files are streamed and have no file limit)")
+                       help="DICOM and CSV files over this size, and compressed files whose content inflates past "
+                            "it (counted in 1 MiB steps), are dead letters (file_too_large), never read whole "
+                            "(uncompressed JSONL, JSON and Parquet note files are streamed and have no file limit)")
         g.add_argument("--max_pixel_bytes", type=int, default=1 << 30,
                        help="DICOM: pixel budget; a header declaring more decoded pixel bytes is refused before "
                             "decoding (pixel_budget_exceeded)")
