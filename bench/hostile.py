@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.scaling import _descendants
+from bench.scaling import _descendants, _rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_GIB = 2.0
@@ -51,15 +51,7 @@ print(json.dumps({"summary": run(sys.argv[1], sys.argv[2:])}, default=str))
 
 def _hwm_mib(pid: int) -> float | None:
     """The process's peak resident size so far (VmHWM), MiB."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
+    return _rss_mib(pid, "VmHWM")
 
 def measure(pipeline: str, args: list[str], every: float = 0.05) -> dict:
     """Runs one pipeline in a fresh process; its summary and the peaks of its process tree."""

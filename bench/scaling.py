@@ -45,11 +45,12 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "records": s["records"], 
 """
 
 
-def _rss_mib(pid: int) -> float | None:
+def _rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident size now (``VmRSS``) or its peak so far (``VmHWM``), MiB."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None

@@ -32,6 +32,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
+from tests.hostile_corpus import deep_sequence  # noqa: F401 - one builder of nested sequences for both corpora
+
 MARKER = "ZQDCMMARKQZ"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -70,15 +72,6 @@ def _meta_end(data: bytes) -> int:
         else:
             pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]
     return pos
-
-
-def deep_sequence(depth: int) -> bytes:
-    """Undefined-length (0040,A730) ContentSequence items nested ``depth`` deep, explicit VR LE."""
-    seq_open = b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff"
-    item_open = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-    item_close = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-    seq_close = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-    return (seq_open + item_open) * depth + (item_close + seq_close) * depth
 
 
 def _noise(data: bytes, where: float, n: int = 200, seed: int = 3) -> bytes:
