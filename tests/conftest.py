@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,3 +187,22 @@ def read_outputs(out, kind: str) -> list[dict]:
         with FileSystems.open(path) as fh:
             rows += pq.read_table(fh).to_pylist()
     return rows
+
+
+@contextlib.contextmanager
+def debug_log(path):
+    """Every log record of the process, at DEBUG, written to ``path`` while the block runs
+    (warnings captured too): what the privacy tests search."""
+    handler = logging.FileHandler(path)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        logging.captureWarnings(False)
+        handler.close()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.common import main
-from tests.conftest import save_tiny_model_dir
+from tests.conftest import debug_log, save_tiny_model_dir
 from tests.privacy_corpus import (
     CONTENT, IDENT, INFERENCE_FAILS, PREPARE_FAILS, UID_MARK, Markers, archive_dir, dicom_files, note_files,
 )
@@ -140,20 +140,9 @@ def test_no_marker_in_any_byte_written_for_every_error_type(pipeline, pseudonymi
     out = archive_dir(tmp_path / "out", marks) / "run"
     capfd.readouterr()  # what earlier tests printed is not this run's
     log_file = tmp_path / "debug.log"
-    handler = logging.FileHandler(log_file)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    logging.captureWarnings(True)
-    try:
+    with debug_log(log_file):
         rc = main(pipeline, ["--input", f"{inputs}/*", "--model", models[TASKS[pipeline]], "--output", str(out),
                                  "--min_batch_size", "1", "--max_batch_size", "1", *args])
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-        logging.captureWarnings(False)
-        handler.close()
 
     captured = capfd.readouterr()
     assert rc == 0, captured.err[-2000:]
