@@ -17,10 +17,13 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import LINEAR_KERNELS, PRECISIONS
 from .workflows.data import DATA_TASKS
+
+if TYPE_CHECKING:
+    from .workflows import DataFields, DataSpec, TrainJob
 
 log = logging.getLogger("epee")
 
@@ -38,20 +41,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, help="seed of that split (default 13)")
 
 
-def _fields(args: argparse.Namespace):
+def _fields(args: argparse.Namespace) -> DataFields:
     from .workflows import DataFields
 
     return DataFields(**{k: getattr(args, k, None) for k in (
         "text_field", "label_field", "id_field", "image_field", "label_names", "npz_split", "dev_fraction", "split_seed")})
 
 
-def _data(args: argparse.Namespace):
+def _data(args: argparse.Namespace) -> DataSpec:
     from .workflows import DataSpec
 
     return DataSpec(data=args.data, part=args.part, max_examples=args.max_examples, fields=_fields(args))
 
 
-def _kwargs(args: argparse.Namespace, cls, **given: Any) -> dict[str, Any]:
+def _kwargs(args: argparse.Namespace, cls: type, **given: Any) -> dict[str, Any]:
     """The dataclass fields ``cls`` shares with the parsed arguments, plus ``given``."""
     import dataclasses
 
@@ -60,14 +63,14 @@ def _kwargs(args: argparse.Namespace, cls, **given: Any) -> dict[str, Any]:
 
 
 # -- commands: argparse -> dataclass -> workflow -> what is printed ----------------------------------
-def _train_job(args: argparse.Namespace):
+def _train_job(args: argparse.Namespace) -> TrainJob:
     from .workflows import TrainJob
 
     return TrainJob(**_kwargs(args, TrainJob, fields=_fields(args), progress=not args.no_progress,
                               mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None))
 
 
-def train_job(flags: Sequence[str]):
+def train_job(flags: Sequence[str]) -> TrainJob:
     """The :class:`~epee.workflows.TrainJob` of an `epee train FLAGS...` command, for a script that
     keeps the training command it documents (bench.real_models): parsed here, never re-run as argv."""
     return _train_job(build_parser().parse_args(["train", *flags]))
