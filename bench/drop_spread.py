@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.run_all import encode_examples, held_out
     from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
-    from epee.cli import score_function
+    from epee.workflows import score_function
     from epee.config import ExitPolicyConfig
     from epee.policies import ExitPolicy
 

@@ -12,9 +12,8 @@ Models go to ``models/<name>/`` (git-ignored); the figures go to ``docs/training
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from epee.cli import main as epee_main
+from epee.cli import train_job
+from epee.workflows import DataSpec, EvaluateSpec, calibrate, evaluate, train
 
 DATA = Path(os.environ.get("EPEE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -81,13 +81,6 @@ def runs() -> dict[str, dict]:
     }
 
 
-def call(argv: list[str]) -> dict:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        epee_main(argv)
-    return json.loads(buf.getvalue())
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", help="dataset name (repeatable)")
@@ -100,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="append ARG to the `epee train` command (repeatable; a repeated option overrides the "
                         "recorded one, e.g. --train-arg=--epochs --train-arg=3); for experiments, as --distill")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as `epee` logs
     if not DATA.is_dir():
         raise SystemExit(f"shared data not found at {DATA}; set EPEE_SHARED_DATA")
     results_path = Path(args.docs) / "training_results.json"
@@ -111,11 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         command = spec["train"] + (["--distill", str(args.distill)] if args.distill is not None else []) + args.train_arg
-        trained = call(["train", *command, "--output", str(out), "--no-progress"])
-        calibrated = call(["calibrate", "--model", str(out)])
-        ev_args = ["evaluate", "--model", str(out)] + (["--data", spec["eval_data"]] if spec["eval_data"] else [])
-        evaluated = call(ev_args)
-        full = call(ev_args + ["--policy", "none"])
+        trained = train(train_job([*command, "--output", str(out), "--no-progress"])).summary
+        calibrated = calibrate(str(out)).record
+        data = DataSpec(spec["eval_data"])
+        evaluated = evaluate(str(out), EvaluateSpec(data=data)).summary
+        full = evaluate(str(out), EvaluateSpec(data=data, policy="none")).summary
         figs = Path(args.docs) / "figures"
         figs.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "calibration" / "frontier.png", figs / f"{name}_frontier.png")

@@ -215,10 +215,9 @@ def encode_examples(bundle, examples) -> tuple[list, list, list]:
 
 
 def held_out(model_dir: str):
-    from epee.cli import _bundle_and_data, build_parser
+    from epee.workflows import dev_set
 
-    args = build_parser().parse_args(["evaluate", "--model", model_dir])
-    bundle, examples, _, _ = _bundle_and_data(args, "dev")
+    bundle, examples, _ = dev_set(model_dir)
     return bundle, examples
 
 
@@ -317,7 +316,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
                  steady_records: int = 0, confidence: float = 0.9, precision: str = "float32",
                  pipeline_batch_size: int = 0, decode_processes: int = 2) -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
-    from epee.cli import score_function
+    from epee.workflows import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
     from epee.engine import EarlyExitEngine
     from epee.policies import ExitPolicy

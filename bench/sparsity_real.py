@@ -38,17 +38,12 @@ SPARSITIES = (0.0, 0.5, 0.75)
 PROMPTS = (0, 8)
 
 
-def epee(*argv: str) -> dict:
-    from epee.cli import build_parser
+def measure(model: str, dev, baseline_macs: float) -> dict:
+    from epee.workflows import CalibrationSpec, EvaluateSpec, calibrate, evaluate
 
-    args = build_parser().parse_args(list(argv))
-    return args.func(args)
-
-
-def measure(model: str, data_args: list[str], baseline_macs: float) -> dict:
-    cal = epee("calibrate", "--model", model, *data_args)
-    full = epee("evaluate", "--model", model, "--policy", "none", *data_args)
-    ee = epee("evaluate", "--model", model, *data_args)
+    cal = calibrate(model, CalibrationSpec(data=dev)).record
+    full = evaluate(model, EvaluateSpec(data=dev, policy="none")).summary
+    ee = evaluate(model, EvaluateSpec(data=dev)).summary
     metric = cal["metric"]
     return {"metric": metric, "full_score": full[metric], "epee_score": ee[metric],
             "epee_setting": {k: cal["chosen"][k] for k in ("entropy_threshold", "patience")},
@@ -66,8 +61,10 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
                sparsities=SPARSITIES, prompt_counts=PROMPTS, frozen_prompts: int = 0, gradual_steps: int = 0,
                teacher: float = 0.0) -> dict:
     src = str(models / name)
-    dev_args = ["--max-examples", str(max_dev)]
-    base = epee("evaluate", "--model", src, "--policy", "none", *dev_args)
+    from epee.workflows import DataSpec, EvaluateSpec, SparsifyJob, evaluate, sparsify
+
+    dev = DataSpec(max_examples=max_dev)
+    base = evaluate(src, EvaluateSpec(data=dev, policy="none")).summary
     baseline = base["macs_per_record"]
     metric = next(k for k in ("micro_f1_positive", "accuracy") if k in base)  # the primary metric: DDI reports accuracy too
     model_id = json.loads((Path(src) / "epee_config.json").read_text()).get("model_id")
@@ -78,16 +75,15 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
         doc = json.loads((model_dir / "epee_config.json").read_text())
         row = {"sparsity_target": sparsity, "prompts": prompts, "stage": stage,
                "measured_sparsity": doc["sparsity"]["measured"], "train_seconds_both_stages": round(seconds, 1),
-               **measure(str(model_dir), dev_args, baseline)}
+               **measure(str(model_dir), dev, baseline)}
         out["runs"].append(row)
         print(json.dumps({"corpus": name, **row}), flush=True)
 
     # gradual pruning and distillation from the dense model: their rows are told apart from plain
     # one-shot pruning by their stage names
-    extra = ["--gradual-steps", str(gradual_steps)] if gradual_steps else []
+    extra = {"gradual_steps": gradual_steps, "teacher_distill": teacher}
     notes = [f"gradual, {gradual_steps} steps"] if gradual_steps else []
     if teacher:
-        extra += ["--teacher-distill", f"{teacher:g}"]
         notes.append(f"{TEACHER} {teacher:g}")
     suffix = f" ({', '.join(notes)})" if notes else ""
     for prompts in prompt_counts:
@@ -96,10 +92,9 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
                    + (f"_t{teacher:g}" if teacher else ""))
             sparse_dir, dense_dir = work / name / f"{tag}_sparse", work / name / f"{tag}_dense"
             t0 = time.time()
-            epee("sparsify", "--model", src, "--output", str(dense_dir), "--sparse-output", str(sparse_dir),
-                 "--sparsity", str(s), "--epochs", str(epochs), "--dense-epochs", str(epochs),
-                 "--num-prompts", str(prompts), "--max-train", str(max_train), "--max-dev", str(max_dev),
-                 "--lr", str(lr), "--no-progress", *extra)
+            sparsify(SparsifyJob(model=src, output=str(dense_dir), sparse_output=str(sparse_dir), sparsity=s,
+                                 epochs=epochs, dense_epochs=epochs, num_prompts=prompts, max_train=max_train,
+                                 max_dev=max_dev, lr=lr, progress=False, **extra))
             seconds = time.time() - t0
             for stage, d in (("sparse training", sparse_dir), ("dense fine-tuning", dense_dir)):
                 add_row(d, s, prompts, stage + suffix, seconds)
@@ -107,9 +102,9 @@ def run_corpus(name: str, models: Path, work: Path, max_train: int, max_dev: int
         for s in sparsities:
             d = work / name / f"s{int(100 * s)}_p{frozen_prompts}_frozen"
             t0 = time.time()
-            epee("sparsify", "--model", src, "--output", str(d), "--sparsity", str(s), "--epochs", str(epochs),
-                 "--dense-epochs", "0", "--num-prompts", str(frozen_prompts), "--freeze-backbone",
-                 "--max-train", str(max_train), "--max-dev", str(max_dev), "--no-progress")
+            sparsify(SparsifyJob(model=src, output=str(d), sparsity=s, epochs=epochs, dense_epochs=0,
+                                 num_prompts=frozen_prompts, freeze_backbone=True, max_train=max_train,
+                                 max_dev=max_dev, progress=False))
             add_row(d, s, frozen_prompts, FROZEN, time.time() - t0)
     return out
 

@@ -6,7 +6,8 @@
     epee sparsify   --model MODEL --output SPARSE --sparsity 0.75 [--dense-epochs 1] [--num-prompts 8]
     epee convert    --model MODEL        (pickle weights -> model.safetensors, once)
 
-See the README ("Training a model") for every data format with an example.
+See the README ("Training a model") for every data format with an example. Each command is
+argparse -> a dataclass of :mod:`epee.workflows` -> its function -> the result printed as JSON.
 """
 
 from __future__ import annotations
@@ -16,18 +17,15 @@ import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import LINEAR_KERNELS, PRECISIONS
+from .workflows.data import DATA_TASKS
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if TYPE_CHECKING:
+    from .workflows import DataFields, DataSpec, TrainJob
 
 log = logging.getLogger("epee")
-
-DATA_TASKS = ("sequence", "relation", "token", "image")
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -43,485 +41,69 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, help="seed of that split (default 13)")
 
 
-def _fields(args: argparse.Namespace, recorded: dict | None = None) -> dict[str, Any]:
-    recorded = recorded or {}
-    out = {}
-    for key, default in (("text_field", "text"), ("label_field", "label"), ("id_field", None), ("image_field", "path"),
-                         ("label_names", None), ("npz_split", None), ("dev_fraction", None), ("split_seed", 13)):
-        value = getattr(args, key, None)
-        out[key] = value if value is not None else recorded.get(key, default)
-    return out
+def _fields(args: argparse.Namespace) -> DataFields:
+    from .workflows import DataFields
+
+    return DataFields(**{k: getattr(args, k, None) for k in (
+        "text_field", "label_field", "id_field", "image_field", "label_names", "npz_split", "dev_fraction", "split_seed")})
 
 
-def _load(uri: str, task: str, fields: dict, negative_label: str | None, part: str = "all"):
-    from .data import load_examples, read_label_map, split_examples
+def _data(args: argparse.Namespace) -> DataSpec:
+    from .workflows import DataSpec
 
-    label_map = read_label_map(fields["label_names"]) if fields.get("label_names") else None
-    examples = load_examples(
-        uri, task, text_field=fields["text_field"], label_field=fields["label_field"], id_field=fields["id_field"],
-        image_field=fields["image_field"], split=fields.get("npz_split"), label_map=label_map,
-        negative_label=negative_label or "negative",
-    )
-    if part != "all":
-        if not fields.get("dev_fraction"):
-            raise SystemExit(f"--part {part} needs --dev-fraction")
-        train, dev = split_examples(examples, fields["dev_fraction"], fields["split_seed"])
-        examples = train if part == "train" else dev
-    return examples
+    return DataSpec(data=args.data, part=args.part, max_examples=args.max_examples, fields=_fields(args))
 
 
-def _encode_all(preprocessor, examples, teacher=None) -> tuple[list, list, list, int]:
-    """Encode examples: (samples, targets, teacher samples, skipped). Ones that cannot be encoded
-    are counted and skipped (ids logged, not text). With a ``teacher`` preprocessor (`sparsify
-    --teacher-distill`) each example is also encoded for the teacher, and kept only if both can."""
-    samples, targets, teacher_samples, skipped = [], [], [], 0
-    for ex in examples:
-        try:
-            enc = preprocessor.encode(ex)
-            teacher_enc = teacher.encode(ex) if teacher is not None else None
-        except ValueError as exc:
-            skipped += 1
-            log.warning("skipping example %s: %s", ex.id, exc)
-            continue
-        samples.append(enc.sample)
-        targets.append(enc.target)
-        if teacher_enc is not None:
-            teacher_samples.append(teacher_enc.sample)
-    return samples, targets, teacher_samples, skipped
+def _kwargs(args: argparse.Namespace, cls: type, **given: Any) -> dict[str, Any]:
+    """The dataclass fields ``cls`` shares with the parsed arguments, plus ``given``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - set(given)
+    return {**{n: getattr(args, n) for n in names if hasattr(args, n)}, **given}
 
 
-def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
-    """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
-    from .metrics import primary_metric
+# -- commands: argparse -> dataclass -> workflow -> what is printed ----------------------------------
+def _train_job(args: argparse.Namespace) -> TrainJob:
+    from .workflows import TrainJob
 
-    metric_task = "sequence" if data_task == "image" else data_task
-    metric = primary_metric(metric_task, negative_label)
-
-    def fn(gold: list, pred: list) -> float:
-        return all_scores(metric_task, gold, pred, label_names, negative_label)[metric]
-
-    return metric, fn
+    return TrainJob(**_kwargs(args, TrainJob, fields=_fields(args), progress=not args.no_progress,
+                              mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None))
 
 
-def all_scores(metric_task: str, gold: list, pred: list, label_names, negative_label) -> dict[str, float]:
-    from .encoding import IGNORE
-    from .metrics import task_scores
-
-    if metric_task == "token":  # positions without gold (special tokens) are not scored
-        pred = [[-1 if g == IGNORE else p for g, p in zip(gs, ps)] for gs, ps in zip(gold, pred)]
-        gold = [[-1 if g == IGNORE else g for g in gs] for gs in gold]
-    return task_scores(metric_task, gold, pred, label_names, negative_label)
+def train_job(flags: Sequence[str]) -> TrainJob:
+    """The :class:`~epee.workflows.TrainJob` of an `epee train FLAGS...` command, for a script that
+    keeps the training command it documents (bench.real_models): parsed here, never re-run as argv."""
+    return _train_job(build_parser().parse_args(["train", *flags]))
 
 
-# -- train -----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> dict:
-    import torch
+    from .workflows import train
 
-    from .config import EarlyExitConfig, ExitPolicyConfig
-    from .data import iter_labels, subsample
-    from .encoding import ImagePreprocessor, TextPreprocessor, TextSettings, bio_label_names
-    from .modeldir import save_model_dir
-    from .modeling import EarlyExitModel
-    from .training import TrainConfig, train
-
-    task = args.task
-    fields = _fields(args)
-    neg = args.negative_label
-    train_ex = _load(args.train, task, fields, neg)
-    if args.dev:
-        dev_ex = _load(args.dev, task, {**fields, "npz_split": args.dev_npz_split or fields["npz_split"]}, neg)
-    elif fields["dev_fraction"]:
-        from .data import split_examples
-
-        train_ex, dev_ex = split_examples(train_ex, fields["dev_fraction"], fields["split_seed"])
-    else:
-        raise SystemExit("give --dev FILE or --dev-fraction F")
-    n_train_all, n_dev_all = len(train_ex), len(dev_ex)
-    train_ex = subsample(train_ex, args.max_train, args.seed, neg if task == "relation" else None,
-                         args.negative_ratio if task == "relation" else None)
-    dev_ex = subsample(dev_ex, args.max_dev, args.seed)
-
-    if task == "token":
-        label_names = bio_label_names([s[0] for ex in train_ex for s in (ex.spans or ())])
-    else:
-        names = sorted(set(iter_labels(train_ex)))
-        if neg and neg in names:
-            names = [neg] + [n for n in names if n != neg]
-        label_names = tuple(names)
-    if task != "relation" or (neg and neg not in label_names):
-        neg = None if task != "relation" else neg
-    model_task = "sequence" if task == "image" else task
-    config = EarlyExitConfig(
-        task=model_task, label_names=label_names, negative_label=neg if task == "relation" else None,
-        pooling=args.pooling, head_input=args.head_input,
-        policy=ExitPolicyConfig(kind="epee", entropy_threshold=args.tau, patience=args.patience),
-    )
-    torch.manual_seed(args.seed)
-    if args.backbone:
-        model = EarlyExitModel.from_backbone(args.backbone, config, allow_pickle=args.allow_pickle_weights)
-    else:
-        model = EarlyExitModel.from_config(_architecture_config(args), config)
-    if task == "image":
-        from .images import ImageSettings
-
-        bc = model.backbone.config
-        n_ch = int(bc.num_channels)
-        preprocessor = ImagePreprocessor(label_names, ImageSettings(
-            image_size=int(bc.image_size), num_channels=n_ch,
-            mean=tuple(args.mean or [0.5] * n_ch), std=tuple(args.std or [0.5] * n_ch)))
-    else:
-        from transformers import AutoTokenizer
-
-        tok_dir = args.tokenizer or args.backbone
-        if not tok_dir:
-            raise SystemExit("text tasks trained from scratch need --tokenizer DIR")
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        preprocessor = TextPreprocessor(tokenizer, task, label_names, TextSettings(max_length=args.max_length))
-    model, preprocessor = _soft_prompts(model, preprocessor, args)
-    train_s, train_t, _, skipped_train = _encode_all(preprocessor, train_ex)
-    dev_s, dev_t, _, skipped_dev = _encode_all(preprocessor, dev_ex)
-    metric, fn = score_function(task, label_names, neg)
-    log.info("training %s on %d examples (dev %d); labels: %s", model.adapter.family, len(train_s), len(dev_s), ", ".join(label_names))
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                       head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                       distill_weight=args.distill)
-    started = time.time()
-    history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, checkpoint_dir=args.output, metric=metric,
-                    device=args.device, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
-    if args.stop_after_steps is not None and len(history.epochs) < args.epochs:
-        log.info("stopped after %d steps as asked; run the same command again to resume", args.stop_after_steps)
-        return {"stopped_after_steps": args.stop_after_steps}
-    model.to("cpu")
-    record = {
-        "data": {"train": args.train, "dev": args.dev, "dev_npz_split": args.dev_npz_split, "task": task, "fields": fields,
-                 "train_examples_available": n_train_all, "dev_examples_available": n_dev_all,
-                 "train_examples_used": len(train_s), "dev_examples_used": len(dev_s),
-                 "skipped_unencodable": {"train": skipped_train, "dev": skipped_dev},
-                 "max_train": args.max_train, "max_dev": args.max_dev, "negative_ratio": args.negative_ratio,
-                 "subsample_seed": args.seed},
-        "config": tcfg.__dict__, "history": history.to_dict(), "seconds": round(time.time() - started, 1),
-        "backbone_source": args.backbone or f"from config ({args.architecture})",
-    }
-    save_model_dir(args.output, model, preprocessor, {"training": record})
-    import shutil
-
-    shutil.rmtree(Path(args.output) / "checkpoint", ignore_errors=True)
-    last = history.epochs[-1].dev_scores_per_layer if history.epochs else []
-    return {"model": str(args.output), "metric": metric, "dev_scores_per_layer": last,
-            "full_depth_dev_score": last[-1] if last else None, "train_seconds": record["seconds"],
-            "train_examples": len(train_s), "dev_examples": len(dev_s)}
-
-
-def _soft_prompts(model, preprocessor, args: argparse.Namespace):
-    """``--num-prompts`` and ``--freeze-backbone`` (train, sparsify): the model with new soft prompts
-    and the preprocessor that reserves their positions; the backbone frozen if asked."""
-    from .encoding import TextPreprocessor
-
-    if args.freeze_backbone and not args.num_prompts:
-        raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
-    if args.num_prompts:
-        if not isinstance(preprocessor, TextPreprocessor):
-            raise SystemExit("--num-prompts: soft prompts are for text models")
-        if model.prompts is not None:
-            raise SystemExit(f"the model already has {model.config.num_prompts} soft prompts")
-        pre = preprocessor
-        preprocessor = TextPreprocessor(pre.tokenizer, pre.task, pre.label_names, pre.settings, num_prompts=args.num_prompts)
-        model = model.with_prompts(args.num_prompts, preprocessor.prompt_position)
-    if args.freeze_backbone:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-    return model, preprocessor
-
-
-def _architecture_config(args: argparse.Namespace):
-    from transformers import AlbertConfig, BertConfig, GPT2Config, ViTConfig
-
-    if not args.architecture:
-        raise SystemExit("give --backbone DIR (pretrained) or --architecture NAME (from scratch)")
-    overrides: dict = {}
-    if args.backbone_config:
-        text = Path(args.backbone_config).read_text() if os.path.isfile(args.backbone_config) else args.backbone_config
-        overrides = json.loads(text)
-    classes = {"bert": BertConfig, "albert": AlbertConfig, "gpt2": GPT2Config, "vit": ViTConfig}
-    if args.architecture not in classes:
-        raise SystemExit(f"--architecture must be one of {sorted(classes)}")
-    if args.architecture == "vit":
-        base = dict(image_size=args.image_size, patch_size=max(1, args.image_size // 7), num_channels=args.channels,
-                    hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=256)
-        base.update(overrides)
-        return ViTConfig(**base)
-    return classes[args.architecture](**overrides)
-
-
-# -- calibrate -------------------------------------------------------------------------------------
-def _bundle_and_data(args: argparse.Namespace, part_default: str):
-    from .modeldir import load_model_dir
-
-    bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
-    training = bundle.sections.get("training", {}).get("data", {})
-    fields = _fields(args, training.get("fields"))
-    neg = bundle.model.config.negative_label
-    if args.data:
-        uri, part = args.data, args.part
-    elif training.get("dev"):
-        uri, part = training["dev"], "all"
-        fields = {**fields, "npz_split": training.get("dev_npz_split") or fields.get("npz_split")}
-    elif training.get("train") and fields.get("dev_fraction"):
-        uri, part = training["train"], part_default
-    else:
-        raise SystemExit("give --data FILE (the model directory records no dev set)")
-    examples = _load(uri, bundle.data_task, fields, neg, part)
-    if args.max_examples:
-        from .data import subsample
-
-        examples = subsample(examples, args.max_examples, 0)
-    return bundle, examples, uri, part
-
-
-# Below this many calibration records, the 0.9 bootstrap rule was seen to let settings through whose
-# drop on new records exceeded the point (medical abstracts, 200 records; docs/analyses.md).
-SMALL_DEV_SET = 500
-SMALL_DEV_CONFIDENCE = 0.99
+    return train(_train_job(args)).summary
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict:
-    from .calibration import (
-        choose, choose_robust, collect_layer_outputs, plot_frontier, render_table_markdown, sweep, write_sweep_table,
-    )
-    from .config import ExitPolicyConfig
-    from .modeldir import update_model_dir
+    from .workflows import CalibrationSpec, calibrate
 
-    if "://" in args.model:
-        raise SystemExit("calibrate writes into the model directory: give a local path")
-    if not 0.0 <= args.confidence < 1.0 or args.resamples < 1:
-        raise SystemExit("--confidence must be in [0, 1) and --resamples >= 1")
-    bundle, examples, uri, part = _bundle_and_data(args, "dev")
-    model = bundle.model
-    samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
-    gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
-    metric, fn = score_function(bundle.data_task, model.config.label_names, model.config.negative_label)
-    outputs = collect_layer_outputs(model, samples, batch_size=args.batch_size, precision=args.precision,
-                                    linear_kernel=args.linear_kernel)
-    points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=args.min_exit_layer)
-    full = next(p for p in points if p.kind == "none")
-    if args.confidence:
-        robust = choose_robust(outputs, points, gold, fn, args.tolerance / 100.0, kind="epee",
-                               confidence=args.confidence, resamples=args.resamples)
-        chosen = robust.point
-        selection = {"rule": "paired bootstrap", "confidence": args.confidence, "resamples": args.resamples,
-                     "drop_quantile": robust.drop_quantile, "mean_drop": robust.mean_drop,
-                     "candidates_tested": robust.candidates_tested}
-        if len(samples) < SMALL_DEV_SET and args.confidence < SMALL_DEV_CONFIDENCE:
-            selection["warning"] = (
-                f"calibrated on {len(samples)} records at confidence {args.confidence}: on dev sets this small the "
-                f"chosen setting can drop more than the tolerance on new records (docs/analyses.md, 'Calibration "
-                f"rules for small dev sets'); --confidence {SMALL_DEV_CONFIDENCE} held it in every case measured, "
-                f"at more layers")
-            log.warning(selection["warning"])
-    else:
-        chosen = choose(points, full.score, args.tolerance / 100.0, kind="epee")
-        selection = {"rule": "point estimate"}
-    out = Path(args.model) / "calibration"
-    out.mkdir(exist_ok=True)
-    write_sweep_table(points, out / "sweep.csv")
-    (out / "frontier.md").write_text(render_table_markdown(points, chosen))
-    plot_frontier(points, chosen, out / "frontier.png", title=f"{Path(args.model).name}: {metric} vs mean exit layer")
-    per_layer = []
-    from .training import predict_all_layers
-
-    import torch
-
-    for preds in predict_all_layers(model, samples, args.batch_size, torch.device("cpu")):
-        per_layer.append(fn(gold, preds))
-    policy = ExitPolicyConfig(kind="epee", entropy_threshold=float(chosen.entropy_threshold),
-                              patience=int(chosen.patience), min_exit_layer=args.min_exit_layer)
-    record = {
-        "metric": metric, "tolerance_points": args.tolerance, "data": uri, "part": part, "examples": len(samples),
-        "skipped_unencodable": skipped, "full_depth_score": full.score, "per_layer_scores": per_layer,
-        "selection": selection, "precision": args.precision,
-        "chosen": {"kind": "epee", "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
-                   "score": chosen.score, "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup},
-        "files": ["calibration/sweep.csv", "calibration/frontier.md", "calibration/frontier.png"],
-    }
-    update_model_dir(args.model, policy=policy, calibration=record)
-    return record
+    return calibrate(args.model, CalibrationSpec(**_kwargs(args, CalibrationSpec, data=_data(args)))).record
 
 
-# -- evaluate --------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .config import EngineConfig, ExitPolicyConfig
-    from .engine import EarlyExitEngine
-    from .policies import ExitPolicy
+    from .workflows import EvaluateSpec, evaluate
 
-    bundle, examples, uri, part = _bundle_and_data(args, "dev")
-    model = bundle.model
-    t0 = time.perf_counter()
-    samples, targets, _, skipped = _encode_all(bundle.preprocessor, examples)
-    t_encode = time.perf_counter() - t0
-    policy_cfg = model.config.policy if args.policy is None else ExitPolicyConfig(
-        kind=args.policy, entropy_threshold=args.tau if args.tau is not None else model.config.policy.entropy_threshold,
-        patience=args.patience if args.patience is not None else model.config.policy.patience)
-    engine = EarlyExitEngine(model, EngineConfig(batch_size=args.batch_size, precision=args.precision,
-                                                 linear_kernel=args.linear_kernel, split_layers=not args.whole_layers))
-    t0 = time.perf_counter()
-    result = engine.run(samples, ExitPolicy(policy_cfg, model.num_layers))
-    t_run = time.perf_counter() - t0
-    metric_task = "sequence" if bundle.data_task == "image" else bundle.data_task
-    if metric_task == "token":
-        preds = [list(p.token_labels) for p in result.predictions]
-    else:
-        preds = [p.label for p in result.predictions]
-    gold = [t.tolist() if hasattr(t, "tolist") else t for t in targets]
-    scores = all_scores(metric_task, gold, preds, model.config.label_names, model.config.negative_label) if samples else {}
-    n = len(samples)
-    return {
-        "model": str(args.model), "data": uri, "part": part, "records": n, "skipped_unencodable": skipped,
-        "policy": policy_cfg.to_dict(), "precision": args.precision, **scores,
-        "mean_exit_layer": round(result.stats.mean_exit_layer, 4), "num_layers": model.num_layers,
-        "layer_speedup": round(result.stats.layer_speedup, 4),
-        "samples_per_s": round(n / t_run, 2) if t_run else None,
-        "samples_per_s_with_preprocessing": round(n / (t_run + t_encode), 2) if t_run else None,
-        "exits_per_layer": result.stats.exits_per_layer, "mean_batch_fill": round(result.stats.mean_batch_fill, 4),
-        "macs_per_record": result.stats.macs / n if n else 0.0,
-        "dense_full_macs_per_record": result.stats.dense_full_macs / n if n else 0.0,
-        **{f"macs_{k}": round(v, 6) for k, v in result.stats.mac_savings.items()},
-    }
+    return evaluate(args.model, EvaluateSpec(**_kwargs(args, EvaluateSpec, data=_data(args)))).summary
 
 
-# -- sparsify --------------------------------------------------------------------------------------
 def cmd_sparsify(args: argparse.Namespace) -> dict:
-    """Prune, train sparse (masks enforced), optionally fine-tune dense (masks released); soft
-    prompts optional. MediSwift's recipe on a trained early-exit model directory."""
-    import torch
+    from .workflows import SparsifyJob, sparsify
 
-    from .data import subsample
-    from .modeldir import load_model_dir, save_model_dir
-    from .sparsity import MaskEnforcer, SparsityConfig, measured_sparsity
-    from .training import TrainConfig, full_depth_logits, train
-
-    for name in ("epochs", "dense_epochs", "num_prompts"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
-    try:
-        sparse_cfg = SparsityConfig(sparsity=args.sparsity, scope=args.scope, pattern=args.pattern,
-                                    gradual_steps=args.gradual_steps)
-    except ValueError as exc:
-        raise SystemExit(f"epee sparsify: {exc}") from None
-    if args.freeze_backbone and not args.num_prompts:  # before loading anything
-        raise SystemExit("--freeze-backbone trains only the exit heads and the soft prompts: give --num-prompts")
-    try:  # the teacher's settings by TrainConfig's own rules, before loading anything
-        TrainConfig(teacher_weight=args.teacher_distill, teacher_temperature=args.teacher_temperature)
-    except ValueError as exc:
-        raise SystemExit(f"epee sparsify (--teacher-distill, --teacher-temperature): {exc}") from None
-    bundle = load_model_dir(args.model, allow_pickle=args.allow_pickle_weights)
-    model, pre = bundle.model, bundle.preprocessor
-    recorded = bundle.sections.get("training", {}).get("data", {})
-    fields = _fields(args, recorded.get("fields"))
-    task = bundle.data_task
-    neg = model.config.negative_label
-    train_uri = args.train or recorded.get("train")
-    if not train_uri:
-        raise SystemExit("give --train FILE (the model directory records no training data)")
-    train_ex = _load(train_uri, task, fields, neg)
-    dev_uri = args.dev or recorded.get("dev")
-    if dev_uri:
-        dev_ex = _load(dev_uri, task, {**fields, "npz_split": recorded.get("dev_npz_split") or fields["npz_split"]}, neg)
-    elif fields.get("dev_fraction"):
-        from .data import split_examples
-
-        train_ex, dev_ex = split_examples(train_ex, fields["dev_fraction"], fields["split_seed"])
-    else:
-        raise SystemExit("give --dev FILE (the model directory records no dev set)")
-    max_train = args.max_train if args.max_train is not None else recorded.get("max_train")
-    ratio = recorded.get("negative_ratio") if task == "relation" else None
-    train_ex = subsample(train_ex, max_train, args.seed, neg if task == "relation" else None, ratio)
-    dev_ex = subsample(dev_ex, args.max_dev if args.max_dev is not None else recorded.get("max_dev"), args.seed)
-
-    if args.teacher_distill > 0 and task == "token":
-        raise SystemExit("--teacher-distill is for sequence-level tasks (classification, relation, image), "
-                         "not token tagging")
-    torch.manual_seed(args.seed)
-    teacher, teacher_pre = model, pre  # as loaded: dense, no prompts; shares its weights with the student until training
-    model, pre = _soft_prompts(model, pre, args)
-    # teacher and student (perhaps with prompts) read each example through their own preprocessors
-    train_s, train_t, teacher_s, _ = _encode_all(pre, train_ex, teacher_pre if args.teacher_distill > 0 else None)
-    teacher_logits = None
-    if args.teacher_distill > 0:
-        teacher_logits = full_depth_logits(teacher, teacher_s, 64, args.device).cpu()
-        model.to("cpu")
-        log.info("teacher: %d training examples' full-depth logits from %s", len(teacher_s), args.model)
-    del teacher
-    dev_s, dev_t, _, _ = _encode_all(pre, dev_ex)
-    metric, fn = score_function(task, model.config.label_names, neg)
-    source_id = bundle.model_id or str(args.model)
-    before = measured_sparsity(model)
-
-    def stage(epochs: int, hook) -> dict:
-        tcfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                           head_learning_rate=args.head_lr, seed=args.seed, checkpoint_every=10**9,
-                           teacher_weight=args.teacher_distill, teacher_temperature=args.teacher_temperature)
-        started = time.time()
-        history = train(model, train_s, train_t, dev_s, dev_t, fn, tcfg, metric=metric, device=args.device,
-                        progress=not args.no_progress, step_hook=hook, teacher_logits=teacher_logits)
-        model.to("cpu")
-        last = history.epochs[-1].dev_scores_per_layer if history.epochs else []
-        return {"epochs": epochs, "config": tcfg.__dict__, "history": history.to_dict(),
-                "seconds": round(time.time() - started, 1), "dev_scores_per_layer": last,
-                "measured": measured_sparsity(model)}
-
-    enforcer = MaskEnforcer(model, sparse_cfg) if sparse_cfg.sparsity > 0 else None
-    pruned = measured_sparsity(model)
-    stages = {"sparse_training": stage(args.epochs, enforcer.after_step if enforcer else None) if args.epochs else None}
-    if enforcer is not None:
-        enforcer.finish()  # the target holds exactly, however many steps training ran
-        if stages["sparse_training"]:
-            stages["sparse_training"]["measured"] = measured_sparsity(model)
-    origin = {
-        "source_model_id": source_id, "method": "magnitude", "scope": sparse_cfg.scope, "pattern": sparse_cfg.pattern,
-        "gradual_steps": sparse_cfg.gradual_steps, "sparsity_before": before["sparsity"],
-        "sparsity_after_pruning": pruned["sparsity"],
-    }
-    training_record = {
-        "data": {**recorded, "train": train_uri, "dev": dev_uri, "train_examples_used": len(train_s),
-                 "dev_examples_used": len(dev_s), "max_train": max_train},
-        "lineage": bundle.sections.get("training"),
-    }
-
-    def sections(released: bool) -> dict:
-        measured = measured_sparsity(model)
-        return {"training": training_record, "sparsity": {
-            "target": sparse_cfg.sparsity, "config": sparse_cfg.to_dict(), "measured": measured["sparsity"],
-            "per_layer": measured["per_layer"], "prunable_weights": measured["prunable_weights"],
-            "masks": {**origin, "enforced_epochs": args.epochs, "released": released,
-                      "dense_epochs": args.dense_epochs if released else 0},
-            "stages": {k: v for k, v in stages.items() if v is not None},
-            "soft_prompts": {"num_prompts": model.config.num_prompts, "frozen_backbone": bool(args.freeze_backbone)},
-            "teacher": ({"source_model_id": source_id, "weight": args.teacher_distill,
-                         "temperature": args.teacher_temperature} if args.teacher_distill > 0 else None),
-        }}
-
-    if args.sparse_output and args.dense_epochs:
-        save_model_dir(args.sparse_output, model, pre, sections(released=False))
-    if args.dense_epochs:
-        stages["dense_finetuning"] = stage(args.dense_epochs, None)  # masks released: pruned weights may regrow
-    save_model_dir(args.output, model, pre, sections(released=bool(args.dense_epochs)))
-    final = stages.get("dense_finetuning") or stages["sparse_training"] or {}
-    last = final.get("dev_scores_per_layer", [])
-    return {"model": str(args.output), "sparse_model": args.sparse_output if args.dense_epochs else None,
-            "metric": metric, "sparsity_target": sparse_cfg.sparsity,
-            "sparsity_after_sparse_training": (stages["sparse_training"] or {}).get("measured", pruned)["sparsity"],
-            "sparsity_final": measured_sparsity(model)["sparsity"], "num_prompts": model.config.num_prompts,
-            "dev_scores_per_layer": last, "full_depth_dev_score": last[-1] if last else None,
-            "train_examples": len(train_s), "dev_examples": len(dev_s)}
+    return sparsify(SparsifyJob(**_kwargs(args, SparsifyJob, fields=_fields(args), progress=not args.no_progress))).summary
 
 
-# -- convert ---------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> dict:
-    from .modeldir import convert_pickle_weights
+    from .workflows import convert
 
-    if "://" in args.model:
-        raise SystemExit("convert rewrites the model directory: give a local path")
-    return convert_pickle_weights(args.model)
+    return convert(args.model)
 
 
 def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
@@ -672,18 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 (the message on stderr) when its arguments or data are
+    refused (a ``ValueError`` of the workflow, e.g. pickle weights without --allow-pickle-weights)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the command never downloads: models are directories
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from .weights import PickleWeightsRefused
-
     try:
         result = args.func(args)
-    except PickleWeightsRefused as exc:  # a refusal, not a crash: the message says what to do
-        raise SystemExit(f"epee {args.command}: {exc}") from None
+    except ValueError as exc:  # a refusal, not a crash: the message says what to do
+        log.debug("epee %s refused", args.command, exc_info=True)
+        print(f"epee {args.command}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2, default=float))
     return 0
 

@@ -333,3 +333,21 @@ class ImagePreprocessor:
                 raise ValueError(f"example {ex.id}: label {ex.label!r} is not one of the model's labels {self.label_names}")
             target = self.label_index[ex.label]
         return Encoded(EncodedSample(pixel_values=preprocess(ex.image, self.settings)), target)
+
+
+INPUT_MODES = ("windows", "truncate")
+
+
+def model_inputs(preprocessor: TextPreprocessor | ImagePreprocessor, example: Example, mode: str = "windows",
+                 overlap: float = 0.25, max_windows: int = 0) -> tuple[list[Encoded], bool]:
+    """What the model reads of one example, and whether windows were left out (``max_windows``).
+
+    ``windows``: a text longer than the model's maximum length is covered by overlapping windows
+    (:meth:`TextPreprocessor.first_windows`), as the pipelines run it; ``truncate``: its beginning
+    only (:meth:`TextPreprocessor.encode`). Images and relations are one input either way.
+    """
+    if mode not in INPUT_MODES:
+        raise ValueError(f"mode ({mode!r}) must be one of {INPUT_MODES}")
+    if mode == "truncate" or not isinstance(preprocessor, TextPreprocessor):
+        return [preprocessor.encode(example)], False
+    return preprocessor.first_windows(example, overlap, max_windows)

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -75,11 +73,11 @@ def train_notes_model(out: Path) -> None:
     from transformers import AutoTokenizer
 
     from epee import EarlyExitConfig, EarlyExitModel
-    from epee.cli import main as epee_main
     from epee.data import Example
     from epee.encoding import TextPreprocessor, TextSettings
     from epee.modeldir import save_model_dir
     from epee.training import fit_heads_as_probes
+    from epee.workflows import CalibrationSpec, DataSpec, calibrate
 
     from .sample_data import LABELS, generate_notes
 
@@ -96,13 +94,12 @@ def train_notes_model(out: Path) -> None:
                                                           "data": {"fields": {"text_field": "text", "label_field": "label"}}}})
     dev = out.parent / "notes-dev.jsonl"
     dev.write_text("".join(json.dumps({"text": n.text, "label": n.label}) + "\n" for n in generate_notes(200, seed=202)))
-    with contextlib.redirect_stdout(io.StringIO()):
-        # 0.99: the confidence epee calibrate advises for dev sets under 500 records (docs/analyses.md)
-        epee_main(["calibrate", "--model", str(out), "--data", str(dev), "--confidence", "0.99"])
+    # 0.99: the confidence epee calibrate advises for dev sets under 500 records (docs/analyses.md)
+    calibrate(str(out), CalibrationSpec(data=DataSpec(str(dev)), confidence=0.99))
 
 
 def train_image_model(out: Path) -> None:
-    from epee.cli import main as epee_main
+    from epee.workflows import CalibrationSpec, DataFields, TrainJob, calibrate, train
 
     rng = np.random.default_rng(0)
     n = 600
@@ -114,13 +111,12 @@ def train_image_model(out: Path) -> None:
     data = out.parent / "synthetic_images.npz"
     images = images.astype(np.uint8)
     np.savez(data, train_images=images[:500], train_labels=labels[:500], val_images=images[500:], val_labels=labels[500:])
-    with contextlib.redirect_stdout(io.StringIO()):
-        epee_main(["train", "--task", "image", "--train", str(data), "--npz-split", "train", "--dev", str(data),
-                   "--dev-npz-split", "val", "--architecture", "vit", "--image-size", "28", "--output", str(out),
-                   "--backbone-config", json.dumps({"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
-                                                    "intermediate_size": 128, "patch_size": 4}),
-                   "--epochs", "6", "--batch-size", "32", "--lr", "1e-3", "--no-progress"])
-        epee_main(["calibrate", "--model", str(out), "--confidence", "0.99"])  # 100 dev images
+    train(TrainJob(task="image", train=str(data), fields=DataFields(npz_split="train"), dev=str(data),
+                   dev_npz_split="val", architecture="vit", image_size=28, output=str(out),
+                   backbone_config=json.dumps({"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
+                                               "intermediate_size": 128, "patch_size": 4}),
+                   epochs=6, batch_size=32, lr=1e-3, progress=False))
+    calibrate(str(out), CalibrationSpec(confidence=0.99))  # 100 dev images
 
 
 def _current(path: Path, pooling: str = "default") -> bool:

@@ -34,20 +34,21 @@ class Prepare(beam.DoFn):
 
     def process(self, record: InputRecord) -> Iterator:
         from epee.data import Example
+        from epee.encoding import model_inputs
 
         try:
             if self.task == "image":
                 if record.pixels is None:
                     raise InputError("prepare_error", "the model takes images, this record has none")
-                encoded = [self.preprocessor.encode(Example(id=record.record_id, image=record.pixels))]
+                ex = Example(id=record.record_id, image=record.pixels)
             else:
                 if record.text is None:
                     raise InputError("prepare_error", "the model takes text, this record has none")
                 ex = Example(id=record.record_id, text=record.text, entities=record.entities)
-                # with max_windows, only the beginning of a long note that those windows need is tokenised
-                encoded, truncated = self.preprocessor.first_windows(ex, self.overlap, self.max_windows)
-                if truncated:
-                    Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
+            # with max_windows, only the beginning of a long note that those windows need is tokenised
+            encoded, truncated = model_inputs(self.preprocessor, ex, "windows", self.overlap, self.max_windows)
+            if truncated:
+                Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
         except Exception as exc:  # noqa: BLE001 - one record the preprocessor cannot encode costs that record
             # the tokenizer's or image code's own text can quote the note: only its type is kept
             Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()

@@ -29,7 +29,7 @@ def test_sample_notes_probes_predict_the_same_in_int8_and_bfloat16(tmp_path):
     import torch
 
     from epee.calibration import collect_layer_outputs
-    from epee.cli import _encode_all
+    from epee.workflows import encode_all
     from epee.data import Example, read_records
     from epee.kernels import int8_matmul_available
     from epee.modeldir import load_model_dir
@@ -40,7 +40,7 @@ def test_sample_notes_probes_predict_the_same_in_int8_and_bfloat16(tmp_path):
     bundle = load_model_dir(out)
     assert bundle.model.config.pooling == "mean" and sample_job._current(out, "mean")
     rows = read_records(str(tmp_path / "notes-dev.jsonl"))
-    samples, targets, _, _ = _encode_all(bundle.preprocessor, [Example(id=str(i), text=r["text"], label=r["label"])
+    samples, targets, _, _ = encode_all(bundle.preprocessor, [Example(id=str(i), text=r["text"], label=r["label"])
                                                                for i, r in enumerate(rows)])
     gold = torch.tensor([int(t) for t in targets])
     reference = [p.argmax(-1) for p in collect_layer_outputs(bundle.model, samples).probs]

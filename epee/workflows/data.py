@@ -1,0 +1,228 @@
+"""Labelled data for the workflows: which fields to read, which dev set, encoding and scoring.
+
+The dev-set rule lives here once (:func:`dev_source`): the data given explicitly, else the dev set
+the model directory recorded at training, else a ``dev_fraction`` split of the recorded training
+data; ``train``, ``calibrate``, ``evaluate`` and ``sparsify`` all ask it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..data import Example
+
+log = logging.getLogger("epee")
+
+DATA_TASKS = ("sequence", "relation", "token", "image")
+PARTS = ("all", "train", "dev")
+# the overlap of the windows a long note is read in, as the pipelines' --window_overlap default
+WINDOW_OVERLAP = 0.25
+
+
+def model_task(data_task: str) -> str:
+    """The model's (and the metrics') task for a data task: images are classified as sequences."""
+    return "sequence" if data_task == "image" else data_task
+
+
+@dataclass(frozen=True)
+class DataFields:
+    """Where the values are in a data file; ``None`` takes the model directory's recorded value,
+    else the default named beside each field."""
+
+    text_field: str | None = None  # column holding the text (text)
+    label_field: str | None = None  # column holding the label (label)
+    id_field: str | None = None  # column holding a record id (row number)
+    image_field: str | None = None  # image tables: column with the file path (path)
+    label_names: str | None = None  # two-column table (id,name) mapping raw label values to names
+    npz_split: str | None = None  # npz files: array prefix, e.g. "train"
+    dev_fraction: float | None = None  # carve a dev split out of the data, by document
+    split_seed: int | None = None  # seed of that split (13)
+
+    def __post_init__(self) -> None:
+        if self.dev_fraction is not None and self.dev_fraction and not 0.0 < self.dev_fraction < 1.0:
+            raise ValueError(f"dev_fraction ({self.dev_fraction}) must lie in (0, 1)")
+
+    def resolve(self, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every field's value: given here, else ``recorded`` (a model directory's), else the default."""
+        recorded = recorded or {}
+        out = {}
+        for key, default in (("text_field", "text"), ("label_field", "label"), ("id_field", None),
+                             ("image_field", "path"), ("label_names", None), ("npz_split", None),
+                             ("dev_fraction", None), ("split_seed", 13)):
+            value = getattr(self, key)
+            out[key] = value if value is not None else recorded.get(key, default)
+        return out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The labelled data ``calibrate`` and ``evaluate`` score: ``data`` (default: the dev set the
+    model directory recorded), its ``part`` with a ``dev_fraction``, at most ``max_examples``."""
+
+    data: str | None = None
+    part: str = "all"  # "all", or with fields.dev_fraction the "train" or "dev" part
+    max_examples: int | None = None
+    fields: DataFields = DataFields()
+
+    def __post_init__(self) -> None:
+        if self.part not in PARTS:
+            raise ValueError(f"part ({self.part!r}) must be one of {PARTS}")
+        if self.max_examples is not None and self.max_examples < 0:
+            raise ValueError(f"max_examples ({self.max_examples}) must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dev set comes from: a file and the part of it to keep."""
+
+    uri: str
+    npz_split: str | None
+    part: str  # "all", "train" or "dev" (of a dev_fraction split)
+
+
+def dev_source(fields: dict[str, Any], recorded: dict[str, Any] | None = None, data: str | None = None,
+               npz_split: str | None = None, part: str = "all", train: str | None = None,
+               missing: str = "give --data FILE (the model directory records no dev set)") -> DataSource:
+    """The one dev-set rule: ``data`` if given (its ``part``; ``npz_split`` else the fields'), else
+    the dev set ``recorded`` at training, else the dev part of a ``dev_fraction`` split of
+    ``train`` (else of the recorded training data). ``missing``: the message when there is none."""
+    recorded = recorded or {}
+    if data:
+        return DataSource(data, npz_split or fields.get("npz_split"), part)
+    if recorded.get("dev"):
+        return DataSource(recorded["dev"], recorded.get("dev_npz_split") or fields.get("npz_split"), "all")
+    train = train or recorded.get("train")
+    if train and fields.get("dev_fraction"):
+        return DataSource(train, fields.get("npz_split"), "dev")
+    raise ValueError(missing)
+
+
+def load(uri: str, task: str, fields: dict[str, Any], negative_label: str | None, part: str = "all") -> list[Example]:
+    """The labelled examples of ``uri``; with ``part`` "train" or "dev", that part of the
+    ``dev_fraction`` split."""
+    from ..data import load_examples, read_label_map, split_examples
+
+    label_map = read_label_map(fields["label_names"]) if fields.get("label_names") else None
+    examples = load_examples(
+        uri, task, text_field=fields["text_field"], label_field=fields["label_field"], id_field=fields["id_field"],
+        image_field=fields["image_field"], split=fields.get("npz_split"), label_map=label_map,
+        negative_label=negative_label or "negative",
+    )
+    if part != "all":
+        if not fields.get("dev_fraction"):
+            raise ValueError(f"part {part!r} needs a dev_fraction (--dev-fraction)")
+        train, dev = split_examples(examples, fields["dev_fraction"], fields["split_seed"])
+        examples = train if part == "train" else dev
+    return examples
+
+
+def load_source(source: DataSource, task: str, fields: dict[str, Any], negative_label: str | None) -> list[Example]:
+    return load(source.uri, task, {**fields, "npz_split": source.npz_split}, negative_label, source.part)
+
+
+def encode_all(preprocessor, examples: Sequence[Example], teacher=None) -> tuple[list, list, list, int]:
+    """Encode examples, truncated: (samples, targets, teacher samples, skipped). Ones that cannot
+    be encoded are counted and skipped (ids logged, not text). With a ``teacher`` preprocessor
+    (`sparsify --teacher-distill`) each example is also encoded for the teacher, kept only if both can."""
+    samples, targets, teacher_samples, skipped = [], [], [], 0
+    for ex in examples:
+        try:
+            enc = preprocessor.encode(ex)
+            teacher_enc = teacher.encode(ex) if teacher is not None else None
+        except ValueError as exc:
+            skipped += 1
+            log.warning("skipping example %s: %s", ex.id, exc)
+            continue
+        samples.append(enc.sample)
+        targets.append(enc.target)
+        if teacher_enc is not None:
+            teacher_samples.append(teacher_enc.sample)
+    return samples, targets, teacher_samples, skipped
+
+
+@dataclass(frozen=True)
+class EncodedSet:
+    """Examples as the engine reads them: ``samples`` (windows), whose example ``owners`` is."""
+
+    samples: list  # EncodedSample per window
+    targets: list  # per window: its example's target
+    owners: list[int]  # per window: index of its example among the encoded ones
+    examples: int  # examples encoded
+    skipped: int  # examples that could not be encoded
+
+    @property
+    def gold(self) -> list:
+        """One target per example (its first window's), as plain values."""
+        first = {}
+        for target, owner in zip(self.targets, self.owners):
+            first.setdefault(owner, target)
+        return [_plain(first[i]) for i in range(self.examples)]
+
+
+def _plain(target: Any) -> Any:
+    return target.tolist() if hasattr(target, "tolist") else target
+
+
+def encode_windows(preprocessor, examples: Sequence[Example], data_task: str) -> EncodedSet:
+    """Encode examples the way the pipelines do (:func:`epee.encoding.model_inputs`): a long
+    note of a sequence task is read in overlapping windows; token tasks keep their gold tags by
+    truncating (the windows of a long note carry none); relations and images have one input."""
+    from ..encoding import model_inputs
+
+    mode = "windows" if data_task == "sequence" else "truncate"
+    samples, targets, owners, kept, skipped = [], [], [], 0, 0
+    for ex in examples:
+        try:
+            encoded, _ = model_inputs(preprocessor, ex, mode, WINDOW_OVERLAP)
+        except ValueError as exc:
+            skipped += 1
+            log.warning("skipping example %s: %s", ex.id, exc)
+            continue
+        for enc in encoded:
+            samples.append(enc.sample)
+            targets.append(enc.target)
+            owners.append(kept)
+        kept += 1
+    return EncodedSet(samples, targets, owners, kept, skipped)
+
+
+def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
+    """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
+    from ..metrics import primary_metric
+
+    metric_task = model_task(data_task)
+    metric = primary_metric(metric_task, negative_label)
+
+    def fn(gold: list, pred: list) -> float:
+        return all_scores(metric_task, gold, pred, label_names, negative_label)[metric]
+
+    return metric, fn
+
+
+def all_scores(metric_task: str, gold: list, pred: list, label_names, negative_label) -> dict[str, float]:
+    """Every metric of the task; token positions without gold (special tokens) are not scored."""
+    from ..encoding import IGNORE
+    from ..metrics import task_scores
+
+    if metric_task == "token":
+        pred = [[-1 if g == IGNORE else p for g, p in zip(gs, ps)] for gs, ps in zip(gold, pred)]
+        gold = [[-1 if g == IGNORE else g for g in gs] for gs in gold]
+    return task_scores(metric_task, gold, pred, label_names, negative_label)
+
+
+def dev_set(model_dir: str, spec: DataSpec = DataSpec(), allow_pickle_weights: bool = False):
+    """(bundle, examples, source): the model directory loaded and the labelled data to score it on,
+    chosen by :func:`dev_source`, subsampled (seed 0) to ``spec.max_examples``."""
+    from ..data import subsample
+    from ..modeldir import load_model_dir
+
+    bundle = load_model_dir(model_dir, allow_pickle=allow_pickle_weights)
+    training = bundle.sections.get("training", {}).get("data", {})
+    fields = spec.fields.resolve(training.get("fields"))
+    source = dev_source(fields, training, data=spec.data, part=spec.part)
+    examples = load_source(source, bundle.data_task, fields, bundle.model.config.negative_label)
+    if spec.max_examples:
+        examples = subsample(examples, spec.max_examples, 0)
+    return bundle, examples, source
