@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import epee.engine
+import epee.runtime
 import epee.kernels
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
@@ -151,14 +151,14 @@ def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
 
 
 def record_modes(monkeypatch) -> list:
-    """The kernel modes the engine's runs enter, in order (``epee.engine.linear_kernel_mode`` spied on)."""
+    """The kernel modes the engine's runs enter, in order (``epee.runtime.linear_kernel_mode`` spied on)."""
     modes = []
 
     def recording(kernel, int8=None):
         modes.append(linear_kernel_mode(kernel, int8))
         return modes[-1]
 
-    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    monkeypatch.setattr(epee.runtime, "linear_kernel_mode", recording)
     return modes
 
 
