@@ -191,9 +191,11 @@ def test_calibration_collects_the_same_probabilities_with_either_kernel():
 def test_handler_refuses_onednn_off_the_cpu_at_construction(tmp_path):
     from transforms.handler import EarlyExitModelHandler
 
-    with pytest.raises(ValueError, match="CPU only"):
-        EarlyExitModelHandler(str(tmp_path), device="cuda", linear_kernel="onednn")
-    handler = EarlyExitModelHandler(str(tmp_path), linear_kernel="aten")
+    from transforms.context import JobContext
+
+    with pytest.raises(ValueError, match="CPU only"):  # the handler's engine config, built at start-up
+        EarlyExitModelHandler(JobContext("r", str(tmp_path)), EngineConfig(device="cuda", linear_kernel="onednn"))
+    handler = EarlyExitModelHandler(JobContext("r", str(tmp_path)), EngineConfig(linear_kernel="aten"))
     assert handler.engine_config.linear_kernel == "aten"
 
 
