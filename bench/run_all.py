@@ -397,9 +397,10 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     variants = {"pipeline_epee": ["--exit_policy", "epee", "--entropy_threshold", str(epee.entropy_threshold),
                                   "--patience", str(epee.patience)],
                 "pipeline_full": ["--exit_policy", "none"]}
+    from transforms.context import JobContext
     from transforms.handler import EarlyExitModelHandler
 
-    our_batch = EarlyExitModelHandler(model_dir, max_batch_size=pipeline_batch_size or None).max_batch_size
+    our_batch = EarlyExitModelHandler(JobContext("bench", model_dir), max_batch_size=pipeline_batch_size or None).max_batch_size
     result["run_inference_batch"] = {"beam_stock": stock_batch_size, "pipelines": our_batch}
     if our_batch != stock_batch_size:  # what the batching alone is worth: our EPEE pipeline at the stock's batch
         variants["pipeline_epee_at_stock_batch"] = variants["pipeline_epee"] + [

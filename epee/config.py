@@ -14,7 +14,6 @@ POLICY_KINDS = ("entropy", "patience", "epee", "none")
 TASKS = ("sequence", "relation", "token")
 POOLINGS = ("default", "mean")
 HEAD_INPUTS = ("layer", "attention")  # EarlyExitConfig.head_input
-BACKBONES = ("bert", "albert", "gpt2", "vit")
 
 
 @dataclass(frozen=True)
@@ -199,3 +198,11 @@ class EngineConfig:
     @property
     def effective_window(self) -> int:
         return self.window_size or 16 * self.batch_size
+
+    @classmethod
+    def from_options(cls, options: Any) -> "EngineConfig":
+        """From a launcher's parsed options: any object with the pipelines' attributes
+        ``engine_batch_size``, ``device``, ``precision``, ``linear_kernel`` and ``whole_layers``
+        (Beam's ``EpeeOptions``, an ``argparse.Namespace``); epee itself never imports Beam."""
+        return cls(batch_size=options.engine_batch_size, device=options.device, precision=options.precision,
+                   linear_kernel=options.linear_kernel, split_layers=not options.whole_layers)

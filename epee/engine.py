@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from .config import EngineConfig
 from .inputs import EncodedSample, collate
-from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
-from .modeling import EarlyExitModel, precision_autocast
+from .modeling import EarlyExitModel
 from .policies import CONTINUE, REASON_NAMES, ExitPolicy, exit_signal, update_streak
+from .runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -271,22 +271,24 @@ class EarlyExitEngine:
     """Runs an :class:`EarlyExitModel` over many samples with per-sample early exit."""
 
     def __init__(
-        self, model: EarlyExitModel, config: EngineConfig | None = None, policy: ExitPolicy | None = None
+        self, model: EarlyExitModel, config: EngineConfig | None = None, policy: ExitPolicy | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
+        """``runtime``: the arithmetic to run with, when the caller already built it for this model
+        and config (calibration, a worker's handler); else built here (int8 weights quantised)."""
         self.model = model.eval()
         self.config = config or EngineConfig()
         self.policy = policy or ExitPolicy(model.config.policy, model.num_layers)
         self.device = torch.device(self.config.device)
-        # "onednn" or "aten": the float32 CPU linear kernel this engine's runs use (epee.kernels)
-        self.linear_kernel = resolve_linear_kernel(self.config.linear_kernel, self.device, self.config.precision)
-        # --precision int8: the layers' weights quantised once, here (after any pruning)
-        self.int8 = Int8Weights.for_model(model) if self.config.precision == "int8" else None
+        self.runtime = runtime or Runtime.from_config(model, self.config)
+        self.linear_kernel = self.runtime.linear_kernel  # "onednn" or "aten" (epee.kernels)
         from .flops import MacCounter
 
         self.macs = MacCounter.for_model(model)  # non-zero weights as they are now: build engines after pruning
 
     def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None) -> RunResult:
-        """Predict every sample; results come back in input order."""
+        """Predict every sample; results come back in input order. ``policy``: this call's exit
+        policy (default: the engine's); the engine itself is built once and reused."""
         policy = policy or self.policy
         cfg = self.config
         stats = EngineStats(num_layers=self.model.num_layers, batch_size=cfg.batch_size, samples=len(samples))
@@ -295,8 +297,7 @@ class EarlyExitEngine:
         if cfg.sort_by_length:
             order.sort(key=lambda i: samples[i].length)
         window = cfg.effective_window
-        with torch.inference_mode(), precision_autocast(self.device, cfg.precision), \
-                linear_kernel_mode(self.linear_kernel, self.int8):
+        with self.runtime.context():
             for start in range(0, len(order), window):
                 self._run_window(samples, order[start : start + window], policy, stats, results)
         return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .inputs import EncodedSample, collate
-from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
-from .modeling import EarlyExitModel, precision_autocast
+from .modeling import EarlyExitModel
 from .policies import CONTINUE, ExitPolicy, ExitSignal, exit_signal, update_streak
+from .runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ def collect_layer_outputs(
     ``precision`` and ``linear_kernel`` as in :class:`EngineConfig` (calibrate with the
     arithmetic the pipeline runs with).
     """
-    autocast = precision_autocast(device, precision)
-    int8 = Int8Weights.for_model(model) if precision == "int8" else None
-    kernel = linear_kernel_mode(resolve_linear_kernel(linear_kernel, device, precision), int8)
+    runtime = Runtime(model, device, precision, linear_kernel)  # the engine's arithmetic (epee.runtime)
     if not samples:
         raise ValueError("no samples to collect layer outputs from")
     if batch_size < 1:
@@ -91,7 +89,7 @@ def collect_layer_outputs(
     chunks: list[list[torch.Tensor]] = []  # per batch: L probs tensors
     masks: list[torch.Tensor] = []
     lengths: list[torch.Tensor] = []
-    with torch.inference_mode(), autocast, kernel:
+    with runtime.context():
         for start in range(0, len(order), batch_size):
             batch = collate([samples[i] for i in order[start : start + batch_size]], model.adapter.pad_token_id)
             out = model(batch.to(device))

@@ -21,7 +21,7 @@ from transforms.readers import DEAD, INPUTS, ReadDicom, ReadNotes
 from transforms.writers import ExitStatsFn, WriteOutputs
 
 from . import outputs
-from .options import PIPELINE_TASKS, EpeeOptions, default_run_id, help_parser
+from .options import PIPELINE_TASKS, EpeeOptions, default_run_id, help_parser, run_configs
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,9 @@ def validate(opts: EpeeOptions, pipeline: str, paths: PathWriter = PathWriter())
     if opts.min_batch_size is not None and not 1 <= opts.min_batch_size <= (opts.max_batch_size or opts.min_batch_size):
         raise StartupError(f"--min_batch_size ({opts.min_batch_size}) must lie in [1, --max_batch_size "
                            f"({opts.max_batch_size})]")
-    if opts.heap_trim_seconds < 0:
-        raise StartupError(f"--heap_trim_seconds must be >= 0 (0 disables), got {opts.heap_trim_seconds}")
-    # checked here, not per note: a bad value would otherwise dead-letter every long note
-    if opts.max_windows < 0:
-        raise StartupError(f"--max_windows must be >= 0 (0: the whole note), got {opts.max_windows}")
-    if not 0.0 <= opts.window_overlap < 1.0:
-        raise StartupError(f"--window_overlap must lie in [0, 1), got {opts.window_overlap}")
-    if opts.torch_threads < 0:
-        raise StartupError(f"--torch_threads must be >= 0 (0: PyTorch's default), got {opts.torch_threads}")
     if opts.decode_processes < 1:
         raise StartupError(f"--decode_processes must be >= 1, got {opts.decode_processes}")
-    from epee.kernels import check_linear_kernel
-
-    try:
-        check_linear_kernel(opts.linear_kernel, opts.device, opts.precision)
-    except ValueError as exc:
-        raise StartupError(f"--linear_kernel: {exc}") from None
+    # the engine, worker and long-note options are checked once, by their configs (run_configs)
     doc = read_model_config(opts.model)
     task = doc["preprocessing"]["data_task"]
     if task != PIPELINE_TASKS[pipeline]:
@@ -240,32 +226,32 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                 previous = outputs.manifest_inputs_pattern(opts.skip_processed)
             except FileNotFoundError as exc:
                 raise StartupError(str(exc)) from None
-        threads = torch_threads(opts.torch_threads, options)
+        run_id = opts.run_id or default_run_id()  # stamped here, once: every transform takes it from the job
+        try:
+            configs = run_configs(opts, run_id, s3_client_kwargs(options), key_source,
+                                  torch_threads(opts.torch_threads, options))
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     except StartupError as exc:
         raise StartupError(written_paths(str(exc), options, paths)) from None
-    run_id = opts.run_id or default_run_id()
     task = PIPELINE_TASKS[pipeline]
-    handler = EarlyExitModelHandler(opts.model, run_id=run_id, engine_batch_size=opts.engine_batch_size,
+    handler = EarlyExitModelHandler(configs.job, configs.engine, configs.worker, policy=policy_override(opts, doc),
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
-                                    device=opts.device, large_model=opts.large_model, policy=policy_override(opts, doc),
-                                    s3_client_kwargs=s3_client_kwargs(options),
-                                    allow_pickle_weights=opts.allow_pickle_weights,
-                                    heap_trim_seconds=opts.heap_trim_seconds, precision=opts.precision,
-                                    linear_kernel=opts.linear_kernel, split_layers=not opts.whole_layers,
-                                    torch_threads=threads)
+                                    large_model=opts.large_model)
+    inference = EarlyExitInference(handler, configs.prepare)
     started = time.time()
     stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
     reader = make_reader(pipeline, opts, task, run_id, previous=previous, key_source=key_source)
     if options.view_as(StandardOptions).streaming:  # watch --input, write per window: pipelines/streaming.py
         from .streaming import run_streaming
 
-        return {**run_streaming(options, reader, handler, stats_fn, started), "output": paths(opts.output)}
+        return {**run_streaming(options, reader, inference, stats_fn, started), "output": paths(opts.output)}
     # the run's final directory: nothing reads it until a manifest names it (pipelines/outputs.py)
     run_dir = outputs.new_run_dir(opts.output, run_id)
     try:
         with beam.Pipeline(options=options) as p:
             read = p | type(reader).__name__ >> reader
-            predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(handler, run_id, opts.window_overlap, opts.max_windows)
+            predictions, inference_dead = read.records | "EarlyExit" >> inference
             dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
             (predictions, dead, read[INPUTS]) | "Write" >> WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source)
         pipeline_done = time.time()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from epee.config import LINEAR_KERNELS, PRECISIONS
+from epee.config import LINEAR_KERNELS, PRECISIONS, EngineConfig
+from transforms.context import JobContext, PrepareConfig, WorkerConfig
 
 PIPELINE_TASKS = {"notes": "sequence", "relations": "relation", "events": "token", "dicom": "image"}
 
@@ -116,6 +119,34 @@ class EpeeOptions(PipelineOptions):
         s.add_argument("--stop_after", type=float, default=None,
                        help="streaming: stop watching --input this many seconds after the start, then finish "
                             "the open windows and exit (default: watch until the job is cancelled)")
+
+
+@dataclass(frozen=True)
+class RunConfigs:
+    """Every config a run's transforms take, built once from the parsed options."""
+
+    job: JobContext  # run id, model directory, storage options, pseudonym key
+    engine: EngineConfig  # how the engine batches and computes (--engine_batch_size, --precision, ...)
+    worker: WorkerConfig  # per worker process: --torch_threads, --heap_trim_seconds, --allow_pickle_weights
+    prepare: PrepareConfig  # long notes: --window_overlap, --max_windows
+
+
+def run_configs(opts: "EpeeOptions", run_id: str, storage_options: dict[str, Any], key_source: Any,
+                torch_threads: int) -> RunConfigs:
+    """The run's configs from its options; each value is checked once, by its config, and a bad
+    one raises ``ValueError`` naming the option. ``torch_threads``: as resolved for the runner
+    (:func:`pipelines.common.torch_threads`)."""
+    try:
+        engine = EngineConfig.from_options(opts)
+    except ValueError as exc:  # the engine's own words; the option that set the value first
+        raise ValueError(f"--{'engine_batch_size' if 'batch_size' in str(exc) else 'linear_kernel'}: {exc}") from None
+    return RunConfigs(
+        job=JobContext(run_id=run_id, model_uri=opts.model, storage_options=storage_options, key_source=key_source),
+        engine=engine,
+        worker=WorkerConfig(torch_threads=torch_threads, heap_trim_seconds=opts.heap_trim_seconds,
+                            allow_pickle_weights=bool(opts.allow_pickle_weights)),
+        prepare=PrepareConfig(window_overlap=opts.window_overlap, max_windows=opts.max_windows),
+    )
 
 
 def default_run_id() -> str:

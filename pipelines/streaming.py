@@ -39,7 +39,6 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
-from transforms.handler import EarlyExitModelHandler
 from transforms.inference import EarlyExitInference
 from transforms.readers import DEAD, INPUTS, NAMESPACE, ReadDicom
 from transforms.writers import OUTPUT_SCHEMAS, ExitStatsFn, WriteWindowedOutputs
@@ -132,11 +131,11 @@ def file_dofn(reader: beam.PTransform) -> beam.DoFn:
     return reader.decode if isinstance(reader, ReadDicom) else reader.parse
 
 
-def run_streaming(options: PipelineOptions, reader: beam.PTransform, handler: EarlyExitModelHandler,
+def run_streaming(options: PipelineOptions, reader: beam.PTransform, inference: EarlyExitInference,
                   stats_fn: ExitStatsFn, started: float) -> dict:
     """Build and run the streaming pipeline; returns after the watch stops and every window is written.
 
-    ``reader``, ``handler`` and ``stats_fn`` are the batch pipeline's own (built by
+    ``reader``, ``inference`` and ``stats_fn`` are the batch pipeline's own (built by
     :func:`pipelines.common.run`); windows are aligned to the epoch (``FixedWindows``).
     """
     opts = options.view_as(EpeeOptions)
@@ -157,8 +156,7 @@ def run_streaming(options: PipelineOptions, reader: beam.PTransform, handler: Ea
     with beam.Pipeline(options=options) as p:
         files = p | "Watch" >> WatchFiles(opts.input, config, start)
         read = files | "Read" >> beam.ParDo(read_file).with_outputs(DEAD, INPUTS, main="records")
-        predictions, inference_dead = read.records | "EarlyExit" >> EarlyExitInference(
-            handler, run_id, opts.window_overlap, opts.max_windows)
+        predictions, inference_dead = read.records | "EarlyExit" >> inference
         dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
         (predictions, dead, read[INPUTS]) | "Write" >> WriteWindowedOutputs(output, stats_fn, temp_directory, key_source)
     remove_temp_directory(temp_directory)

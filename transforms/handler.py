@@ -4,8 +4,8 @@ Beam's own Hugging Face handlers do not import with transformers 5, and none of 
 early anyway. RunInference gives this handler batches of prepared records; the handler runs all
 their windows through one :class:`EarlyExitEngine` call, so exited samples leave and the rest
 are regrouped by depth and length inside the batch, then folds windows back into one
-:class:`PredictionRecord` per input record. The model is loaded once per worker process and
-shared across its threads by RunInference.
+:class:`PredictionRecord` per input record. The model and its engine are built once per worker
+process (:meth:`EarlyExitModelHandler.load_model`) and shared across its threads by RunInference.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ctypes.util
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -25,8 +26,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 from epee.config import EngineConfig, ExitPolicyConfig
 from epee.engine import EarlyExitEngine, ExitPrediction
 from epee.modeldir import ModelBundle, load_model_dir
+from epee.modeling import EarlyExitModel
 from epee.policies import ExitPolicy, normalised_entropy
+from epee.runtime import sparse_kernels
 
+from .context import JobContext, WorkerConfig
 from .records import PredictionRecord, PreparedInput
 
 log = logging.getLogger(__name__)
@@ -67,10 +71,7 @@ class HeapTrimmer:
     musl) it does nothing."""
 
     def __init__(self, every_s: float) -> None:
-        if every_s < 0:
-            raise ValueError(f"heap trim interval (heap_trim_seconds) must be >= 0 seconds (0 disables), "
-                             f"got {every_s}")
-        self.every_s = every_s
+        self.every_s = every_s  # >= 0, checked by WorkerConfig; 0 disables
         self.last = time.monotonic()
         self.trims = 0
         self._trim = None
@@ -95,79 +96,89 @@ class HeapTrimmer:
         return True
 
 
-class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelBundle]):
+@dataclass(frozen=True)
+class LoadedModel:
+    """What :meth:`EarlyExitModelHandler.load_model` returns once per worker and every
+    ``run_inference`` call runs: the loaded directory and its engine (int8 weights quantised, MAC
+    counter and exit policy built once)."""
+
+    bundle: ModelBundle
+    engine: EarlyExitEngine
+
+    @property
+    def model(self) -> EarlyExitModel:
+        return self.bundle.model
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+
+class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, LoadedModel]):
+    """``job``: the run (id, model directory, storage options); ``engine``: how the engine runs
+    (validated when it was built, at start-up); ``worker``: per-process settings; ``policy``:
+    None for the policy stored (calibrated) in the model directory.
+
+    Batching and model sharing are Beam's (``ModelHandler.__init__``). The engine regroups
+    survivors only inside one call: a RunInference batch of a few records leaves it half-empty layer
+    calls after the first exits. By default a batch is fixed at one engine window (16 x
+    ``engine.batch_size`` rows, 512 by default), the most it regroups at once; bundle ends still
+    flush smaller batches, so nothing waits (docs/analyses.md measures batch sizes)."""
+
     def __init__(
         self,
-        model_uri: str,
-        run_id: str = "",
-        engine_batch_size: int = 32,
+        job: JobContext,
+        engine: EngineConfig | None = None,
+        worker: WorkerConfig | None = None,
+        policy: ExitPolicyConfig | None = None,
         min_batch_size: int | None = None,
         max_batch_size: int | None = None,
-        device: str = "cpu",
         large_model: bool = False,
-        policy: ExitPolicyConfig | None = None,
-        s3_client_kwargs: dict[str, Any] | None = None,
-        allow_pickle_weights: bool = False,
-        heap_trim_seconds: float = 2.0,
-        precision: str = "float32",
-        linear_kernel: str = "auto",
-        split_layers: bool = True,
-        torch_threads: int = 0,
     ) -> None:
-        super().__init__()
-        if torch_threads < 0:
-            raise ValueError(f"torch_threads must be >= 0 (0: PyTorch's default, every core), got {torch_threads}")
-        # PyTorch's intra-op threads in each worker process; several processes on one machine each
-        # take every core by default and then contend for them
-        self.torch_threads = torch_threads
-        # glibc's freed heap is handed back at most this often, so memory stays flat on long runs
-        self.heap_trim_seconds = heap_trim_seconds
-        self._trimmer: HeapTrimmer | None = HeapTrimmer(heap_trim_seconds)  # validates; rebuilt after pickling
-        self.model_uri = model_uri
-        # pickle weights (pytorch_model.bin) only when the user asked (--allow_pickle_weights); see epee.weights
-        self.allow_pickle_weights = allow_pickle_weights
-        # s3:// models: boto3 client arguments (endpoint, credentials) from Beam's S3 options
-        self.s3_client_kwargs = dict(s3_client_kwargs or {})
-        self.run_id = run_id
-        # validated here, at start-up (a kernel the device or precision cannot run), not in a worker
-        self.engine_config = EngineConfig(batch_size=engine_batch_size, device=device, precision=precision,
-                                          linear_kernel=linear_kernel, split_layers=split_layers)
-        # The engine regroups survivors only inside one call: a RunInference batch of a few records
-        # leaves it half-empty layer calls after the first exits. By default a batch is fixed at one
-        # engine window (16 x engine_batch_size rows, 512 by default), the most it regroups at once;
-        # bundle ends still flush smaller batches, so nothing waits. (Beam's adaptive batching,
-        # starting at 1, handed it calls of about 8 records; 64-record calls ran DDI's EPEE pipeline
-        # about 30% slower than 512-record calls: docs/analyses.md.)
+        self.job = job
+        self.engine_config = engine or EngineConfig()
+        self.worker = worker or WorkerConfig()
+        self.policy = policy
         if max_batch_size is None:
             max_batch_size = max(self.engine_config.effective_window, min_batch_size or 0)
         if min_batch_size is None:
             min_batch_size = max_batch_size
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
-        self.device = device
-        self.large_model = large_model
-        self.policy = policy  # None: the policy stored (calibrated) in the model directory
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=large_model)
+        self._trimmer: HeapTrimmer | None = None  # holds a C function pointer: made in each worker
+
+    @property
+    def model_uri(self) -> str:
+        return self.job.model_uri
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_trimmer"] = None  # holds a C function pointer; each worker makes its own
         return state
 
-    def load_model(self) -> ModelBundle:
+    def load_model(self) -> LoadedModel:
         started = time.perf_counter()
-        if self.torch_threads:
+        cfg, device = self.engine_config, self.engine_config.device
+        if self.worker.torch_threads:
             import torch
 
-            torch.set_num_threads(self.torch_threads)
-        bundle = load_model_dir(self.model_uri, device=self.device, s3_client_kwargs=self.s3_client_kwargs,
-                                allow_pickle=self.allow_pickle_weights)
+            torch.set_num_threads(self.worker.torch_threads)
+        # shared: the Prepare step of this process fetches the same directory (epee.modeldir.shared_model_dir)
+        bundle = load_model_dir(self.job.model_uri, device=device, s3_client_kwargs=self.job.storage_options,
+                                allow_pickle=self.worker.allow_pickle_weights, shared=True)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
-        self._use_sparse_kernels(bundle)
-        from epee.kernels import resolve_linear_kernel
-
+        sparse = sparse_kernels(bundle.model, bundle.sections.get("sparsity"), device)  # before the engine counts weights
+        if isinstance(sparse, str):
+            log.info("2:4-sparse model runs with dense kernels: %s", sparse)
+        elif sparse is not None:
+            log.info("2:4 sparse kernels: %d linear layers converted, skipped %s", sparse["converted"], sparse["skipped"])
+        policy = None if self.policy is None else ExitPolicy(self.policy, bundle.model.num_layers)
+        # once per worker: in int8 this quantises every layer weight (tens of ms on MiniLM)
+        engine = EarlyExitEngine(bundle.model, cfg, policy)
         # "onednn" fails now where this worker's PyTorch lacks the op; "auto" falls back to PyTorch's kernel
-        if resolve_linear_kernel(self.engine_config.linear_kernel, self.device, self.engine_config.precision) == "onednn":
-            log.info("float32 linear layers run through oneDNN (--linear_kernel %s)", self.engine_config.linear_kernel)
-        if self.engine_config.precision == "int8":
+        if engine.linear_kernel == "onednn":
+            log.info("float32 linear layers run through oneDNN (--linear_kernel %s)", cfg.linear_kernel)
+        if cfg.precision == "int8":
             log.info("the transformer layers' linear products run in int8 (--precision int8)")
             calibrated_in = (bundle.sections.get("calibration") or {}).get("precision")
             if self.policy is None and calibrated_in != "int8":
@@ -176,35 +187,13 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                 log.warning("--precision int8 with an exit policy calibrated in %s: int8 can change what the early "
                             "exit heads predict; calibrate this model in int8 (epee calibrate --precision int8) and "
                             "check it (epee evaluate --precision int8)", calibrated_in or "an unrecorded precision")
-        if self.engine_config.precision == "bfloat16" and self.device.split(":", 1)[0] == "cpu":
+        if cfg.precision == "bfloat16" and device.split(":", 1)[0] == "cpu":
             from epee.engine import cpu_has_native_bf16
 
             if cpu_has_native_bf16() is False:
                 log.warning("--precision bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
                             "it is emulated and likely slower than float32")
-        return bundle
-
-    def _use_sparse_kernels(self, bundle: ModelBundle) -> None:
-        """A 2:4-sparse model on a GPU with sparse tensor cores runs in float16 with PyTorch's
-        semi-structured kernels; anywhere else it runs dense, as stored (and says why)."""
-        from epee.sparsity import convert_semi_structured, semi_structured_support
-
-        sparsity = bundle.sections.get("sparsity") or {}
-        if (sparsity.get("config") or {}).get("pattern") != "2:4" or (sparsity.get("masks") or {}).get("released"):
-            return
-        why = semi_structured_support(self.device)
-        if why:
-            log.info("2:4-sparse model runs with dense kernels: %s", why)
-            return
-        bundle.model.half()
-        report = convert_semi_structured(bundle.model)
-        log.info("2:4 sparse kernels: %d linear layers converted, skipped %s", report["converted"], report["skipped"])
-
-    def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}
-
-    def share_model_across_processes(self) -> bool:
-        return self.large_model
+        return LoadedModel(bundle=bundle, engine=engine)
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
@@ -214,18 +203,16 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                    for p in batch for s in p.samples)
 
     def run_inference(
-        self, batch: Sequence[PreparedInput], model: ModelBundle, inference_args: Optional[dict[str, Any]] = None
+        self, batch: Sequence[PreparedInput], model: LoadedModel, inference_args: Optional[dict[str, Any]] = None
     ) -> Iterable[PredictionRecord]:
         started = time.perf_counter()
         flat = [s for p in batch for s in p.samples]
-        policy = None if self.policy is None else ExitPolicy(self.policy, model.model.num_layers)
-        engine = EarlyExitEngine(model.model, self.engine_config, policy)
-        result = engine.run(flat)
+        result = model.engine.run(flat)  # the worker's one engine, with its policy
         out, pos = [], 0
         for record in batch:
             preds = result.predictions[pos : pos + len(record.samples)]
             pos += len(record.samples)
-            out.append(self._combine(record, preds, model))
+            out.append(self._combine(record, preds, model.bundle))
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
         Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
         Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
@@ -234,7 +221,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
                 Metrics.counter(NAMESPACE, f"exits_layer_{layer:02d}").inc(count)
         del result, flat
         if self._trimmer is None:
-            self._trimmer = HeapTrimmer(self.heap_trim_seconds)
+            self._trimmer = HeapTrimmer(self.worker.heap_trim_seconds)
         if self._trimmer.maybe_trim():
             Metrics.counter(NAMESPACE, "heap_trims").inc()
         return out
@@ -253,7 +240,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, ModelB
         task = bundle.data_task
         common = dict(record_id=record.record_id, source_uri=record.source_uri, task=task, label_names=names,
                       exit_layer=deepest.exit_layer, num_layers=deepest.num_layers, exit_reason=deepest.exit_reason,
-                      windows=len(preds), model_id=bundle.model_id, run_id=self.run_id,
+                      windows=len(preds), model_id=bundle.model_id, run_id=self.job.run_id,
                       macs=sum(p.macs for p in preds), dense_exit_macs=sum(p.dense_exit_macs for p in preds),
                       dense_full_macs=sum(p.dense_full_macs for p in preds))
         if task == "token":

@@ -10,6 +10,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from epee.errors import InputError, describe
 
+from .context import JobContext, PrepareConfig
 from .handler import EarlyExitModelHandler
 from .readers import DEAD, NAMESPACE
 from .records import DeadLetter, InputRecord, PreparedInput
@@ -19,18 +20,18 @@ class Prepare(beam.DoFn):
     """InputRecord -> PreparedInput (tokenised windows or normalised pixels) with the model
     directory's own preprocessor; records it cannot encode become dead letters."""
 
-    def __init__(self, model_uri: str, run_id: str = "", window_overlap: float = 0.25, max_windows: int = 0,
-                 s3_client_kwargs: dict | None = None) -> None:
-        self.model_uri, self.run_id, self.overlap = model_uri, run_id, window_overlap
-        self.s3_client_kwargs = dict(s3_client_kwargs or {})  # s3:// models: endpoint, credentials
-        self.max_windows = max_windows  # 0: cover the whole note; N: keep the first N windows (explicit truncation)
+    def __init__(self, job: JobContext, config: PrepareConfig | None = None) -> None:
+        self.job = job
+        self.config = config or PrepareConfig()
         self.preprocessor = None
         self.task = ""
 
     def setup(self) -> None:
-        from epee.modeldir import load_preprocessor
+        from epee import modeldir
 
-        self.preprocessor, self.task = load_preprocessor(self.model_uri, s3_client_kwargs=self.s3_client_kwargs)
+        # shared: the model handler of this worker process opens the same directory, fetched once
+        self.preprocessor, self.task = modeldir.load_preprocessor(
+            self.job.model_uri, s3_client_kwargs=self.job.storage_options, shared=True)
 
     def process(self, record: InputRecord) -> Iterator:
         from epee.data import Example
@@ -46,7 +47,8 @@ class Prepare(beam.DoFn):
                     raise InputError("prepare_error", "the model takes text, this record has none")
                 ex = Example(id=record.record_id, text=record.text, entities=record.entities)
             # with max_windows, only the beginning of a long note that those windows need is tokenised
-            encoded, truncated = model_inputs(self.preprocessor, ex, "windows", self.overlap, self.max_windows)
+            encoded, truncated = model_inputs(self.preprocessor, ex, "windows", self.config.window_overlap,
+                                              self.config.max_windows)
             if truncated:
                 Metrics.counter(NAMESPACE, "notes_truncated_by_max_windows").inc()
         except Exception as exc:  # noqa: BLE001 - one record the preprocessor cannot encode costs that record
@@ -54,7 +56,7 @@ class Prepare(beam.DoFn):
             Metrics.counter(NAMESPACE, "dead_letters_prepare_error").inc()
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.source_uri, record.record_id, "prepare", "prepare_error",
                                                             describe(exc, "the preprocessor cannot encode this record"),
-                                                            self.run_id))
+                                                            self.job.run_id))
             return
         Metrics.counter(NAMESPACE, "model_windows").inc(len(encoded))
         yield PreparedInput(record_id=record.record_id, source_uri=record.source_uri,
@@ -78,18 +80,16 @@ def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
 
 
 class EarlyExitInference(beam.PTransform):
-    """InputRecords -> (PredictionRecords, DeadLetters)."""
+    """InputRecords -> (PredictionRecords, DeadLetters); the run is the handler's ``job``."""
 
-    def __init__(self, handler: EarlyExitModelHandler, run_id: str = "", window_overlap: float = 0.25,
-                 max_windows: int = 0) -> None:
+    def __init__(self, handler: EarlyExitModelHandler, prepare: PrepareConfig | None = None) -> None:
         super().__init__()
-        self.handler, self.run_id, self.overlap, self.max_windows = handler, run_id, window_overlap, max_windows
+        self.handler, self.prepare = handler, prepare or PrepareConfig()
 
     def expand(self, records):
-        prepared = records | "Prepare" >> beam.ParDo(Prepare(
-            self.handler.model_uri, self.run_id, self.overlap, self.max_windows, self.handler.s3_client_kwargs)).with_outputs(
-            DEAD, main="prepared")
+        job = self.handler.job
+        prepared = records | "Prepare" >> beam.ParDo(Prepare(job, self.prepare)).with_outputs(DEAD, main="prepared")
         predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, self.run_id)
+        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, job.run_id)
         dead = (prepared[DEAD], failed) | "AllDead" >> beam.Flatten()
         return predictions, dead

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import epee.engine
+import epee.runtime
 import epee.kernels
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
@@ -151,14 +151,14 @@ def test_onednn_asked_for_without_the_op_is_an_error(monkeypatch):
 
 
 def record_modes(monkeypatch) -> list:
-    """The kernel modes the engine's runs enter, in order (``epee.engine.linear_kernel_mode`` spied on)."""
+    """The kernel modes the engine's runs enter, in order (``epee.runtime.linear_kernel_mode`` spied on)."""
     modes = []
 
     def recording(kernel, int8=None):
         modes.append(linear_kernel_mode(kernel, int8))
         return modes[-1]
 
-    monkeypatch.setattr(epee.engine, "linear_kernel_mode", recording)
+    monkeypatch.setattr(epee.runtime, "linear_kernel_mode", recording)
     return modes
 
 
@@ -191,9 +191,11 @@ def test_calibration_collects_the_same_probabilities_with_either_kernel():
 def test_handler_refuses_onednn_off_the_cpu_at_construction(tmp_path):
     from transforms.handler import EarlyExitModelHandler
 
-    with pytest.raises(ValueError, match="CPU only"):
-        EarlyExitModelHandler(str(tmp_path), device="cuda", linear_kernel="onednn")
-    handler = EarlyExitModelHandler(str(tmp_path), linear_kernel="aten")
+    from transforms.context import JobContext
+
+    with pytest.raises(ValueError, match="CPU only"):  # the handler's engine config, built at start-up
+        EarlyExitModelHandler(JobContext("r", str(tmp_path)), EngineConfig(device="cuda", linear_kernel="onednn"))
+    handler = EarlyExitModelHandler(JobContext("r", str(tmp_path)), EngineConfig(linear_kernel="aten"))
     assert handler.engine_config.linear_kernel == "aten"
 
 

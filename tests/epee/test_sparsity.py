@@ -347,6 +347,7 @@ class TestSemiStructured:
 
         from epee.modeldir import load_model_dir, update_model_dir
         from tests.conftest import save_tiny_model_dir
+        from transforms.context import JobContext
         from transforms.handler import EarlyExitModelHandler
 
         path = save_tiny_model_dir(tmp_path / "m", "sequence")
@@ -356,6 +357,6 @@ class TestSemiStructured:
         bundle.model.save_weights(tmp_path / "m" / "model.safetensors")
         update_model_dir(path, sparsity={"config": {"pattern": "2:4"}, "masks": {"released": False}})
         with caplog.at_level(logging.INFO, logger="transforms.handler"):
-            loaded = EarlyExitModelHandler(str(path)).load_model()
+            loaded = EarlyExitModelHandler(JobContext("r", str(path))).load_model()
         assert "runs with dense kernels: 2:4 sparse kernels need a CUDA GPU" in caplog.text
         assert next(loaded.model.parameters()).dtype == torch.float32

@@ -123,12 +123,13 @@ def test_calibrate_per_layer_scores_match_a_separate_float32_pass(tiny):
 def test_long_note_evaluate_reads_the_windows_prepare_emits(tiny):
     """A note longer than max_length: evaluate encodes the windows the pipeline's Prepare emits."""
     pytest.importorskip("apache_beam")
+    from transforms.context import JobContext
     from transforms.inference import Prepare
     from transforms.records import InputRecord
 
     model_dir, _ = tiny
     text = " ".join(notes(1, words=90)[0]["text"].split())
-    prep = Prepare(str(model_dir))
+    prep = Prepare(JobContext(run_id="t", model_uri=str(model_dir)))
     prep.setup()
     (prepared,) = list(prep.process(InputRecord("long", "mem://notes", text=text)))
     from epee.modeldir import load_model_dir

@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 
 from tests.conftest import save_tiny_model_dir
 from transforms.decode_worker import IsolatedDecoder
+from transforms.context import JobContext
 from transforms.inference import Prepare
 from transforms.readers import INPUTS, ParseNoteFile
 from transforms.records import DeadLetter, InputRecord, PreparedInput
@@ -67,14 +68,14 @@ def decoder():
 
 @pytest.fixture(scope="module")
 def prepare_image(tmp_path_factory):
-    prep = Prepare(str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "image", "image")))
+    prep = Prepare(JobContext(run_id="fuzz", model_uri=str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "image", "image"))))
     prep.setup()
     return prep
 
 
 @pytest.fixture(scope="module")
 def prepare_text(tmp_path_factory):
-    prep = Prepare(str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "text", "sequence")))
+    prep = Prepare(JobContext(run_id="fuzz", model_uri=str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "text", "sequence"))))
     prep.setup()
     return prep
 

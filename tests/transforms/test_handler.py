@@ -3,12 +3,18 @@
 import numpy as np
 import pytest
 
-from epee.config import ExitPolicyConfig
+from epee.config import EngineConfig, ExitPolicyConfig
 from epee.data import Example
 from epee.modeldir import load_preprocessor
 from tests.conftest import save_tiny_model_dir
+from transforms.context import JobContext, PrepareConfig, WorkerConfig
 from transforms.handler import EarlyExitModelHandler
 from transforms.records import PreparedInput
+
+
+def handler(uri, engine: EngineConfig | None = None, worker: WorkerConfig | None = None, run_id: str = "test",
+            **batching) -> EarlyExitModelHandler:
+    return EarlyExitModelHandler(JobContext(run_id=run_id, model_uri=str(uri)), engine, worker, **batching)
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +29,28 @@ def prepared(pre, rid, text):
 
 
 def test_batch_elements_kwargs_and_load(notes_model):
-    h = EarlyExitModelHandler(notes_model, min_batch_size=4, max_batch_size=64)
+    h = handler(notes_model, min_batch_size=4, max_batch_size=64)
     assert h.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 64}
     assert h.load_model().model.num_layers == 3
     # default: a fixed batch of one engine window (16 x engine batch size), the most one call regroups
-    assert EarlyExitModelHandler(notes_model).batch_elements_kwargs() == {"min_batch_size": 512, "max_batch_size": 512}
-    assert EarlyExitModelHandler(notes_model, engine_batch_size=16).batch_elements_kwargs() == {
+    assert handler(notes_model).batch_elements_kwargs() == {"min_batch_size": 512, "max_batch_size": 512}
+    assert handler(notes_model, EngineConfig(batch_size=16)).batch_elements_kwargs() == {
         "min_batch_size": 256, "max_batch_size": 256}
     # one bound given: the other follows it, and never crosses it
-    assert EarlyExitModelHandler(notes_model, engine_batch_size=32, max_batch_size=8).batch_elements_kwargs() == {
+    assert handler(notes_model, EngineConfig(batch_size=32), max_batch_size=8).batch_elements_kwargs() == {
         "min_batch_size": 8, "max_batch_size": 8}
-    assert EarlyExitModelHandler(notes_model, min_batch_size=8).batch_elements_kwargs() == {
+    assert handler(notes_model, min_batch_size=8).batch_elements_kwargs() == {
         "min_batch_size": 8, "max_batch_size": 512}
-    assert EarlyExitModelHandler(notes_model, min_batch_size=2000).batch_elements_kwargs() == {
+    assert handler(notes_model, min_batch_size=2000).batch_elements_kwargs() == {
         "min_batch_size": 2000, "max_batch_size": 2000}
+    # batching and sharing are Beam's own (ModelHandler.__init__), not overridden here
+    assert "batch_elements_kwargs" not in vars(EarlyExitModelHandler)
+    assert "share_model_across_processes" not in vars(EarlyExitModelHandler)
+    assert not h.share_model_across_processes() and handler(notes_model, large_model=True).share_model_across_processes()
 
 
 def test_windows_fold_into_one_record_with_mean_probabilities(notes_model):
-    h = EarlyExitModelHandler(notes_model, run_id="r1")
+    h = handler(notes_model, run_id="r1")
     bundle = h.load_model()
     pre, _ = load_preprocessor(notes_model)
     long_note = prepared(pre, "long", "fever and cough " * 40)
@@ -76,8 +86,8 @@ def test_heap_trimmer_calls_malloc_trim_at_most_every_interval(monkeypatch):
     # 0 disables: nothing is looked up, nothing is called
     off = hmod.HeapTrimmer(0)
     assert not off.available and not off.maybe_trim()
-    with pytest.raises(ValueError, match="heap trim interval"):
-        hmod.HeapTrimmer(-1)
+    with pytest.raises(ValueError, match="--heap_trim_seconds must be >= 0"):  # checked once, by its config
+        WorkerConfig(heap_trim_seconds=-1)
 
 
 def test_heap_trimmer_hands_freed_heap_back():
@@ -115,29 +125,29 @@ def test_torch_threads_are_set_at_load_and_validated(notes_model):
     before = torch.get_num_threads()
     want = 1 if before > 1 else 2
     try:
-        EarlyExitModelHandler(notes_model).load_model()
+        handler(notes_model).load_model()
         assert torch.get_num_threads() == before  # 0, the default: PyTorch's own setting is left alone
-        EarlyExitModelHandler(notes_model, torch_threads=want).load_model()
+        handler(notes_model, worker=WorkerConfig(torch_threads=want)).load_model()
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="torch_threads must be >= 0"):
-        EarlyExitModelHandler(notes_model, torch_threads=-1)
+        WorkerConfig(torch_threads=-1)
 
 
 def test_handler_pickles_without_its_trimmer(notes_model):
     import pickle
 
-    h = EarlyExitModelHandler(notes_model, heap_trim_seconds=0.5)
+    h = handler(notes_model, worker=WorkerConfig(heap_trim_seconds=0.5))
     bundle = h.load_model()
     pre, _ = load_preprocessor(notes_model)
     h.run_inference([prepared(pre, "a", "fever")], bundle)
     assert h._trimmer is not None
     clone = pickle.loads(pickle.dumps(h))
-    assert clone._trimmer is None and clone.heap_trim_seconds == 0.5
+    assert clone._trimmer is None and clone.worker.heap_trim_seconds == 0.5
     assert [r.record_id for r in clone.run_inference([prepared(pre, "b", "cough")], bundle)] == ["b"]
     with pytest.raises(ValueError, match="heap_trim_seconds"):
-        EarlyExitModelHandler(notes_model, heap_trim_seconds=-2)
+        WorkerConfig(heap_trim_seconds=-2)
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
@@ -155,10 +165,10 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, mon
 
     monkeypatch.setattr(epee.engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     caplog.set_level("WARNING", logger="transforms.handler")
-    EarlyExitModelHandler(notes_model, precision="bfloat16").load_model()
+    handler(notes_model, EngineConfig(precision="bfloat16")).load_model()
     assert any("emulated" in r.getMessage() for r in caplog.records) is warned
     caplog.clear()
-    EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
+    handler(notes_model).load_model()  # float32: nothing to say
     assert not any("emulated" in r.getMessage() for r in caplog.records)
 
 
@@ -169,16 +179,16 @@ def test_int8_with_a_policy_not_calibrated_in_int8_warns_at_load(notes_model, tm
 
     caplog.set_level("WARNING", logger="transforms.handler")
     warned = lambda: any("calibrated in" in r.getMessage() for r in caplog.records)  # noqa: E731
-    EarlyExitModelHandler(notes_model, precision="int8").load_model()
+    handler(notes_model, EngineConfig(precision="int8")).load_model()
     assert warned()
     caplog.clear()
-    EarlyExitModelHandler(notes_model, precision="int8", policy=ExitPolicyConfig(kind="none")).load_model()
+    handler(notes_model, EngineConfig(precision="int8"), policy=ExitPolicyConfig(kind="none")).load_model()
     assert not warned()  # a policy given for the run is the user's choice
     int8_dir = shutil.copytree(notes_model, tmp_path / "int8")
     update_model_dir(int8_dir, calibration={"precision": "int8"})
-    EarlyExitModelHandler(str(int8_dir), precision="int8").load_model()
+    handler(int8_dir, EngineConfig(precision="int8")).load_model()
     assert not warned()
-    EarlyExitModelHandler(notes_model).load_model()  # float32: nothing to say
+    handler(notes_model).load_model()  # float32: nothing to say
     assert not warned()
 
 
@@ -202,7 +212,7 @@ def test_prepare_keeps_the_first_windows_and_counts_truncated_notes(notes_model,
     assert [len(w) for _, w in want] == [min(n, max_windows or n) for n in expected.values()]
     with beam.Pipeline() as p:
         out = (p | beam.Create([InputRecord(rid, "mem://x", text=t) for rid, t in texts.items()])
-               | beam.ParDo(Prepare(notes_model, max_windows=max_windows))
+               | beam.ParDo(Prepare(JobContext(run_id="t", model_uri=notes_model), PrepareConfig(max_windows=max_windows)))
                | beam.Map(lambda r: (r.record_id, [s.input_ids.tolist() for s in r.samples])))
         assert_that(out, equal_to(want))
     result = p.result
