@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import EngineConfig
-from .inputs import EncodedSample, collate
 from .flops import MacCounter
-from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
+from .inputs import EncodedSample, collate
+from .int8 import Int8Weights
+from .kernels import linear_kernel_mode, resolve_linear_kernel
 from .layer_step import LayerPlan, LayerStep
 from .modeling import EarlyExitModel, precision_autocast
 from .policies import CONTINUE, REASON_NAMES, ExitPolicy, ExitSignal, exit_signal, update_streak

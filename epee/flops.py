@@ -8,11 +8,11 @@ padding is a batching artefact, reported separately as the engine's padding shar
 * each layer run: every linear map, T·(non-zero weights) — a 75%-sparse matrix costs a quarter of
   its dense multiply-adds on hardware that skips zeros — plus attention, 2·T²·H (scores and
   weighted sum; these have no weights to prune);
-* a layer the engine ran in two steps and the sample exited at (``EngineConfig.split_layers``):
-  the keys and values of every token, T·(their weights), and the rest of the layer for the P
-  positions the head reads, P·(the other weights) + 2·P·T·H;
-* a layer whose exit head read its attention sublayer (``head_input`` "attention") and the sample
-  exited at: the feed-forward's weights, T·(their weights), are not run;
+* the layer a sample exited at, as far as its :class:`~epee.layer_step.LayerStep` ran it there:
+  whole; or, run head positions first (``EngineConfig.split_layers``), the keys and values of
+  every token, T·(their weights), and the rest of the layer for the P positions the head reads,
+  P·(the other weights) + 2·P·T·H; or, run attention first (``head_input`` "attention"), the
+  layer without its feed-forward's T·(weights);
 * each exit head evaluated: its pooler (BERT/ALBERT default pooling, H·H), mean pooling (T·H),
   and the head itself (F·C, or T·H·C for token tasks).
 

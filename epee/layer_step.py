@@ -49,10 +49,10 @@ class StepState:
 class LayerStep:
     """One layer (0-based ``layer``) of ``model``, in two halves around the exit decision."""
 
+    two_step: bool = True  # False: the whole layer runs in `first`
+
     def __init__(self, model: "EarlyExitModel", layer: int, counter: MacCounter | None = None) -> None:
         self.model, self.layer, self.counter = model, layer, counter
-
-    two_step: bool = True  # False: the whole layer runs in `first`
 
     def start(self, hidden: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
               entity_positions: torch.Tensor | None) -> StepState:
