@@ -120,14 +120,14 @@ def gelu_row(args) -> None:
 @contextlib.contextmanager
 def gelu_unfused():
     """The engine with BERT's GELU as its own pass after oneDNN's up-projection (before fusion)."""
-    import epee.backbones as backbones
+    import epee.kernels as kernels
 
-    saved = backbones._exact_gelu_ffn
-    backbones._exact_gelu_ffn = lambda layer: False
+    saved = kernels.fusable_gelu_ffn
+    kernels.fusable_gelu_ffn = lambda layer: False
     try:
         yield
     finally:
-        backbones._exact_gelu_ffn = saved
+        kernels.fusable_gelu_ffn = saved
 
 
 def engine_rows(args) -> None:

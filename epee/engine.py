@@ -7,14 +7,10 @@ from whichever incoming micro-batch it started in, is regrouped into full batche
 exactly k layer-rows, and deep layers still run on full batches. Samples are sorted by length
 before batching and every regrouped batch is trimmed to its longest member, so padding stays low.
 
-Two-step layers (``EngineConfig.split_layers``, on by default): where the exit heads read a few
-positions ([CLS], GPT-2's last token, a relation's entity markers), a layer where rows
-may exit first computes every token's keys and values and the layer's output at those positions
-only, enough for the head; the queries, attention output and feed-forward of all their tokens
-(the head's positions a second time: 1/T of the work), reusing the keys and values, run only for
-the rows that go on. A row that exits at layer k so pays k-1 whole layers plus its exit layer's
-keys and values (about a sixth of a BERT layer);
-the results are the same as whole layers'.
+How a layer runs for rows that may exit after it (whole; the exit head's positions first; the
+attention sublayer first) is a :class:`~epee.layer_step.LayerStep`, picked once per layer when the
+engine is built (:class:`~epee.layer_step.LayerPlan`): ``first`` gives the head's logits, ``rest``
+finishes the layer for the rows that go on, ``macs`` counts what an exited row ran.
 """
 
 from __future__ import annotations
@@ -27,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import EngineConfig
+from .flops import MacCounter
 from .inputs import EncodedSample, collate
+from .layer_step import LayerPlan, LayerStep
 from .modeling import EarlyExitModel
-from .policies import CONTINUE, REASON_NAMES, ExitPolicy, exit_signal, update_streak
+from .policies import CONTINUE, REASON_NAMES, ExitPolicy, ExitSignal, exit_signal, update_streak
 from .runtime import Runtime
 
 
@@ -282,9 +280,7 @@ class EarlyExitEngine:
         self.device = torch.device(self.config.device)
         self.runtime = runtime or Runtime.from_config(model, self.config)
         self.linear_kernel = self.runtime.linear_kernel  # "onednn" or "aten" (epee.kernels)
-        from .flops import MacCounter
-
-        self.macs = MacCounter.for_model(model)  # non-zero weights as they are now: build engines after pruning
+        self.plan = LayerPlan(model, self.config.split_layers, MacCounter(model))  # after pruning: counts non-zeros
 
     def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None) -> RunResult:
         """Predict every sample; results come back in input order. ``policy``: this call's exit
@@ -302,6 +298,11 @@ class EarlyExitEngine:
                 self._run_window(samples, order[start : start + window], policy, stats, results)
         return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]
 
+    @property
+    def macs(self) -> MacCounter:
+        """The MAC counter this engine's layer steps report with (non-zeros counted at construction)."""
+        return self.plan.counter
+
     def _run_window(
         self,
         samples: Sequence[EncodedSample],
@@ -310,16 +311,42 @@ class EarlyExitEngine:
         stats: EngineStats,
         results: list[ExitPrediction | None],
     ) -> None:
-        model, adapter, bsz = self.model, self.model.adapter, self.config.batch_size
+        """Run one window of samples layer by layer: the rows that exit leave, the rest regroup."""
+        level = self._embed(samples, order)
+        for layer, step in enumerate(self.plan.steps(policy)):
+            survivors: list[_Rows] = []
+            for rows in _rebatch(level, self.config.batch_size):  # rows at this depth regroup here
+                _count_call(stats, layer, rows, step)
+                logits, state = step.first(rows.hidden, rows.mask, rows.entity_positions)
+                signal = exit_signal(logits, rows.token_mask)
+                streak = update_streak(signal.prediction, rows.previous, rows.streak)
+                reasons = policy.decide(layer + 1, signal, streak, rows.index)
+                rows = replace(rows, hidden=state.carry, streak=streak, previous=signal.prediction)
+                exited = reasons != CONTINUE
+                n_exit = int(exited.sum())
+                if n_exit:  # these rows leave the model here, with the prediction of this layer's head
+                    stats.exits_per_layer[layer] += n_exit
+                    self._emit(step, rows, signal, reasons, exited, results, stats)
+                if n_exit < rows.size:  # the others finish the layer and go on
+                    going_on = rows if n_exit == 0 else rows.take(~exited)
+                    keep = None if n_exit == 0 else ~exited
+                    hidden = step.rest(state, going_on.hidden, going_on.mask, keep)
+                    survivors.append(replace(going_on, hidden=hidden))
+            level = survivors
+            if not level:
+                break
+
+    def _embed(self, samples: Sequence[EncodedSample], order: list[int]) -> list[_Rows]:
+        """The window's samples, in ``order``, embedded in micro-batches of ``batch_size``."""
+        model, bsz = self.model, self.config.batch_size
         level: list[_Rows] = []
         for start in range(0, len(order), bsz):
             chunk = order[start : start + bsz]
-            batch = collate([samples[i] for i in chunk], pad_token_id=adapter.pad_token_id).to(self.device)
-            hidden = model.embed(batch)  # (N, T, H)
+            batch = collate([samples[i] for i in chunk], pad_token_id=model.adapter.pad_token_id).to(self.device)
             n = len(chunk)
             level.append(
                 _Rows(
-                    hidden=hidden,
+                    hidden=model.embed(batch),  # (N, T, H)
                     mask=batch.attention_mask,
                     index=torch.tensor(chunk, dtype=torch.long, device=self.device),
                     streak=torch.zeros(n, dtype=torch.long, device=self.device),
@@ -328,107 +355,38 @@ class EarlyExitEngine:
                     token_mask=batch.token_mask if model.config.task == "token" else None,
                 )
             )
-        for layer in range(model.num_layers):
-            survivors: list[_Rows] = []
-            for rows in _rebatch(level, bsz):
-                stats.rows_per_layer[layer] += rows.size
-                stats.calls_per_layer[layer] += 1
-                if rows.mask is not None:
-                    stats.token_slots += rows.mask.numel()
-                    stats.real_tokens += int(rows.mask.sum())
-                bias = adapter.attention_bias(rows.hidden, rows.mask)
-                after_attention = model.head_reads_attention(layer)
-                positions = None if after_attention else self._split_positions(layer, rows, policy)
-                if after_attention:  # the attention sublayer, the head on it; the feed-forward below
-                    stats.two_step_calls += 1
-                    hidden = adapter.layer_attention(layer, rows.hidden, bias)
-                    logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
-                elif positions is None:  # the whole layer, then the head
-                    hidden = adapter.layer(layer, rows.hidden, bias)
-                    logits = model.head_logits(layer, hidden, rows.mask, rows.entity_positions)
-                else:  # the head's positions first; the rest below, for the rows that go on
-                    stats.two_step_calls += 1
-                    hidden = rows.hidden  # the rows keep their inputs to this layer until then
-                    keys = adapter.layer_keys(layer, hidden)
-                    logits = model.head_logits_at(layer, adapter.layer_at(layer, hidden, bias, keys, positions))
-                signal = exit_signal(logits, rows.token_mask)
-                streak = update_streak(signal.prediction, rows.previous, rows.streak)
-                reasons = policy.decide(layer + 1, signal, streak, rows.index)
-                rows = replace(rows, hidden=hidden, streak=streak, previous=signal.prediction)
-                exited = reasons != CONTINUE
-                n_exit = int(exited.sum())
-                if n_exit:
-                    stats.exits_per_layer[layer] += n_exit
-                    self._emit(layer + 1, rows, signal.probs, signal.entropy, reasons, exited, results, stats,
-                               exit_positions=None if positions is None else positions.shape[1],
-                               after_attention=after_attention)
-                if n_exit == rows.size:
-                    continue
-                going_on = rows if n_exit == 0 else rows.take(~exited)
-                if after_attention:
-                    going_on = replace(going_on, hidden=adapter.layer_feed_forward(layer, going_on.hidden))
-                elif positions is not None:
-                    if n_exit:
-                        keys = keys.take(~exited, going_on.hidden.shape[1])
-                        bias = adapter.attention_bias(going_on.hidden, going_on.mask)
-                    going_on = replace(going_on, hidden=adapter.layer_rest(layer, going_on.hidden, bias, keys))
-                survivors.append(going_on)
-            level = survivors
-            if not level:
-                break
+        return level
 
-    def _split_positions(self, layer: int, rows: _Rows, policy: ExitPolicy) -> torch.Tensor | None:
-        """The positions to run 0-based ``layer`` at first (the exit head's), or None to run it whole:
-        when splitting is off, no row can exit here, the head reads every token, or the layer
-        cannot run in two steps."""
-        if not (self.config.split_layers and policy.may_exit(layer + 1) and self.model.adapter.splits_layer(layer)):
-            return None
-        return self.model.head_positions(rows.hidden, rows.mask, rows.entity_positions)
-
-    def _emit(
-        self,
-        exit_layer: int,
-        rows: _Rows,
-        probs: torch.Tensor,
-        entropy: torch.Tensor,
-        reasons: torch.Tensor,
-        exited: torch.Tensor,
-        results: list[ExitPrediction | None],
-        stats: EngineStats,
-        exit_positions: int | None = None,
-        after_attention: bool = False,
-    ) -> None:
-        """Record the exited rows' predictions. ``exit_positions``: their exit layer ran in two
-        steps, at that many positions (:meth:`_split_positions`), which their MACs count;
-        ``after_attention``: they exited before its feed-forward (``head_input`` "attention")."""
-        num_layers = self.model.num_layers
+    def _emit(self, step: LayerStep, rows: _Rows, signal: ExitSignal, reasons: torch.Tensor, exited: torch.Tensor,
+              results: list[ExitPrediction | None], stats: EngineStats) -> None:
+        """Record the exited rows' predictions, with the MACs ``step`` reports for them."""
         index = rows.index[exited].tolist()
-        n_exit = len(index)
-        lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((n_exit,), rows.hidden.shape[1])
+        lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((len(index),), rows.hidden.shape[1])
         lengths = lengths_t.tolist()
-        costs = self.macs.count(lengths_t, torch.full((n_exit,), exit_layer), exit_positions=exit_positions,
-                                after_attention=after_attention)
+        costs = step.macs(lengths_t)
         for c in costs:
             stats.macs += c.actual
             stats.dense_exit_macs += c.dense_at_exit
             stats.dense_full_macs += c.dense_full
-        probs_np = probs[exited].cpu().numpy()
-        entropy_l = entropy[exited].tolist()
-        reason_l = reasons[exited].tolist()
-        if probs.dim() == 2:
-            labels = probs_np.argmax(axis=-1).tolist()
-            for j, i in enumerate(index):
-                results[i] = ExitPrediction(
-                    label=labels[j], probs=probs_np[j], exit_layer=exit_layer, num_layers=num_layers,
-                    exit_reason=REASON_NAMES[reason_l[j]], entropy=entropy_l[j], macs=costs[j].actual,
-                    dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
-                )
-            return
-        preds = rows.previous[exited].cpu().tolist()  # (n, T), -1 where a token is not scored
+        probs = signal.probs[exited].cpu().numpy()  # (n, C), or (n, T, C) for token tasks
+        entropy, reason = signal.entropy[exited].tolist(), reasons[exited].tolist()
+        token = probs.ndim == 3
+        labels = rows.previous[exited].cpu().tolist() if token else probs.argmax(axis=-1).tolist()  # token: (n, T), -1 = not scored
         for j, i in enumerate(index):
             k = lengths[j]
             results[i] = ExitPrediction(
-                label=None, probs=probs_np[j, :k], exit_layer=exit_layer, num_layers=num_layers,
-                exit_reason=REASON_NAMES[reason_l[j]], entropy=entropy_l[j], token_labels=tuple(preds[j][:k]),
+                label=None if token else labels[j], probs=probs[j, :k] if token else probs[j],
+                exit_layer=step.layer + 1, num_layers=self.model.num_layers, exit_reason=REASON_NAMES[reason[j]],
+                entropy=entropy[j], token_labels=tuple(labels[j][:k]) if token else None,
                 macs=costs[j].actual, dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
             )
+
+
+def _count_call(stats: EngineStats, layer: int, rows: _Rows, step: LayerStep) -> None:
+    """One layer call on ``rows``: the engine's own counters."""
+    stats.rows_per_layer[layer] += rows.size
+    stats.calls_per_layer[layer] += 1
+    stats.two_step_calls += int(step.two_step)
+    if rows.mask is not None:
+        stats.token_slots += rows.mask.numel()
+        stats.real_tokens += int(rows.mask.sum())

@@ -8,11 +8,11 @@ padding is a batching artefact, reported separately as the engine's padding shar
 * each layer run: every linear map, T·(non-zero weights) — a 75%-sparse matrix costs a quarter of
   its dense multiply-adds on hardware that skips zeros — plus attention, 2·T²·H (scores and
   weighted sum; these have no weights to prune);
-* a layer the engine ran in two steps and the sample exited at (``EngineConfig.split_layers``):
-  the keys and values of every token, T·(their weights), and the rest of the layer for the P
-  positions the head reads, P·(the other weights) + 2·P·T·H;
-* a layer whose exit head read its attention sublayer (``head_input`` "attention") and the sample
-  exited at: the feed-forward's weights, T·(their weights), are not run;
+* the layer a sample exited at, as far as its :class:`~epee.layer_step.LayerStep` ran it there:
+  whole; or, run head positions first (``EngineConfig.split_layers``), the keys and values of
+  every token, T·(their weights), and the rest of the layer for the P positions the head reads,
+  P·(the other weights) + 2·P·T·H; or, run attention first (``head_input`` "attention"), the
+  layer without its feed-forward's T·(weights);
 * each exit head evaluated: its pooler (BERT/ALBERT default pooling, H·H), mean pooling (T·H),
   and the head itself (F·C, or T·H·C for token tasks).
 
@@ -25,6 +25,7 @@ at full depth), "saved by sparsity" = that − the actual (sparse) cost. FLOPs �
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,8 +45,18 @@ def _nonzeros(weight: torch.Tensor) -> int:
     return int(torch.count_nonzero(weight.detach()))
 
 
+Cost = tuple[torch.Tensor, torch.Tensor]  # (actual, dense) multiply-adds per sample, float64
+
+
+def weight_macs(weights: list[torch.Tensor]) -> tuple[int, int]:
+    """Multiply-adds per token of ``weights``: (non-zeros, dense size)."""
+    return sum(_nonzeros(w) for w in weights), sum(w.shape[0] * w.shape[1] for w in weights)
+
+
 class MacCounter:
-    """Per-layer costs of one model, read once from its weights (non-zeros counted then)."""
+    """Per-layer costs of one model, read once from its weights (non-zeros counted then: build it
+    after any pruning). A layer run whole is counted here; a layer run otherwise reports its own
+    cost (:class:`epee.layer_step.LayerStep`)."""
 
     def __init__(self, model) -> None:
         from .sparsity import layer_linears
@@ -54,15 +65,9 @@ class MacCounter:
         self.num_layers = model.num_layers
         self.hidden = adapter.hidden_size
         linears = [layer_linears(model, i) for i in range(self.num_layers)]  # ALBERT: shared, counted per layer run
-        self.dense_per_token = [sum(m.weight.shape[0] * m.weight.shape[1] for m in ms) for ms in linears]
-        self.sparse_per_token = [sum(_nonzeros(m.weight) for m in ms) for ms in linears]
-        kv = [adapter.key_value_weights(i) for i in range(self.num_layers)]  # what a two-step layer runs per token
-        self.dense_kv_per_token = [sum(w.shape[0] * w.shape[1] for w in ws) for ws in kv]
-        self.sparse_kv_per_token = [sum(_nonzeros(w) for w in ws) for ws in kv]
-        # what a record that exits after a layer's attention sublayer never runs (head_input "attention")
-        ffn = [adapter.feed_forward_weights(i) if cfg.head_input == "attention" else [] for i in range(self.num_layers)]
-        self.dense_ffn_per_token = [sum(w.shape[0] * w.shape[1] for w in ws) for ws in ffn]
-        self.sparse_ffn_per_token = [sum(_nonzeros(w) for w in ws) for ws in ffn]
+        per_layer = [weight_macs([m.weight for m in ms]) for ms in linears]
+        self.sparse_per_token = [s for s, _ in per_layer]
+        self.dense_per_token = [d for _, d in per_layer]
         self.embed_per_token = 0
         self.embed_fixed = 0
         if adapter.family == "albert":
@@ -80,48 +85,30 @@ class MacCounter:
         elif cfg.task == "sequence" and adapter.family in ("bert", "albert"):
             self.head_fixed += self.hidden * self.hidden  # the pooler's dense layer
 
-    @classmethod
-    def for_model(cls, model) -> "MacCounter":
-        """The counter of ``model``, rebuilt only when a weight changed since the last one (a
-        pipeline builds an engine per batch; counting non-zeros each time would be waste)."""
-        key = tuple((id(p), p._version) for p in model.parameters())
-        cached = getattr(model, "_epee_mac_counter", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        counter = cls(model)
-        object.__setattr__(model, "_epee_mac_counter", (key, counter))
-        return counter
-
     def _layers(self, per_token: list[int], t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Σ over layers 1..k of (T·weights_per_token + 2·T²·H), per sample."""
         cum = torch.cumsum(torch.tensor([0] + per_token, dtype=torch.float64), 0)  # (L+1,)
         return t * cum[k] + k.double() * 2.0 * t * t * self.hidden
 
-    def _split_discount(self, per_token: list[int], kv_per_token: list[int], t: torch.Tensor, k: torch.Tensor,
-                        p: int) -> torch.Tensor:
-        """What a two-step exit layer k saves against running it whole: (T - P) · its non-key/value
-        weights + 2·(T - P)·T·H of attention, per sample."""
-        rest = torch.tensor([0] + [a - b for a, b in zip(per_token, kv_per_token)], dtype=torch.float64)[k]
-        return (t - p) * rest + 2.0 * (t - p) * t * self.hidden
+    def whole_layer(self, t: torch.Tensor, k: torch.Tensor) -> Cost:
+        """1-based layer ``k`` run whole on T tokens: T·(its weights) + 2·T²·H of attention."""
+        attention = 2.0 * t * t * self.hidden
+        sparse = torch.tensor([0] + self.sparse_per_token, dtype=torch.float64)[k]
+        dense = torch.tensor([0] + self.dense_per_token, dtype=torch.float64)[k]
+        return t * sparse + attention, t * dense + attention
 
-    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor, exit_positions: int | None = None,
-              after_attention: bool = False) -> list[SampleMacs]:
-        """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers;
-        ``exit_positions`` P when their exit layer ran in two steps, at P positions;
-        ``after_attention`` when they exited after its attention sublayer (its feed-forward not run)."""
+    def count(self, lengths: torch.Tensor, exit_layers: torch.Tensor,
+              exit_layer: Callable[[torch.Tensor, torch.Tensor], Cost] | None = None) -> list[SampleMacs]:
+        """MACs of samples with real lengths T (images: patches + 1) that exited at 1-based layers:
+        every layer before their exit layer run whole, the exit layer as ``exit_layer(T, k)`` says
+        (the step that ran it; default :meth:`whole_layer`), an exit head after each."""
         t = lengths.detach().cpu().double()
         k = exit_layers.detach().cpu().long()
         embed = self.embed_fixed + t * self.embed_per_token
         head = self.head_fixed + t * self.head_per_token
-        actual = embed + self._layers(self.sparse_per_token, t, k) + k.double() * head
-        dense_exit = embed + self._layers(self.dense_per_token, t, k) + k.double() * head
-        if exit_positions is not None:
-            actual = actual - self._split_discount(self.sparse_per_token, self.sparse_kv_per_token, t, k, exit_positions)
-            dense_exit = dense_exit - self._split_discount(self.dense_per_token, self.dense_kv_per_token, t, k,
-                                                           exit_positions)
-        if after_attention:
-            actual = actual - t * torch.tensor([0] + self.sparse_ffn_per_token, dtype=torch.float64)[k]
-            dense_exit = dense_exit - t * torch.tensor([0] + self.dense_ffn_per_token, dtype=torch.float64)[k]
+        last_actual, last_dense = (exit_layer or self.whole_layer)(t, k)
+        actual = embed + self._layers(self.sparse_per_token, t, k - 1) + last_actual + k.double() * head
+        dense_exit = embed + self._layers(self.dense_per_token, t, k - 1) + last_dense + k.double() * head
         full = embed + self._layers(self.dense_per_token, t, torch.full_like(k, self.num_layers)) + head
         return [SampleMacs(int(a), int(d), int(f)) for a, d, f in zip(actual.tolist(), dense_exit.tolist(), full.tolist())]
 

@@ -102,7 +102,7 @@ class EarlyExitModel(nn.Module):
         task = self.config.task
         if task == "sequence":
             if self.config.pooling == "mean":
-                return self.adapter.mean_pooled(hidden, attention_mask)  # (N, H)
+                return self._mean_pooled(hidden, attention_mask)  # (N, H)
             return self.adapter.pooled(hidden, attention_mask)  # (N, H)
         if task == "token":
             return self.adapter.token_states(hidden)  # (N, T, H)
@@ -111,20 +111,36 @@ class EarlyExitModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self._relation_features(hidden[rows.unsqueeze(1), entity_positions])  # (N, 2, H) picked
 
+    def _mean_pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean of the real tokens' states (N, T, H) -> (N, H), as sentence-transformers pool.
+        Padding is masked out, so the result does not depend on how much padding a batch carries."""
+        states = self.adapter.token_states(hidden)
+        if attention_mask is None:
+            return states.mean(dim=1)
+        mask = attention_mask.to(states.dtype).unsqueeze(-1)  # (N, T, 1)
+        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
     def _relation_features(self, picked: torch.Tensor) -> torch.Tensor:
         """The two entity markers' states (N, 2, H) -> (N, 2H), after the family's per-token final norm."""
         return self.adapter.token_states(picked).reshape(picked.shape[0], -1)
 
-    def head_positions(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, entity_positions: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """The token positions the exit heads read, per row: (N, P) long; None where a head reads
-        every token (token tasks, mean pooling). The engine computes a layer at these positions
-        first and the rest only for the rows that do not exit there."""
+    @property
+    def head_position_count(self) -> int:
+        """How many positions per row the exit heads read (:meth:`head_positions`): 2 (a
+        relation's entity markers), 1 (the pooled token), 0 (every token: token tasks, mean pooling)."""
         task = self.config.task
         if task == "token" or (task == "sequence" and self.config.pooling == "mean"):
-            return None
-        if task == "relation":
+            return 0
+        return 2 if task == "relation" else 1
+
+    def head_positions(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, entity_positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The token positions the exit heads read, per row: (N, P) long, P = :attr:`head_position_count`
+        (> 0). A two-step layer (:class:`epee.layer_step.PositionsFirst`) runs at these first."""
+        if self.head_position_count == 0:
+            raise ValueError(f"the {self.config.task} heads ({self.config.pooling} pooling) read every token")
+        if self.config.task == "relation":
             if entity_positions is None:
                 raise ValueError("relation task needs entity_positions (indices of the two entity start markers)")
             return entity_positions
@@ -155,25 +171,19 @@ class EarlyExitModel(nn.Module):
         sublayer output (``head_input`` "attention", every layer but the last) instead of its output."""
         return self.config.head_input == "attention" and layer_index < self.num_layers - 1
 
-    def layer_and_head_input(
-        self, layer_index: int, hidden: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one whole layer: (its output, the states its exit head reads)."""
-        if self.head_reads_attention(layer_index):
-            attention = self.adapter.layer_attention(layer_index, hidden, bias)
-            return self.adapter.layer_feed_forward(layer_index, attention), attention
-        out = self.adapter.layer(layer_index, hidden, bias)
-        return out, out
-
     # -- full-depth forward for training and calibration ---------------------------------------
     def layer_features(self, batch: Batch) -> list[torch.Tensor]:
         """Exit-head inputs after every layer (no early exit): L tensors of (N, F) or (N, T, F)."""
+        from .layer_step import LayerPlan
+
         hidden = self.embed(batch)
-        bias = self.adapter.attention_bias(hidden, batch.attention_mask)
+        mask, entities = batch.attention_mask, batch.entity_positions
+        bias = self.adapter.attention_bias(hidden, mask)
         features = []
-        for i in range(self.num_layers):
-            hidden, head_input = self.layer_and_head_input(i, hidden, bias)
-            features.append(self.head_features(head_input, batch.attention_mask, batch.entity_positions))
+        for step in LayerPlan(self).steps():  # whole layers, or attention sublayer first (head_input)
+            state = step.start(hidden, bias, mask, entities)
+            features.append(self.head_features(state.head_input, mask, entities))
+            hidden = step.rest(state, state.carry, mask, None)
         return features
 
     def forward(self, batch: Batch) -> AllLayerOutput:

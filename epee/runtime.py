@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .config import EngineConfig
-from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
+from .int8 import Int8Weights
+from .kernels import linear_kernel_mode, resolve_linear_kernel
 from .modeling import precision_autocast
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,8 @@ from torch import nn
 from epee import EarlyExitEngine, EngineConfig
 from epee.calibration import collect_layer_outputs
 from epee.config import ExitPolicyConfig
-from epee.kernels import (
-    Int8Linear,
-    Int8Weights,
-    check_linear_kernel,
-    int8_matmul_available,
-    linear_gelu,
-    linear_kernel_mode,
-    quantize_rows,
-)
+from epee.int8 import Int8Linear, Int8Weights, int8_matmul_available, quantize_rows
+from epee.kernels import check_linear_kernel, linear_gelu, linear_kernel_mode
 from epee.policies import ExitPolicy
 from tests.conftest import FAMILY_TASKS, make_samples
 from tests.epee.test_engine import assert_same_predictions, epee_model

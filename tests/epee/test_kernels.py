@@ -13,12 +13,13 @@ from epee.kernels import (
     OneDNNLinear,
     bucket_rows,
     check_linear_kernel,
+    fusable_gelu_ffn,
     linear_gelu,
     linear_kernel_mode,
     onednn_linear_available,
     resolve_linear_kernel,
 )
-from epee.backbones import BertAdapter, _exact_gelu_ffn
+from epee.backbones import BertAdapter
 from tests.conftest import FAMILY_TASKS, make_samples, tiny_backbone_config
 from tests.epee.test_engine import assert_same_predictions, epee_model
 
@@ -253,7 +254,7 @@ def test_bert_layer_runs_the_stock_layer_with_or_without_the_fused_path(hidden_a
     model = _bert(hidden_act=hidden_act)
     adapter = BertAdapter(model)
     layer = model.encoder.layer[0]
-    assert _exact_gelu_ffn(layer) is fused
+    assert fusable_gelu_ffn(layer) is fused
     x = torch.randn(3, 9, 32)
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 4:] = 0
@@ -275,13 +276,13 @@ def test_bert_layer_hooks_and_training_keep_the_stock_forward():
     layer = model.encoder.layer[0]
     calls = []
     handle = layer.intermediate.register_forward_hook(lambda mod, inp, out: calls.append(1))
-    assert not _exact_gelu_ffn(layer)
+    assert not fusable_gelu_ffn(layer)
     x = torch.randn(2, 5, 32)
     with torch.inference_mode():
         adapter.layer(0, x, None)
     assert calls == [1]  # the hooked module really ran
     handle.remove()
-    assert _exact_gelu_ffn(layer)
+    assert fusable_gelu_ffn(layer)
     model.train()
     seen = []
     layer.register_forward_hook(lambda mod, inp, out: seen.append(1))  # BertLayer's own forward runs in training

@@ -8,6 +8,7 @@ from torch import nn
 
 from epee import EarlyExitEngine, EngineConfig, ExitPolicyConfig, collate, run_reference
 from epee.flops import MacCounter, savings
+from epee.layer_step import PositionsFirst, WholeLayer
 from epee.modeling import EarlyExitModel
 from epee.policies import ExitPolicy
 from epee.sparsity import (
@@ -159,12 +160,15 @@ class TestMacs:
         assert c[1].actual == 2 * (5 * per_token + 2 * 25 * h) + 2 * head
         assert c[0].dense_full == 2 * (10 * per_token + 2 * 100 * h) + head  # one classifier
         # exit layer in two steps at [CLS]: K and V for every token, Q, O and the feed-forward for one
-        s = MacCounter(model).count(torch.tensor([10, 5]), torch.tensor([1, 2]), exit_positions=1)
+        counter = MacCounter(model)
+        s = [PositionsFirst(model, k, counter).macs(torch.tensor([t]))[0] for t, k in ((10, 0), (5, 1))]
         exit_layer = lambda t: t * 2 * h * h + (2 * h * h + 2 * h * i) + 2 * t * h  # noqa: E731
         assert s[0].actual == s[0].dense_at_exit == exit_layer(10) + head
         assert s[1].actual == (5 * per_token + 2 * 25 * h) + exit_layer(5) + 2 * head
         assert s[0].dense_full == c[0].dense_full  # the reference runs every layer whole
-        r = MacCounter(model).count(torch.tensor([10]), torch.tensor([2]), exit_positions=2)[0]  # relation heads
+        relation = tiny_model("bert", "relation", layers=2, num_labels=3)  # the heads read two positions
+        r = PositionsFirst(relation, 1, MacCounter(relation)).macs(torch.tensor([10]))[0]
+        head = 2 * h * 3  # no pooler
         assert r.actual == (10 * per_token + 2 * 100 * h) + 10 * 2 * h * h + 2 * (2 * h * h + 2 * h * i) + 2 * 2 * 10 * h + 2 * head
 
     def test_sparsity_counts_nonzeros_only(self):
@@ -189,7 +193,8 @@ class TestMacs:
         assert (result.stats.two_step_calls > 0) is (at is not None)
         for s, p, r in zip(samples, result.predictions, ref):
             t = s.length if s.input_ids is not None else model.backbone.embeddings.patch_embeddings.num_patches + 1
-            expect = counter.count(torch.tensor([t]), torch.tensor([p.exit_layer]), exit_positions=at)[0]
+            step = (PositionsFirst if at else WholeLayer)(model, p.exit_layer - 1, counter)
+            expect = step.macs(torch.tensor([t]))[0]
             assert (p.macs, p.dense_exit_macs, p.dense_full_macs) == (expect.actual, expect.dense_at_exit, expect.dense_full)
             whole = counter.count(torch.tensor([t]), torch.tensor([p.exit_layer]))[0]
             assert p.exit_layer == r.exit_layer and r.macs == whole.actual and p.dense_full_macs == r.dense_full_macs
@@ -201,13 +206,13 @@ class TestMacs:
         d = stats.to_dict()
         assert d["macs_saved"] == pytest.approx(d["macs_saved_by_exit"] + d["macs_saved_by_sparsity"])
 
-    def test_counter_cached_until_weights_change(self):
+    def test_engine_counts_nonzeros_when_built(self):
         model = tiny_model("bert", "sequence", layers=2)
-        first = MacCounter.for_model(model)
-        assert MacCounter.for_model(model) is first  # one count of non-zeros per model, not per batch
-        apply_masks(model, magnitude_masks(prunable_weights(model), 0.5))  # in place: versions move
-        second = MacCounter.for_model(model)
-        assert second is not first and sum(second.sparse_per_token) < sum(first.sparse_per_token)
+        first = EarlyExitEngine(model).macs
+        apply_masks(model, magnitude_masks(prunable_weights(model), 0.5))  # in place, after the first engine
+        second = EarlyExitEngine(model).macs
+        assert not hasattr(model, "_epee_mac_counter")  # the engine owns its counter, the model carries none
+        assert sum(second.sparse_per_token) < sum(first.sparse_per_token) == sum(first.dense_per_token)
 
     def test_savings_split(self):
         s = savings(actual=25, dense_at_exit=50, dense_full=100)
