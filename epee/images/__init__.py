@@ -31,7 +31,16 @@ The package, one responsibility a module:
 
 from __future__ import annotations
 
-from .arrays import BT601_LUMA, CHANNEL_COUNTS, FRAME_POLICIES, ImageSettings, preprocess, resize, to_channels, to_unit_range
+from .arrays import (
+    BT601_LUMA,
+    CHANNEL_COUNTS,
+    FRAME_POLICIES,
+    ImageSettings,
+    preprocess,
+    resize,
+    to_channels,
+    to_unit_range,
+)
 from .attributes import (
     NON_IMAGE_SOP_CLASSES,
     PHOTOMETRIC_TERMS,

@@ -139,7 +139,7 @@ def _syntax_name(syntax: UID) -> str:
     return f"TransferSyntaxUID (0002,0010) {_uid_name(syntax)}"
 
 
-def _uid_name(uid) -> str:
+def _uid_name(uid: str | UID) -> str:
     uid = UID(str(uid))
     if uid.name != str(uid) and uid.startswith("1.2.840.10008."):  # in pydicom's dictionary of the standard
         return f"{uid} ({uid.name})"

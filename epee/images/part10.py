@@ -42,7 +42,7 @@ class Part10:
     inflated_bytes: int = 0
 
 
-def check_part10(data, limits: DicomLimits | None = None) -> Part10:
+def check_part10(data: bytes | bytearray | memoryview, limits: DicomLimits | None = None) -> Part10:
     """Check a DICOM Part 10 file's byte structure before anything parses it; raise
     :class:`DicomRejected` with the reason, in our words:
 
@@ -163,7 +163,7 @@ def _inflate(view: memoryview, start: int, limit: int, out: io.BytesIO) -> None:
     inflate(out)
 
 
-def _walk_dataset(view, pos: int, implicit: bool, little: bool) -> int | None:
+def _walk_dataset(view: memoryview, pos: int, implicit: bool, little: bool) -> int | None:
     """Every element header of the dataset from ``pos`` to the end of ``view``: lengths inside the
     file and inside their sequence or item, items well formed, nesting bounded. Raises
     :class:`DicomRejected`; the values are never read. Returns None, or where to cut the file:
@@ -181,7 +181,7 @@ class _AfterPixels(Exception):
         self.at = at
 
 
-def _walk(view, pos: int, implicit: bool, little: bool) -> None:
+def _walk(view: memoryview, pos: int, implicit: bool, little: bool) -> None:
     from pydicom.datadict import dictionary_VR
 
     end = len(view)
