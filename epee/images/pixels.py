@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import struct
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_fragments
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -16,6 +18,9 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
+from pydicom.pixels.processing import apply_presentation_lut
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
 
 from .attributes import (
     _DECODED_PHOTOMETRIC,
@@ -35,6 +40,9 @@ from .attributes import (
 from .limits import DicomRejected, DicomUnsupported
 
 logger = logging.getLogger(__name__)
+
+# Presentation LUT module (PS3.3 C.11.6): a MONOCHROME2 image's P-values
+_PRESENTATION_KEYWORDS = ("PresentationLUTSequence", "PresentationLUTShape")
 
 
 def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
@@ -62,7 +70,10 @@ def dicom_to_array(ds: Dataset, frame_policy: str = "middle") -> np.ndarray:
     and Frame VOI LUT macros of the Shared and Per-Frame Functional Groups Sequences (per-frame
     values win) into a small view dataset that it passes to them. Other Enhanced semantics (Real
     World Value Mapping, dimension organisation, segment frames of a SEG) are not interpreted.
-    A Presentation LUT Shape (2050,0020) is not applied.
+    A MONOCHROME2 image's Presentation LUT (Presentation LUT Sequence (2050,0010) or Shape
+    (2050,0020), PS3.3 C.11.4) is applied last, with :func:`pydicom.pixels.apply_presentation_lut`;
+    a MONOCHROME1 image's Shape INVERSE states the inversion above (PS3.3 C.8.11.6.1.2), which is
+    not applied twice.
 
     Parameters
     ----------
@@ -159,15 +170,30 @@ def _decode(ds: Dataset, keyword: str, index: int | None) -> tuple[np.ndarray, s
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - corrupt data: many types, and Rust plugins panic (PanicException is no Exception)
-        # The decoders' own messages are read for the reason only, never written: the message
-        # names the exception type.
-        text = str(exc).lower() if isinstance(exc, Exception) else ""
-        truncated = any(w in text for w in ("less than expected", "truncat", "end of", "insufficient", "too short",
-                                               "not enough", "premature", "missing"))
+        # the decoders' messages may quote values: ours names the exception type only
+        truncated = _shorter_than_declared(ds, keyword, UID(str(syntax)))
         raise DicomRejected("truncated_pixel_data" if truncated else "decode_error",
                             f"cannot decode {_tag_name(keyword)}: {type(exc).__name__}"
                             + (" (pixel data shorter than the header declares)" if truncated else "")) from exc
     return arr, str(properties.get("photometric_interpretation", ds.PhotometricInterpretation))
+
+
+def _shorter_than_declared(ds: Dataset, keyword: str, syntax: UID) -> bool:
+    """Whether the pixel data holds fewer bytes than its header declares: native (uncompressed)
+    data shorter than :func:`pydicom.pixels.utils.get_expected_length`, or encapsulated data
+    whose last fragment item (PS3.5 A.4, found by :func:`pydicom.encaps.parse_fragments`) runs
+    past the end of the value."""
+    try:
+        value = ds[keyword].value
+        if not syntax.is_encapsulated:
+            return len(value) < get_expected_length(ds)
+        _, offsets = parse_fragments(value)
+        if not offsets:
+            return False
+        (length,) = struct.unpack_from("<L", value, offsets[-1] + 4)
+        return offsets[-1] + 8 + length > len(value)
+    except Exception:  # noqa: BLE001 - an attribute that does not convert, items that do not parse: not this reason
+        return False
 
 
 def _frame_view(ds: Dataset, frame: int) -> Dataset:
@@ -220,8 +246,24 @@ def _apply_grey_luts(
         logger.warning("VOI LUT (0028,1050-1056, 0028,3010) not applied (%s)", type(exc).__name__)
     if photometric == "MONOCHROME1":
         lo, hi = _nominal_range(view)
-        out = _invert(out, lo, hi)
-    return out
+        return _invert(out, lo, hi)
+    return _apply_presentation(out, ds)
+
+
+def _apply_presentation(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Presentation LUT of a MONOCHROME2 frame (PS3.3 C.11.4): IDENTITY returns `arr` as it
+    is. A value pydicom does not handle is suspicious but usable: logged, never quoted, not applied."""
+    if not any(kw in ds for kw in _PRESENTATION_KEYWORDS):
+        return arr
+    view = Dataset()
+    for kw in _PRESENTATION_KEYWORDS:
+        if kw in ds:
+            view[kw] = copy.deepcopy(ds[kw])
+    try:
+        return apply_presentation_lut(arr, view)
+    except Exception as exc:  # noqa: BLE001 - pydicom's NotImplementedError quotes the value
+        logger.warning("Presentation LUT (2050,0010, 2050,0020) not applied (%s)", type(exc).__name__)
+        return arr
 
 
 def _lut_depth(view: Dataset, sequence: str) -> int | None:
