@@ -5,6 +5,9 @@ The loss of exit head i (1-based) is weighted by i and the weights are normalise
 computation, count most while every head learns. Training is seeded, checkpoints after every
 epoch and every ``checkpoint_every`` steps (safetensors plus a JSON state, no pickle), and
 resumes from the last checkpoint with the same data order it would have had without the stop.
+
+The loss is :mod:`epee.losses`; fitting heads as probes on a frozen backbone is :mod:`epee.probes`.
+Both stay importable from here.
 """
 
 from __future__ import annotations
@@ -17,17 +20,23 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from .encoding import IGNORE
-from .inputs import EncodedSample, collate
+from .inputs import Batch, EncodedSample, collate
+from .losses import layer_weights, stack_targets, weighted_exit_loss
 from .modeling import EarlyExitModel
+from .probes import LOW_PRECISION_SPREAD, feature_spread, fit_heads_as_probes
+
+__all__ = [
+    "LOW_PRECISION_SPREAD", "EpochRecord", "TrainConfig", "TrainHistory", "feature_spread", "fit_heads_as_probes",
+    "full_depth_logits", "layer_weights", "predict_all_layers", "stack_targets", "train", "weighted_exit_loss",
+]
 
 log = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -86,62 +95,6 @@ class TrainHistory:
         return {"metric": self.metric, "resumed_from_step": self.resumed_from_step, "epochs": [asdict(e) for e in self.epochs]}
 
 
-def layer_weights(num_layers: int) -> torch.Tensor:
-    w = torch.arange(1, num_layers + 1, dtype=torch.float32)
-    return w / w.sum()
-
-
-def weighted_exit_loss(
-    logits: Sequence[torch.Tensor], targets: torch.Tensor, distill_weight: float = 0.0,
-    teacher: torch.Tensor | None = None, teacher_weight: float = 0.0, temperature: float = 2.0,
-) -> torch.Tensor:
-    """Σ_i w_i · CE(head_i, y) with w_i ∝ i; token tasks ignore positions marked IGNORE.
-
-    With ``distill_weight`` α > 0 every head but the last learns ``(1 - α) · CE(head_i, y) +
-    α · KL(p_last ‖ p_i)``, the last head's distribution detached (self-distillation, as in
-    BERxiT and DeeBERT follow-ups): early heads learn to agree with full depth, which is what
-    lets the patience and entropy criteria exit early without changing the answer.
-
-    With ``teacher`` logits (B, C) and ``teacher_weight`` β > 0 (sequence-level tasks), every
-    head's loss above becomes ``(1 - β) · loss_i + β · T² · KL(q_T ‖ p_i,T)``: the teacher's
-    and the head's distributions softened by temperature T (Hinton et al. 2015; the T² keeps the
-    gradients' scale). A pruned model learns from the dense model it was cut from, the usual way
-    to recover accuracy at high sparsity (Sanh et al. 2020, Kurtic et al. 2022).
-    """
-    weights = layer_weights(len(logits)).to(targets.device)
-    last = None
-    if distill_weight > 0:
-        last = F.softmax(logits[-1].detach().float(), dim=-1)
-    soft = None
-    if teacher is not None and teacher_weight > 0:
-        if targets.dim() != 1 or teacher.shape != logits[-1].shape:
-            raise ValueError(f"teacher logits {tuple(teacher.shape)} must match a sequence-level head's "
-                             f"{tuple(logits[-1].shape)}")
-        soft = F.softmax(teacher.detach().float() / temperature, dim=-1)
-    total = logits[0].new_zeros(())
-    for i, (w, lg) in enumerate(zip(weights, logits)):
-        flat, flat_targets = lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1)
-        loss = F.cross_entropy(flat, flat_targets, ignore_index=IGNORE)  # (N, C) vs (N,), or (N, T, C) vs (N, T)
-        if last is not None and i < len(logits) - 1:
-            keep = flat_targets != IGNORE
-            kl = F.kl_div(F.log_softmax(flat[keep], dim=-1), last.reshape(-1, lg.shape[-1])[keep], reduction="batchmean")
-            loss = (1 - distill_weight) * loss + distill_weight * kl
-        if soft is not None:
-            kl = F.kl_div(F.log_softmax(flat / temperature, dim=-1), soft, reduction="batchmean")
-            loss = (1 - teacher_weight) * loss + teacher_weight * temperature**2 * kl
-        total = total + w * loss
-    return total
-
-
-def stack_targets(targets: Sequence[int | torch.Tensor], length: int | None = None) -> torch.Tensor:
-    if isinstance(targets[0], torch.Tensor):
-        t = length or max(int(x.numel()) for x in targets)
-        out = torch.full((len(targets), t), IGNORE, dtype=torch.long)
-        for i, x in enumerate(targets):
-            out[i, : x.numel()] = x
-        return out
-    return torch.tensor(list(targets), dtype=torch.long)
-
 
 def _epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled batches of similar lengths: shuffle, sort inside pools of 50 batches, shuffle
@@ -158,7 +111,9 @@ def _epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def _length_sorted_batches(model: EarlyExitModel, samples: Sequence[EncodedSample], batch_size: int, device):
+def _length_sorted_batches(
+    model: EarlyExitModel, samples: Sequence[EncodedSample], batch_size: int, device: str | torch.device
+) -> Iterator[tuple[list[int], Batch]]:
     """(sample indices, collated batch on ``device``), batches of similar lengths (little padding)."""
     order = sorted(range(len(samples)), key=lambda i: samples[i].length)
     for start in range(0, len(order), batch_size):
@@ -371,72 +326,3 @@ def train(
         model.train()
     model.eval()
     return history
-
-
-# Below this feature spread (see :func:`feature_spread`) a probe's head reads differences of the
-# order of int8's per-row rounding (1-2% of a linear layer's output on MiniLM-L6) or bfloat16's:
-# the sample notes model's [CLS] probes (spread 0.001-0.03 at layers 1-5 of MiniLM-L6) fell from
-# 0.97-0.98 accuracy per head in float32 to 0.40-0.69 in int8 and 0.50-0.93 at layers 1-4 in
-# bfloat16; its mean-pooled probes (spread about 0.42) scored the same in all three (docs/analyses.md).
-LOW_PRECISION_SPREAD = 0.05
-
-
-def feature_spread(x: torch.Tensor) -> float:
-    """How much a head's input features differ between samples, relative to their common part:
-    ``|std over samples| / |mean over samples|`` of ``x`` (N, F). A pretrained BERT's early [CLS]
-    states are a large shared vector plus differences of about a thousandth of it."""
-    x = x.double()
-    mean = x.mean(0).norm().item()
-    return math.inf if mean == 0 else x.std(0).norm().item() / mean
-
-
-def fit_heads_as_probes(
-    model: EarlyExitModel, samples, labels: torch.Tensor, batch_size: int, l2: float = 1e-3
-) -> list[float]:
-    """Fit every exit head as a linear probe on the frozen backbone; returns each head's
-    :func:`feature_spread`.
-
-    Early-layer [CLS] features of a pretrained BERT vary very little between notes (std ~1e-4),
-    far too little for a briefly trained unnormalised head; so each head is fitted by L-BFGS
-    logistic regression on standardised features and the standardisation is folded into the
-    head's weights (exact). Full fine-tuning of backbone and heads is `epee train`'s job.
-
-    Such a head amplifies its input's tiny differences, and with them any rounding: heads whose
-    features spread less than ``LOW_PRECISION_SPREAD`` are named in a warning, since int8 or
-    bfloat16 can change what they predict (mean pooling, ``EarlyExitConfig(pooling="mean")``,
-    gives MiniLM-style backbones features that differ far more).
-    """
-    with torch.no_grad():
-        chunks = [
-            model.layer_features(collate(samples[s : s + batch_size], model.adapter.pad_token_id))
-            for s in range(0, len(samples), batch_size)
-        ]
-    spreads = []
-    for i, head in enumerate(model.exit_heads):
-        x = torch.cat([c[i] for c in chunks])  # (N, F)
-        spreads.append(feature_spread(x))
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        z = (x - mean) / std
-        w = torch.zeros(z.shape[1], head.out_features, requires_grad=True)
-        b = torch.zeros(head.out_features, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(z @ w + b, labels) + l2 * (w**2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():  # logits = ((x - mean) / std) @ w + b  ==  x @ (w / std) + (b - mean @ (w / std))
-            scaled = w / std[:, None]
-            head.weight.copy_(scaled.T)
-            head.bias.copy_(b - mean @ scaled)
-    narrow = [f"{i + 1} ({s:.1e})" for i, s in enumerate(spreads) if s < LOW_PRECISION_SPREAD]
-    if narrow:
-        log.warning(
-            "exit heads %s read features that differ between samples by less than %.0f%% of their common part: "
-            "their probes amplify that, so int8 or bfloat16 rounding can change what they predict (calibrate "
-            "and evaluate in the precision you run; pooling='mean' spreads a pretrained encoder's features more)",
-            ", ".join(narrow), 100 * LOW_PRECISION_SPREAD)
-    return spreads

@@ -4,211 +4,59 @@ A pixel decoder can loop forever on a hostile stream, or take the process down w
 segfault in a C plugin, the kernel's OOM killer). Python cannot interrupt a thread stuck in C, so
 :class:`IsolatedDecoder` keeps a long-lived child process (:class:`SharedDecoders` gives all the
 reading DoFn instances of one worker process one pool of them) and sends it files over a pipe, a
-batch per message; the child decodes them one at a time and answers with the batch's outcomes in
-one message (in parts of about 8 MB of pixels for large images, each large
-image as raw bytes rather than pickled). Before each file the child writes the file's index and start time
-into a small shared mapping, so the parent knows which file is running: when one file takes longer
-than the timeout the child is killed, that file is reported, and the batch's other files go to a
-new child; when the child dies, the file it was on is reported as a crash. The child routes
-pydicom's logging and warnings itself (they can quote tag values), and only counts them.
+batch per message. What the child runs and how the two talk (the decode function, the progress
+record, outcomes with large images as raw bytes) is :mod:`transforms.decode_protocol`. When one
+file takes longer than the timeout the child is killed, that file is reported, and the batch's
+other files go to a new child; when the child dies, the file it was on is reported as a crash.
 
 A batch per message, not a file: a round trip (two process wake-ups and the parent's thread
-taking the GIL back) cost about 0.6 ms per file on a 2-core machine, as much as decoding a small
-image. :class:`PipelinedDecoder` feeds the child from a queue on its own thread, so the DoFn reads
-the next files and runs inference while the child decodes.
+taking the GIL back) costs about as much as decoding a small image (docs/analyses.md, "Pipelined
+DICOM decoding"). :class:`PipelinedDecoder` feeds the child from a queue on its own thread, so the
+DoFn reads the next files and runs inference while the child decodes.
 
 The child is a fresh interpreter (``python -c``, talking over a socket pair), not a
 ``multiprocessing`` child: ``spawn`` re-imports the parent's main module (the whole pipeline with
-Beam, torch and transformers: 3-4 s per start, measured) and ``fork`` copies torch threads and
-Beam state. The child imports only pydicom, numpy and Pillow, and its stdout and stderr go to
-/dev/null.
+Beam, torch and transformers, seconds per start) and ``fork`` copies torch threads and Beam state.
+The child imports only pydicom, numpy and Pillow, and its stdout and stderr go to /dev/null.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import mmap
 import os
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
+# the protocol's names stay importable from here, where callers have always found them
+from .decode_protocol import (  # noqa: F401 - re-exported
+    _PROGRESS,
+    PART_BYTES,
+    RAW_BYTES,
+    DecodeOutcome,
+    _RawPixels,
+    _receive_part,
+    _send_part,
+    _serve,
+    decode_bytes,
+    decode_failure,
+    route_pydicom_logs,
+)
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from epee.images import DicomLimits
 
-
-@dataclass
-class DecodeOutcome:
-    """What decoding one file gave: pixels, or a reason and a message written by our code."""
-
-    pixels: Any = None
-    reason: str | None = None
-    message: str | None = None
-    warnings: int = 0
-
-
-def decode_bytes(data: bytes, frame_policy: str, limits) -> DecodeOutcome:
-    """Decode one DICOM file held in memory; every failure becomes an outcome, never an exception.
-
-    ``limits``: an :class:`epee.images.DicomLimits` (pixel budget, limit on inflated data), or an
-    int, the pixel budget alone (the limit on inflated data is then its default)."""
-    from epee.images import DicomLimits, DicomRejected, DicomUnsupported, read_dicom
-
-    if not isinstance(limits, DicomLimits):
-        limits = DicomLimits(max_pixel_bytes=limits)
-    route_pydicom_logs()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            pixels = read_dicom(data, frame_policy=frame_policy, limits=limits)
-        except (DicomRejected, DicomUnsupported) as exc:
-            return DecodeOutcome(reason=exc.reason, message=exc.message, warnings=len(caught))
-        except MemoryError:
-            return DecodeOutcome(reason="out_of_memory", message="decoding ran out of memory", warnings=len(caught))
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - one file must never stop the job (a Rust plugin's
-            # PanicException is a BaseException); the exception's text may quote values: its type only
-            return decode_failure(exc, len(caught))
-    return DecodeOutcome(pixels=pixels, warnings=len(caught))
-
-
-def decode_failure(exc: BaseException, warnings_seen: int = 0) -> DecodeOutcome:
-    """The outcome of a decode that raised something unforeseen: ``decode_error``, by its type
-    (``out_of_memory`` for a MemoryError)."""
-    from epee.errors import describe
-
-    if isinstance(exc, MemoryError):
-        return DecodeOutcome(reason="out_of_memory", message="decoding ran out of memory", warnings=warnings_seen)
-    return DecodeOutcome(reason="decode_error", message=describe(exc, "unexpected failure while decoding"),
-                         warnings=warnings_seen)
-
-
-class _CountingHandler(logging.Handler):
-    """Swallows pydicom's log records (they can quote tag values) and counts them."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-
-
-_PYDICOM_SINK = _CountingHandler()
-
-
-def route_pydicom_logs() -> None:
-    """Route the whole ``pydicom`` logger tree (its decoders log ERROR records with tracebacks)
-    into a counting sink instead of the process's log handlers. Idempotent; stays in force for
-    the worker, since toggling global logger state per file would race between threads."""
-    logger = logging.getLogger("pydicom")
-    if _PYDICOM_SINK not in logger.handlers:
-        logger.addHandler(_PYDICOM_SINK)
-    logger.propagate = False
-
-
-def _resolve(path: str) -> Callable[..., DecodeOutcome]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-# the shared progress record: (start time on the monotonic clock, index of the file in the batch; -1: none)
-_PROGRESS = struct.Struct("<dq")
-# the child sends the outcomes it holds once their pixels reach this size, so that a batch of large
-# images is not held whole in the child (nor arrives whole in the parent)
-PART_BYTES = 8 << 20
-# decoded images at least this large travel as raw bytes next to their outcome (see _send_part)
-RAW_BYTES = 256 << 10
-
-
-@dataclass(frozen=True)
-class _RawPixels:
-    """Stands in an outcome for pixels that follow it on the pipe as raw bytes."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def _send_part(conn: Connection, outcomes: list[DecodeOutcome]) -> None:
-    """Outcomes in one pickled message, each large image after it as a raw message of its own.
-
-    Pickling and unpickling copy an array on top of the pipe's own copies (0.77 ms per file on
-    the shared DICOM files, 1.8 MB decoded on average); written as raw bytes, its buffer goes to
-    the pipe as it is and :func:`_receive_part` reads it straight into a new array."""
-    raw = []
-    for outcome in outcomes:
-        pixels = outcome.pixels
-        if isinstance(pixels, np.ndarray) and pixels.nbytes >= RAW_BYTES:
-            raw.append(np.ascontiguousarray(pixels))
-            outcome.pixels = _RawPixels(pixels.shape, pixels.dtype.str)
-    conn.send(outcomes)
-    for pixels in raw:
-        conn.send_bytes(pixels.reshape(-1).view(np.uint8))  # any dtype, either byte order
-
-
-def _receive_part(conn: Connection) -> list[DecodeOutcome]:
-    """What :func:`_send_part` sent, with its images back in place."""
-    outcomes = conn.recv()
-    if not isinstance(outcomes, list) or not outcomes:
-        raise TypeError("the decoder process answered out of step")
-    for outcome in outcomes:
-        if isinstance(outcome.pixels, _RawPixels):
-            pixels = np.empty(outcome.pixels.shape, np.dtype(outcome.pixels.dtype))
-            if conn.recv_bytes_into(pixels.reshape(-1).view(np.uint8)) != pixels.nbytes:
-                raise TypeError("the decoder process answered out of step")
-            outcome.pixels = pixels
-    return outcomes
-
-
-def _set_progress(progress: mmap.mmap, index: int, started: float) -> None:
-    _PROGRESS.pack_into(progress, 0, started, index)
-
-
-def _child_main(conn, progress: mmap.mmap, decode_path: str) -> None:  # pragma: no cover - runs in the child
-    logging.getLogger().handlers[:] = [logging.NullHandler()]  # the child never writes logs anywhere
-    decode = _resolve(decode_path)
-    importlib.import_module("epee.images")  # the imports happen before "ready", not on a file's clock
-    conn.send("ready")
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        part_bytes, jobs = message
-        outcomes, held = [], 0
-        for i, job in enumerate(jobs):
-            _set_progress(progress, i, time.monotonic())
-            try:
-                outcomes.append(decode(*job))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - a decode function that raises costs its file only
-                outcomes.append(decode_failure(exc))
-            held += getattr(outcomes[-1].pixels, "nbytes", 0)
-            if held >= part_bytes and i < len(jobs) - 1:  # large images leave as they come, not all at the end
-                _send_part(conn, outcomes)
-                outcomes, held = [], 0
-        _set_progress(progress, -1, 0.0)
-        _send_part(conn, outcomes)
-
-
-def _serve(fd: int, progress_fd: int, decode_path: str) -> None:  # pragma: no cover - the child's entry point
-    _child_main(Connection(fd), mmap.mmap(progress_fd, _PROGRESS.size), decode_path)
+__all__ = [
+    "PART_BYTES", "RAW_BYTES", "DecodeOutcome", "IsolatedDecoder", "PipelinedDecoder", "SharedDecoders",
+    "decode_bytes", "decode_failure", "route_pydicom_logs",
+]
 
 
 def _child_env() -> dict[str, str]:
@@ -246,7 +94,7 @@ class IsolatedDecoder:
             shared.flush()
             self._progress = mmap.mmap(shared.fileno(), _PROGRESS.size)
             try:
-                code = (f"from transforms.decode_worker import _serve; "
+                code = (f"from transforms.decode_protocol import _serve; "
                         f"_serve({child.fileno()}, {shared.fileno()}, {self.decode_path!r})")
                 self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(), shared.fileno()),
                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -289,11 +137,11 @@ class IsolatedDecoder:
         self._proc = self._conn = self._progress = None
         self.restarts += 1
 
-    def decode(self, data: bytes, frame_policy: str, limits) -> DecodeOutcome:
+    def decode(self, data: bytes, frame_policy: str, limits: DicomLimits | int) -> DecodeOutcome:
         """``limits``: what :func:`decode_bytes` takes (a ``DicomLimits`` or the pixel budget)."""
         return self.decode_many([(data, frame_policy, limits)])[0]
 
-    def decode_many(self, jobs: list[tuple[bytes, str, int]],
+    def decode_many(self, jobs: list[tuple[bytes, str, DicomLimits | int]],
                     on_outcome: Callable[[int, DecodeOutcome], None] | None = None) -> list[DecodeOutcome]:
         """One outcome per ``(data, frame_policy, limits)``, in order; ``on_outcome(i,
         outcome)`` is called for each as it arrives. The jobs go to the child as one batch. A file
@@ -393,7 +241,7 @@ class PipelinedDecoder:
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()  # submit may be called from several DoFn threads (SharedDecoders)
 
-    def submit(self, data: bytes, frame_policy: str, limits) -> Future:
+    def submit(self, data: bytes, frame_policy: str, limits: DicomLimits | int) -> Future:
         """Queue one file's bytes; the future's result is its :class:`DecodeOutcome`. Thread-safe."""
         if not self._threads:
             with self._start_lock:
@@ -445,10 +293,9 @@ class SharedDecoders:
     """One :class:`PipelinedDecoder` per worker process and setting, shared by every DoFn instance.
 
     A runner may run many instances of the reading DoFn in one process: one per bundle-processing
-    thread (Dataflow's Python workers run several), or one per stage that reads DICOM. Each used to
-    start its own children; now the first :meth:`acquire` of a setting starts its pool, later ones
-    share it, and the last :meth:`release` closes it. So ``--decode_processes N`` means N children
-    per worker process. The pool's queue is thread-safe and each file's outcome goes to the future
+    thread (Dataflow's Python workers run several), or one per stage that reads DICOM. The first
+    :meth:`acquire` of a setting starts its pool, later ones share it, and the last :meth:`release`
+    closes it. So ``--decode_processes N`` means N children per worker process. The pool's queue is thread-safe and each file's outcome goes to the future
     its caller holds, so instances never see each other's files; a timeout or crash still costs
     the one file at fault."""
 

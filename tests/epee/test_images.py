@@ -485,6 +485,64 @@ class TestDicomToArray:
             dicom_to_array(make_dataset(np.zeros((2, 2), dtype=np.uint8)), "last")
 
 
+class TestPresentationLut:
+    """PS3.3 C.11.4: a MONOCHROME2 image's Presentation LUT is applied last, by pydicom."""
+
+    def test_identity_leaves_the_pixels_and_inverse_inverts_monochrome2(self):
+        pixels = np.array([[0, 100], [200, 250]], dtype=np.uint8)
+        plain = dicom_to_array(make_dataset(pixels))
+        np.testing.assert_array_equal(dicom_to_array(make_dataset(pixels, PresentationLUTShape="IDENTITY")), plain)
+        np.testing.assert_array_equal(dicom_to_array(make_dataset(pixels, PresentationLUTShape="INVERSE")),
+                                      plain.max() - plain)
+
+    def test_monochrome1_is_inverted_once(self):
+        pixels = np.array([[0, 100], [200, 255]], dtype=np.uint8)
+        alone = dicom_to_array(make_dataset(pixels, photometric="MONOCHROME1"))
+        stated = dicom_to_array(make_dataset(pixels, photometric="MONOCHROME1", PresentationLUTShape="INVERSE"))
+        np.testing.assert_array_equal(stated, alone)
+        np.testing.assert_array_equal(alone, 255 - pixels)
+
+    def test_an_unknown_shape_is_logged_unquoted_and_not_applied(self, caplog):
+        pixels = np.array([[0, 100]], dtype=np.uint8)
+        with caplog.at_level("WARNING", logger="epee.images"):
+            out = dicom_to_array(make_dataset(pixels, PresentationLUTShape="SECRETSHAPE"))
+        np.testing.assert_array_equal(out, pixels)
+        assert "Presentation LUT" in caplog.text and "SECRETSHAPE" not in caplog.text
+
+
+class TestTruncatedPixelData:
+    """A decode that fails on pixel data shorter than the header declares is ``truncated_pixel_data``:
+    native data against pydicom's ``get_expected_length``, encapsulated data by its last fragment item."""
+
+    def test_native_pixel_data_shorter_than_declared(self):
+        ds = make_dataset(np.zeros((4, 4), dtype=np.uint16))
+        ds.PixelData = ds.PixelData[:4]
+        with pytest.raises(ValueError, match=r"shorter than the header declares") as info:
+            dicom_to_array(ds)
+        assert info.value.reason == "truncated_pixel_data"
+
+    def test_encapsulated_fragment_cut_short(self):
+        from pydicom.data import get_testdata_file
+
+        ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+        ds.PixelData = ds.PixelData[:-100]
+        with pytest.raises(ValueError, match=r"cannot decode PixelData \(7FE0,0010\)") as info:
+            dicom_to_array(ds)
+        assert info.value.reason == "truncated_pixel_data"
+
+    def test_corrupt_but_complete_pixel_data_is_not_called_truncated(self):
+        from pydicom.data import get_testdata_file
+
+        ds = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+        value = bytearray(ds.PixelData)
+        value[-2000:-1000] = b"\xff" * 1000  # inside the last fragment: every length still holds
+        ds.PixelData = bytes(value)
+        try:
+            dicom_to_array(ds)
+        except ValueError as exc:
+            assert exc.reason == "decode_error"
+
+
 class TestReadDicom:
     def test_file_and_file_like(self, tmp_path):
         stack = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)

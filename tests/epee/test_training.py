@@ -305,20 +305,21 @@ class TestProbeFeatureSpread:
         assert feature_spread(torch.zeros(5, 4)) == float("inf")
 
     def test_probes_return_spreads_and_name_narrow_heads(self, monkeypatch, caplog):
+        import epee.probes as probes
         import epee.training as training
         from tests.conftest import make_samples, tiny_model
 
         model = tiny_model("bert")
         samples = make_samples("bert", "sequence", n=24)
         labels = torch.arange(24) % 3
-        with caplog.at_level("WARNING", logger="epee.training"):
+        with caplog.at_level("WARNING", logger="epee.probes"):
             spreads = training.fit_heads_as_probes(model, samples, labels, batch_size=8)
         assert len(spreads) == model.num_layers and all(s > training.LOW_PRECISION_SPREAD for s in spreads)
         assert "exit heads" not in caplog.text
         threshold = sorted(spreads)[1] * 1.0001  # the two narrowest heads fall under it
-        monkeypatch.setattr(training, "LOW_PRECISION_SPREAD", threshold)
+        monkeypatch.setattr(probes, "LOW_PRECISION_SPREAD", threshold)  # read where the probes are fitted
         caplog.clear()
-        with caplog.at_level("WARNING", logger="epee.training"):
+        with caplog.at_level("WARNING", logger="epee.probes"):
             assert training.fit_heads_as_probes(model, samples, labels, batch_size=8) == spreads
         named = re.findall(r"(\d+) \(\d\.\de[-+]\d+\)", caplog.text)
         assert named == [str(i + 1) for i, s in enumerate(spreads) if s < threshold] and len(named) == 2
