@@ -196,7 +196,25 @@ def test_relations_pipeline(models, tmp_path):
     assert sorted(p["record_id"] for p in preds) == ["r1", "r2"] and [d["record_id"] for d in dead] == ["r3"]
     r2 = next(p for p in preds if p["record_id"] == "r2")
     assert (r2["entity1_start"], r2["entity1_end"], r2["entity2_start"], r2["entity2_end"]) == (0, 7, 12, 20)
-    assert r2["label"] in ("negative", "effect")
+    # each prediction is what the model directory predicts for that row at batch size 1 (the oracle)
+    from epee.data import Example
+    from epee.data.relations import strip_entity_markers
+    from epee.encoding import model_inputs
+    from epee.modeldir import load_model_dir
+    from epee.reference import run_reference
+
+    bundle = load_model_dir(models["relation"])
+    names = list(bundle.model.config.label_names)
+    for row in rows[:2]:
+        if "e1_start" in row:
+            text, spans = row["text"], ((row["e1_start"], row["e1_end"]), (row["e2_start"], row["e2_end"]))
+        else:
+            text, spans = strip_entity_markers(row["text"])
+        (enc,), _ = model_inputs(bundle.preprocessor, Example(id=row["id"], text=text, entities=spans))
+        (oracle,) = run_reference(bundle.model, [enc.sample])
+        got = next(p for p in preds if p["record_id"] == row["id"])
+        assert (got["label"], got["exit_layer"]) == (names[oracle.label], oracle.exit_layer)
+        assert got["probabilities"] == pytest.approx(oracle.probs.tolist(), abs=1e-5)
 
 
 def test_whole_layers_predict_the_same_at_more_macs(models, tmp_path):
