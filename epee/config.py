@@ -167,9 +167,9 @@ class EngineConfig:
     # channel, activations per token row, so results do not depend on the batch (epee.kernels);
     # embeddings, attention, exit heads and exit decisions stay float32.
     precision: str = "float32"
-    # Kernel of the float32 linear layers on a CPU: "auto" (oneDNN on x86-64 CPUs in float32, about
-    # 20% faster there; PyTorch's elsewhere), "aten" (PyTorch's default, MKL) or "onednn" (an error
-    # where it cannot run). See epee.kernels.
+    # Kernel of the float32 linear layers on a CPU: "auto" (oneDNN on x86-64 CPUs in float32,
+    # PyTorch's elsewhere), "aten" (PyTorch's default, MKL) or "onednn" (an error where it cannot
+    # run). See epee.kernels; measured in docs/analyses.md.
     linear_kernel: str = "auto"
     # Run each layer where rows may exit in two steps: first at the positions the exit head reads
     # ([CLS], GPT-2's last token, the entity markers) over every token's keys and values, then the

@@ -60,19 +60,17 @@ class EpeeOptions(PipelineOptions):
                             "free (ignored with --decode_timeout 0)")
         g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
         g.add_argument("--precision", default="float32", choices=PRECISIONS,
-                       help="bfloat16: run the model under torch.autocast in bfloat16 (exit decisions stay float32); "
-                            "about 3x faster on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs, slower on CPUs "
-                            "without it. int8 (CPU only): the transformer layers' linear products in int8 with "
-                            "per-token scales, about 2x float32 on CPUs with AVX-512 VNNI; embeddings, attention, "
-                            "exit heads and decisions stay float32. Scores move slightly: check them on your dev set "
-                            "(epee evaluate --precision). int8 can change what the early exit heads predict: calibrate "
-                            "in int8 (epee calibrate --precision int8); a worker warns when the stored policy was "
-                            "calibrated in another precision (docs/analyses.md)")
+                       help="bfloat16: the model under torch.autocast in bfloat16 (exit decisions stay float32); "
+                            "fast on CPUs with native bf16 (avx512_bf16, AMX) and on GPUs, slower on CPUs without "
+                            "it. int8 (CPU only): the transformer layers' linear products in int8 with per-token "
+                            "scales; embeddings, attention, exit heads and decisions stay float32. Scores and early "
+                            "exits can move: calibrate in the precision you run (epee calibrate --precision); a "
+                            "worker warns when the stored policy was calibrated in another. Measured speeds: "
+                            "docs/analyses.md")
         g.add_argument("--linear_kernel", default="auto", choices=LINEAR_KERNELS,
-                       help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs in float32, about "
-                            "20%% faster than PyTorch's default on AMD EPYC, float32 either way; PyTorch's elsewhere; "
-                            "see epee/kernels.py), aten (PyTorch's default, MKL) or onednn (refused off the CPU or "
-                            "outside float32)")
+                       help="float32 CPU kernel of the linear layers: auto (oneDNN on x86-64 CPUs in float32, "
+                            "PyTorch's elsewhere; epee/kernels.py, measured in docs/analyses.md), aten (PyTorch's "
+                            "default, MKL) or onednn (refused off the CPU or outside float32)")
         g.add_argument("--whole_layers", action="store_true",
                        help="run every transformer layer whole. By default, where exit heads read a few positions "
                             "([CLS], GPT-2's last token, the entity markers), a layer where records may exit runs "
