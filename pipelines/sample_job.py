@@ -120,8 +120,8 @@ def train_image_model(out: Path) -> None:
 
 
 def _current(path: Path, pooling: str = "default") -> bool:
-    """A cached sample model with the pooling its trainer uses now: the notes model's probes read
-    mean-pooled features since 2026-11-24 (earlier caches read [CLS] and are trained again)."""
+    """Whether a cached sample model has the pooling its trainer uses (a cache with another is
+    trained again)."""
     try:
         doc = json.loads((path / "epee_config.json").read_text())
     except (OSError, ValueError):
