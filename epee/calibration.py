@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ExitPolicyConfig
+from .histogram import ExitHistogram
 from .inputs import EncodedSample, collate
 from .kernels import Int8Weights, linear_kernel_mode, resolve_linear_kernel
 from .modeling import EarlyExitModel, precision_autocast
@@ -142,8 +143,12 @@ class SimulatedRun:
     predictions: list  # per sample: label id, or (token task) tag ids over real tokens, -1 unscored
 
     @property
+    def exits(self) -> ExitHistogram:
+        return ExitHistogram.of_layers(self.exit_layers.tolist())
+
+    @property
     def mean_exit_layer(self) -> float:
-        return float(self.exit_layers.double().mean()) if self.exit_layers.numel() else 0.0
+        return self.exits.mean_exit_layer
 
 
 @dataclass(frozen=True)
