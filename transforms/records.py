@@ -68,6 +68,14 @@ class PredictionRecord:
         return dict(self.__dict__)  # flat fields: a shallow copy is the row (asdict would deep-copy)
 
 
+def stats_label(label: str | None, event_spans: list | None) -> str:
+    """The label a prediction is counted under in the exit statistics and the run report: its
+    label; event extraction has none, so its records count as "events" or "no_event"."""
+    if label is not None:
+        return str(label)
+    return "events" if event_spans else "no_event"
+
+
 PREDICTION_SCHEMA = pa.schema([
     ("record_id", pa.string()), ("source_uri", pa.string()), ("task", pa.string()), ("label", pa.string()),
     ("score", pa.float64()), ("probabilities", pa.list_(pa.float32())), ("label_names", pa.list_(pa.string())),

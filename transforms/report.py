@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
+from epee.histogram import ExitHistogram
+
+from .records import stats_label
+
 PREDICTION_COLUMNS = ("run_id", "model_id", "task", "label", "score", "exit_layer", "num_layers", "exit_reason",
                       "event_spans", "macs", "dense_exit_macs", "dense_full_macs")
 DEAD_LETTER_COLUMNS = ("run_id", "stage", "error_type")  # never "message" nor "source_uri"
@@ -82,14 +86,6 @@ class RunSummary:
 
 
 # -- numbers ---------------------------------------------------------------------------------------
-def label_of(row: dict) -> str:
-    """The label a prediction is counted under; the same rule as transforms.writers.ExitStatsFn
-    (event extraction has no label: its records count as "events" or "no_event")."""
-    if row.get("label") is not None:
-        return str(row["label"])
-    return "events" if row.get("event_spans") else "no_event"
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -106,9 +102,9 @@ class RunTally:
         self.predictions = 0
         self.dead_letters = 0
         self.ids: dict[str, set[str]] = {"run_id": set(), "model_id": set(), "task": set()}
-        self.exits: Counter[int] = Counter()
+        self.exits = ExitHistogram()
         self.num_layers = 0
-        self.by_label: dict[str, list[int]] = {}  # label -> [records, sum of exit layers]
+        self.by_label: dict[str, ExitHistogram] = {}  # the exits of each label's records
         self.reasons: Counter[str] = Counter()
         self.fine_scores = [0] * FINE_SCORE_BINS
         self.dead: Counter[tuple[str, str]] = Counter()
@@ -126,11 +122,9 @@ class RunTally:
             self.predictions += 1
             self._ids(r)
             layer = int(r["exit_layer"])
-            self.exits[layer] += 1
+            self.exits.add(layer)
             self.num_layers = max(self.num_layers, layer, int(r.get("num_layers") or 0))
-            tally = self.by_label.setdefault(label_of(r), [0, 0])
-            tally[0] += 1
-            tally[1] += layer
+            self.by_label.setdefault(stats_label(r.get("label"), r.get("event_spans")), ExitHistogram()).add(layer)
             self.reasons[str(r.get("exit_reason"))] += 1
             score = _number(r.get("score"))
             if score is not None:
@@ -170,9 +164,9 @@ class RunTally:
             return found if found or not isinstance(extra, str) else (extra,)
 
         num_layers = self.num_layers
-        exits = tuple(self.exits.get(i, 0) for i in range(1, num_layers + 1))  # a layer 0 lands in no bar
-        mean = sum(k * c for k, c in self.exits.items()) / n_pred if n_pred else None
-        labels = sorted((LabelRow(k, n, total / n, num_layers / (total / n)) for k, (n, total) in self.by_label.items()),
+        exits = tuple(self.exits.merge(ExitHistogram.of_depth(num_layers)).counts)
+        mean = self.exits.mean_exit_layer if n_pred else None
+        labels = sorted((LabelRow(k, h.samples, h.mean_exit_layer, h.speedup(num_layers)) for k, h in self.by_label.items()),
                         key=lambda row: (-row.count, row.label))
         reasons = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
         dead = sorted(self.dead.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -207,7 +201,7 @@ class RunTally:
         return RunSummary(
             run_ids=run_ids, model_ids=ids("model_id"), tasks=ids("task"), predictions=n_pred, dead_letters=n_dead,
             records_in=records_in, num_layers=num_layers, exits_per_layer=exits, mean_exit_layer=mean,
-            layer_speedup=num_layers / mean if mean else None, labels=tuple(labels), exit_reasons=tuple(reasons),
+            layer_speedup=self.exits.speedup(num_layers) if n_pred else None, labels=tuple(labels), exit_reasons=tuple(reasons),
             score_bins=tuple(self.fine_scores), dead_by_reason=tuple((s, e, c) for (s, e), c in dead),
             wall_seconds=wall, wall_source=source, records_per_second=rate, timings=timings, checks=tuple(checks),
             macs=macs,
