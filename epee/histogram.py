@@ -2,7 +2,7 @@
 
 One computation shared by the engine's statistics (:class:`epee.engine.EngineStats`), the
 calibration's simulated runs (:class:`epee.calibration.SimulatedRun`), the pipelines' exit
-statistics (``transforms.writers.ExitStatsFn``), the run report (``transforms.report.RunTally``)
+statistics (``transforms.writers.ExitStatsFn``), the run report (``transforms.run_summary.RunTally``)
 and the streaming summary (``pipelines.streaming.summarize_windows``).
 
 The mean exit layer is an integer sum over an integer count (``layer_sum / samples``), so every

@@ -367,9 +367,13 @@ class _FileReader(beam.DoFn):
             return digest, beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest, "skipped", 0))
         return digest, None
 
-    def _input_row(self, uri, readable, digest, status, records) -> dict:
-        return {"uri": self._uri_key(uri), "size": int(readable.metadata.size_in_bytes or 0), "sha256": digest,
-                "status": status, "records": records, "run_id": self.run_id}
+    def _input_row(self, uri: str, readable: fileio.ReadableFile, digest: str | None, status: str,
+                   records: int) -> dict:
+        """The ``inputs`` row (:class:`~transforms.records.InputFile`) of one file, as written."""
+        from .records import InputFile
+
+        return InputFile(self._uri_key(uri), int(readable.metadata.size_in_bytes or 0), digest, status, records,
+                         self.run_id).to_row()
 
     def read_file(self, readable: fileio.ReadableFile) -> Iterator:
         raise NotImplementedError

@@ -142,9 +142,23 @@ EXIT_STATS_SCHEMA = pa.schema([
 ])
 
 
+@dataclass
+class InputFile:
+    """One row per input file: status ``processed`` (``records`` = predictions + dead letters it gave)
+    or ``skipped`` (unchanged since the run given to ``--skip_processed``)."""
+
+    uri: str  # pseudonymised by the reader with --pseudonymize_ids
+    size: int  # bytes as stored (compressed files: their compressed size)
+    sha256: str | None  # of the stored bytes; None where the file could not be read
+    status: str  # "processed" or "skipped"
+    records: int
+    run_id: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 INPUTS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("size", pa.int64()), ("sha256", pa.string()), ("status", pa.string()),
     ("records", pa.int64()), ("run_id", pa.string()),
 ])
-"""One row per input file: status ``processed`` (``records`` = predictions + dead letters it gave)
-or ``skipped`` (unchanged since the run given to ``--skip_processed``)."""
