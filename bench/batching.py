@@ -29,11 +29,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import add_text_corpus_arguments, machine
+from bench.common import add_text_corpus_arguments, machine
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import CORPORA, run_stock, text_steady_inputs, time_our_pipeline
+    from bench.common import CORPORA, run_stock, time_our_pipeline
+    from bench.run_all import text_steady_inputs
     from epee.config import PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,7 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import machine
+from bench.common import machine
 from bench.scaling import _descendants, _rss_mib
 
 SYSTEMS = {"ours, 1 decoder process": ["--decode_processes", "1"],
@@ -94,7 +94,8 @@ class ChildSampler:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import halves, held_out, run_stock, time_our_pipeline, write_inputs
+    from bench.common import halves, run_stock, time_our_pipeline, write_inputs
+    from bench.run_all import held_out
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/pneumoniamnist")

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(does a float32-calibrated policy hold in int8?)")
     args = p.parse_args(argv)
 
-    from bench.run_all import encode_examples, held_out
+    from bench.common import encode_examples
+    from bench.run_all import held_out
     from epee.calibration import choose_robust, collect_layer_outputs, simulate, sweep
     from epee.workflows import score_function
     from epee.config import ExitPolicyConfig

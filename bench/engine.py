@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,6 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import BertConfig
 
+from bench.common import timed
 from epee import (
     EarlyExitConfig,
     EarlyExitEngine,
@@ -69,22 +69,6 @@ def make_samples(n: int, seq_len: int, min_len: int, vocab: int, seed: int) -> l
         ids[0], ids[-1] = 101, 102  # [CLS] ... [SEP]
         out.append(EncodedSample(input_ids=ids))
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_it(fn, device: torch.device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def full_depth(model: EarlyExitModel, samples: list[EncodedSample], batch_size: int, device: torch.device) -> None:
@@ -147,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         full_depth(model, samples[:bsz], bsz, device)
         engine.run(samples[:bsz])
         run_reference(model, samples[:2], device=str(device))
-        t_full = time_it(lambda: full_depth(model, samples, bsz, device), device, args.repeats)
+        t_full = timed(lambda: full_depth(model, samples, bsz, device), args.repeats, device=device)
 
         for kind in args.policies.split(","):
             if kind == "scheduled":
@@ -166,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                 nonlocal result
                 result = engine.run(samples, policy)
 
-            t_engine = time_it(run_engine, device, args.repeats)
-            t_ref = time_it(lambda: run_reference(model, samples[:n_ref], policy, device=str(device)), device, args.repeats)
+            t_engine = timed(run_engine, args.repeats, device=device)
+            t_ref = timed(lambda: run_reference(model, samples[:n_ref], policy, device=str(device)), args.repeats,
+                          device=device)
             stats = result.stats
             ideal = stats.layer_speedup
             measured = t_full / t_engine

@@ -32,17 +32,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from bench import machine
+from bench.common import machine, timed
 
 
 def time_call(fn, n: int) -> float:
+    """Milliseconds per call of ``fn``: the mean of ``n`` calls after two warm-up calls."""
     with torch.inference_mode():
-        for _ in range(2):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n * 1e3
+        return 1e3 * timed(fn, repeat=n, warmup=2, reduce="mean")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +127,8 @@ def gelu_unfused():
 
 
 def engine_rows(args) -> None:
-    from bench.run_all import encode_examples, halves, held_out
+    from bench.common import encode_examples, halves
+    from bench.run_all import held_out
     from epee import EarlyExitEngine, EngineConfig
 
     bundle, examples = held_out(args.model)

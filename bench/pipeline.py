@@ -5,8 +5,9 @@ Not a test; prints one JSON line. Same model weights, same notes, same machine, 
 * ``pipeline_epee``: ``pipelines.notes`` with the model directory's calibrated policy;
 * ``pipeline_full``: the same pipeline with ``--exit_policy none``;
 * ``beam_stock_full``: Beam's own ``RunInference`` with its stock ``PytorchModelHandlerKeyedTensor``
-  running the same backbone + last exit head at full depth, inputs padded to the model's
-  max_length (what that handler needs to stack a batch), predictions written to Parquet too;
+  running the same model at full depth (:func:`bench.common.run_stock`, the baseline
+  ``bench.run_all`` measures), inputs truncated and padded to the model's max_length (what that
+  handler needs to stack a batch), predictions written to Parquet too;
 * ``engine_epee`` / ``engine_full``: the bare engine on the same notes in a plain loop (read,
   tokenise, run), to measure the pipeline's overhead over it (target: under 30%).
 
@@ -21,79 +22,14 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from torch import nn
 
-from bench import machine, stock_pipeline
-
-
-class StockFullDepthClassifier(nn.Module):
-    """Backbone + last exit head as a plain nn.Module, the shape Beam's PyTorch handler loads."""
-
-    def __init__(self, model_dir: str) -> None:
-        super().__init__()
-        from transformers import AutoConfig
-
-        from epee.backbones import build_backbone
-
-        self.backbone = build_backbone(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-        doc = json.loads((Path(model_dir) / "epee_config.json").read_text())
-        self.head = nn.Linear(self.backbone.config.hidden_size, len(doc["model"]["label_names"]))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return torch.softmax(self.head(out.pooler_output), dim=-1)
-
-
-def stock_state_dict(model_dir: str, path: str) -> None:
-    """Our weights under the stock module's names (backbone.*, head.* = the last exit head)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(model_dir) / "model.safetensors"))
-    doc = json.loads((Path(model_dir) / "config.json").read_text())
-    last = int(doc["num_hidden_layers"]) - 1
-    out = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    out.update({k.replace(f"exit_heads.{last}.", "head."): v for k, v in state.items() if k.startswith(f"exit_heads.{last}.")})
-    torch.save(out, path)  # Beam's stock handler loads a torch state dict; we made this file ourselves
-
-
-def run_stock(notes_path: str, text_field: str, model_dir: str, output: str, batch_size: int) -> int:
-    import apache_beam as beam
-    import pyarrow as pa
-    from apache_beam.io.parquetio import WriteToParquet
-    from apache_beam.ml.inference.base import RunInference
-    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
-
-    from epee.modeldir import load_preprocessor
-
-    state_path = os.path.join(tempfile.mkdtemp(), "stock.pth")
-    stock_state_dict(model_dir, state_path)
-    handler = PytorchModelHandlerKeyedTensor(state_dict_path=state_path, model_class=StockFullDepthClassifier,
-                                             model_params={"model_dir": model_dir}, min_batch_size=1, max_batch_size=batch_size)
-
-    class Tokenise(beam.DoFn):
-        def setup(self):
-            self.pre, _ = load_preprocessor(model_dir)
-            self.max_len = self.pre.settings.max_length
-
-        def process(self, line):
-            row = json.loads(line)
-            enc = self.pre.tokenizer(row[text_field], truncation=True, max_length=self.max_len, padding="max_length",
-                                     return_tensors="pt")
-            yield {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
-
-    schema = pa.schema([("label", pa.int64()), ("score", pa.float64())])
-    with stock_pipeline() as p:
-        (p | beam.io.ReadFromText(notes_path) | beam.ParDo(Tokenise()) | RunInference(handler)
-           | beam.Map(lambda r: {"label": int(r.inference.argmax()), "score": float(r.inference.max())})
-           | WriteToParquet(f"{output}/stock", schema, file_name_suffix=".parquet", num_shards=1))
-    return 0
+from bench.common import clocked, machine, run_stock, seconds
 
 
 def bare_engine(notes_path: str, text_field: str, model_dir: str, batch_size: int, engine_batch: int,
@@ -180,19 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, extra in (("pipeline_epee", []), ("pipeline_full", ["--exit_policy", "none"])):
         if name not in systems:
             continue
-        t0 = time.perf_counter()
-        summaries[name] = run("notes", common + ["--output", str(work / name)] + extra)
-        timings[name] = time.perf_counter() - t0
+        timings[name], summaries[name] = clocked(lambda: run("notes", common + ["--output", str(work / name)] + extra))
     if "beam_stock_full" in systems:
-        t0 = time.perf_counter()
-        run_stock(str(notes_path), "text", model, str(work / "stock"), args.batch_size)
-        timings["beam_stock_full"] = time.perf_counter() - t0
+        # bench.run_all's baseline: batches of exactly --batch-size records; timed from pipeline start
+        timings["beam_stock_full"] = run_stock(str(notes_path), model, str(work / "stock"), args.batch_size, is_dicom=False)
     for name, full in (("engine_epee", False), ("engine_full", True)):
         if name not in systems:
             continue
-        t0 = time.perf_counter()
-        bare_engine(str(notes_path), "text", model, args.batch_size, args.engine_batch_size, full, args.max_windows)
-        timings[name] = time.perf_counter() - t0
+        timings[name] = seconds(lambda: bare_engine(str(notes_path), "text", model, args.batch_size,
+                                                    args.engine_batch_size, full, args.max_windows))
     rate = {k: round(n / v, 2) for k, v in timings.items()}
     ratios = {}
     for name, (a, b, minus_one) in RATIOS.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import add_text_corpus_arguments, machine
+from bench.common import add_text_corpus_arguments, machine
 
 # (label, substring of pstats' function key, whether to take its cumulative time rather than its own)
 NAMED = [("linear layers (oneDNN)", "mkldnn._linear_pointwise", False),
@@ -34,7 +34,8 @@ NAMED = [("linear layers (oneDNN)", "mkldnn._linear_pointwise", False),
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import CORPORA, text_steady_inputs, time_our_pipeline
+    from bench.common import CORPORA, time_our_pipeline
+    from bench.run_all import text_steady_inputs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_text_corpus_arguments(p, default="medical_abstracts")

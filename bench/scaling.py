@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import machine
+from bench.common import machine
 
 CHILD = r"""
 import json, resource, sys, time

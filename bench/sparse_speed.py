@@ -20,44 +20,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench import machine
+from bench.common import machine, timed
 
 
-def timed(fn, repeat: int = 5, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def median_seconds(fn, repeat: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` (GPU work waited for)."""
+    return timed(fn, repeat, warmup, reduce="median", device="cuda" if torch.cuda.is_available() else None)
 
 
 def cpu_matrix(sparsities=(0.5, 0.75, 0.9, 0.95, 0.99)) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(64 * 128, 384)
     w = torch.randn(1536, 384)
-    dense_s = timed(lambda: torch.nn.functional.linear(x, w))
+    dense_s = median_seconds(lambda: torch.nn.functional.linear(x, w))
     rows = [{"what": "384x1536 linear, 8192 tokens", "sparsity": 0.0, "kernel": "dense", "ms": 1e3 * dense_s, "speedup": 1.0}]
     xt = x.t().contiguous()
     for s in sparsities:
         ws = w.clone()
         ws[torch.rand_like(ws) < s] = 0
-        d = timed(lambda: torch.nn.functional.linear(x, ws))
+        d = median_seconds(lambda: torch.nn.functional.linear(x, ws))
         csr = ws.to_sparse_csr()
-        c = timed(lambda: torch.sparse.mm(csr, xt))
+        c = median_seconds(lambda: torch.sparse.mm(csr, xt))
         rows.append({"what": "384x1536 linear, 8192 tokens", "sparsity": s, "kernel": "dense", "ms": 1e3 * d, "speedup": dense_s / d})
         rows.append({"what": "384x1536 linear, 8192 tokens", "sparsity": s, "kernel": "csr", "ms": 1e3 * c, "speedup": dense_s / c})
     return rows
@@ -91,7 +79,7 @@ def engine_rows(device: str, hidden: int, layers: int, heads: int, inter: int, b
         policy = ExitPolicy(ExitPolicyConfig(kind="none"), layers)
         for bs in batch_sizes:
             engine = EarlyExitEngine(model, EngineConfig(batch_size=bs, device=device))
-            secs = timed(lambda: engine.run(samples, policy), repeat=3, warmup=1)
+            secs = median_seconds(lambda: engine.run(samples, policy), repeat=3, warmup=1)
             rows.append({"what": f"engine, {layers} layers, hidden {hidden}, {n} x {length} tokens, {device} {str(dtype)[6:]}",
                          "weights": variant, "batch_size": bs, "records_per_s": n / secs, "note": note})
             print(json.dumps(rows[-1]), flush=True)

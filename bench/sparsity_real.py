@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import machine
+from bench.common import machine
 
 CORPORA = {  # name: (training examples per epoch, dev examples at most): the published table's sizes
     "medical_abstracts": (1600, 400),  # every training example

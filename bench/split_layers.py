@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from bench import machine
+from bench.common import machine
 
 
 def rounds(model, samples, policy, reps: int, batch_size: int) -> dict:
@@ -47,7 +47,8 @@ def rounds(model, samples, policy, reps: int, batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.run_all import encode_examples, halves, held_out
+    from bench.common import encode_examples, halves
+    from bench.run_all import held_out
     from epee import ExitPolicy
     from epee.config import ExitPolicyConfig
 

@@ -20,7 +20,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench import add_text_corpus_arguments, machine
+from bench.common import add_text_corpus_arguments, machine
 
 
 def main(argv: list[str] | None = None) -> None:

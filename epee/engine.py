@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .config import EngineConfig
 from .flops import MacCounter
+from .histogram import ExitHistogram
 from .inputs import EncodedSample, collate
 from .layer_step import LayerPlan, LayerStep
 from .modeling import EarlyExitModel
@@ -90,14 +91,18 @@ class EngineStats:
         return 1.0 - self.real_tokens / self.token_slots if self.token_slots else 0.0
 
     @property
+    def exits(self) -> ExitHistogram:
+        """Samples per exit layer (a copy: the engine counts into ``exits_per_layer``)."""
+        return ExitHistogram(list(self.exits_per_layer))
+
+    @property
     def mean_exit_layer(self) -> float:
-        return self.rows_computed / self.samples if self.samples else 0.0
+        return self.exits.mean_exit_layer
 
     @property
     def layer_speedup(self) -> float:
         """num_layers / mean exit layer: the ideal speedup from the layers skipped."""
-        mean = self.mean_exit_layer
-        return self.num_layers / mean if mean else 0.0
+        return self.exits.speedup(self.num_layers)
 
     def merge(self, other: "EngineStats") -> None:
         if other.num_layers != self.num_layers:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .histogram import ExitHistogram
 from .inputs import EncodedSample, collate
 from .modeling import EarlyExitModel
 from .policies import CONTINUE, ExitPolicy, ExitSignal, exit_signal, update_streak
@@ -123,8 +124,12 @@ class SimulatedRun:
     predictions: list  # per sample: label id, or (token task) tag ids over real tokens, -1 unscored
 
     @property
+    def exits(self) -> ExitHistogram:
+        return ExitHistogram.of_layers(self.exit_layers.tolist())
+
+    @property
     def mean_exit_layer(self) -> float:
-        return float(self.exit_layers.double().mean()) if self.exit_layers.numel() else 0.0
+        return self.exits.mean_exit_layer
 
 
 @dataclass(frozen=True)

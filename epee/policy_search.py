@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import ExitPolicyConfig
+from .histogram import ExitHistogram
 from .layer_outputs import LayerOutputs, _exit_layers, _predictions_at, _trace
 from .policies import ExitPolicy
 
@@ -104,8 +105,9 @@ def sweep(
         key = exit_layers.numpy().tobytes()
         if key not in scores:
             scores[key] = float(score_fn(_predictions_at(trace, outputs, exit_layers)))
-        mean = float(exit_layers.double().mean())
-        return SweepPoint(kind, tau, patience, scores[key], mean, num_layers / mean, min_exit_layer)
+        exits = ExitHistogram.of_layers(exit_layers.tolist(), num_layers)
+        return SweepPoint(kind, tau, patience, scores[key], exits.mean_exit_layer, exits.speedup(num_layers),
+                          min_exit_layer)
 
     points = [point("none", None, None)]
     points += [point("entropy", float(tau), None) for tau in thresholds]

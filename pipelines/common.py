@@ -16,8 +16,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from transforms.handler import EarlyExitModelHandler, s3_client_kwargs
 from transforms.inference import EarlyExitInference
+from transforms.job import EarlyExitJob
 from transforms.privacy import KeySource, PathWriter, PseudonymKeyError
-from transforms.readers import DEAD, INPUTS, ReadDicom, ReadNotes
+from transforms.readers import ReadDicom, ReadNotes
 from transforms.writers import ExitStatsFn, WriteOutputs
 
 from . import outputs
@@ -250,10 +251,8 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     run_dir = outputs.new_run_dir(opts.output, run_id)
     try:
         with beam.Pipeline(options=options) as p:
-            read = p | type(reader).__name__ >> reader
-            predictions, inference_dead = read.records | "EarlyExit" >> inference
-            dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
-            (predictions, dead, read[INPUTS]) | "Write" >> WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source)
+            p | "Job" >> EarlyExitJob(reader, inference, WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source),
+                                      read_label=type(reader).__name__)
         pipeline_done = time.time()
         summary = summarize(opts.output, run_id, time.time() - started, run_dir)
         inputs = outputs.inputs_summary(run_dir)

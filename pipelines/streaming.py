@@ -3,7 +3,7 @@
 The batch pipeline reads what ``--input`` matches once. In streaming mode the pattern is matched
 again every ``--poll_interval`` seconds with Beam's continuous file matching; every file is read
 once, at the first match that finds it, through the same parsing DoFns, the same
-:class:`EarlyExitInference` and the same handler as in batch mode, so every record still ends as
+:class:`transforms.job.EarlyExitJob` and the same handler as in batch mode, so every record still ends as
 exactly one prediction or one dead letter. Records are grouped into fixed windows of
 ``--window_seconds`` by the time of that match, and each window is written to its own Parquet
 files (:class:`transforms.writers.WriteWindowedOutputs`). ``--stop_after`` ends the watch; the
@@ -39,7 +39,9 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
+from epee.histogram import ExitHistogram
 from transforms.inference import EarlyExitInference
+from transforms.job import EarlyExitJob
 from transforms.readers import DEAD, INPUTS, NAMESPACE, ReadDicom
 from transforms.writers import OUTPUT_SCHEMAS, ExitStatsFn, WriteWindowedOutputs
 
@@ -119,6 +121,19 @@ class WatchFiles(beam.PTransform):
         )
 
 
+class ReadWatched(beam.PTransform):
+    """PBegin -> the readers' outputs (``records``, ``DEAD``, ``INPUTS``) of every file
+    :class:`WatchFiles` finds, read by the batch reader's per-file DoFn."""
+
+    def __init__(self, pattern: str, config: StreamingConfig, start: Timestamp, read_file: beam.DoFn) -> None:
+        super().__init__()
+        self.pattern, self.config, self.start, self.read_file = pattern, config, start, read_file
+
+    def expand(self, pbegin):
+        files = pbegin | "Watch" >> WatchFiles(self.pattern, self.config, self.start)
+        return files | "Read" >> beam.ParDo(self.read_file).with_outputs(DEAD, INPUTS, main="records")
+
+
 def is_direct_runner(options: PipelineOptions) -> bool:
     """--runner unset (Beam's default), DirectRunner, or one of the DirectRunner's own runners."""
     runner = options.view_as(StandardOptions).runner
@@ -154,11 +169,8 @@ def run_streaming(options: PipelineOptions, reader: beam.PTransform, inference: 
     read_file = file_dofn(reader)
     key_source = getattr(read_file, "key_source", None)  # --pseudonymize_ids, as the reader has it
     with beam.Pipeline(options=options) as p:
-        files = p | "Watch" >> WatchFiles(opts.input, config, start)
-        read = files | "Read" >> beam.ParDo(read_file).with_outputs(DEAD, INPUTS, main="records")
-        predictions, inference_dead = read.records | "EarlyExit" >> inference
-        dead = (read[DEAD], inference_dead) | "DeadLetters" >> beam.Flatten()
-        (predictions, dead, read[INPUTS]) | "Write" >> WriteWindowedOutputs(output, stats_fn, temp_directory, key_source)
+        p | "Job" >> EarlyExitJob(ReadWatched(opts.input, config, start, read_file), inference,
+                                  WriteWindowedOutputs(output, stats_fn, temp_directory, key_source))
     remove_temp_directory(temp_directory)
     return summarize_windows(output, run_id, time.time() - started)
 
@@ -186,10 +198,11 @@ def summarize_windows(output: str, run_id: str, wall: float) -> dict:
             if kind == "exit_stats":
                 with FileSystems.open(m.path) as fh:
                     rows += pq.read_table(fh).to_pylist()
-    exits = [sum(col) for col in zip(*(r["exits_per_layer"] for r in rows))] if rows else []
-    n = sum(exits)
-    mean = sum(i * c for i, c in enumerate(exits, start=1)) / n if n else None
+    exits = ExitHistogram()
+    for r in rows:
+        exits.merge(ExitHistogram(list(r["exits_per_layer"])))
     num_layers = rows[0]["num_layers"] if rows else None
-    summary.update(windows=len(windows), exits_per_layer=exits or None, mean_exit_layer=mean,
-                   num_layers=num_layers, layer_speedup=num_layers / mean if mean else None)
+    summary.update(windows=len(windows), exits_per_layer=exits.exits_per_layer or None,
+                   mean_exit_layer=exits.mean_exit_layer if exits.samples else None, num_layers=num_layers,
+                   layer_speedup=exits.speedup(num_layers) if exits.samples else None)
     return summary

@@ -15,7 +15,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from epee.errors import InputError, describe
 
 from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
-from .files import DEAD, INPUTS, NAMESPACE, NotAFile, OpenFiles, _FileReader, read_limited, record_uri
+from .files import DEAD, INPUTS, NAMESPACE, FileDigest, NotAFile, OpenFiles, _FileReader, read_limited, record_uri
 from .records import DeadLetter, InputRecord
 
 @dataclass
@@ -153,9 +153,9 @@ class DecodeDicomFile(_FileReader):
             return None, None, self._dead(uri, "read_error", f"could not read file ({type(exc).__name__})", "read")
         return data, digest, None
 
-    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
+    def read_file(self, readable: fileio.ReadableFile, digest: FileDigest) -> Iterator:
         """Read and decode one file in this process (``decode_timeout_s == 0``)."""
-        data, self._digest, dead = self._read(readable)
+        data, digest.value, dead = self._read(readable)
         if dead is not None:
             yield dead
             return

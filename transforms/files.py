@@ -303,6 +303,17 @@ class _HashingReader:
 
 
 # -- per file: inputs rows, --skip_processed, entries that are not files ---------------------------
+class FileDigest:
+    """The SHA-256 of one file's stored bytes, handed to a reader's ``read_file`` for the one call:
+    the pass that reads the whole file (:meth:`LimitedReader.digest`) records it, so the file is
+    not read a second time to hash it. ``None`` until then (a file not read to its end)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+
+
 class _FileReader(beam.DoFn):
     """What both readers do per file besides parsing: the ``inputs`` table row (URI, size,
     SHA-256, records it gave, processed or skipped) and ``--skip_processed``: a file whose URI and
@@ -338,12 +349,13 @@ class _FileReader(beam.DoFn):
             yield skipped
             return
         records = 0
-        self._digest = None
-        for out in self.read_file(readable):
+        read_digest = FileDigest()
+        for out in self.read_file(readable, read_digest):
             if not (isinstance(out, beam.pvalue.TaggedOutput) and out.tag != DEAD):
                 records += 1
             yield out
-        yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest or self._digest, "processed", records))
+        yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest or read_digest.value, "processed",
+                                                               records))
 
     def not_a_file(self, uri: str, why: str):
         """The ``read_error`` dead letter of a matched entry that is not a readable file."""
@@ -367,11 +379,16 @@ class _FileReader(beam.DoFn):
             return digest, beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest, "skipped", 0))
         return digest, None
 
-    def _input_row(self, uri, readable, digest, status, records) -> dict:
-        return {"uri": self._uri_key(uri), "size": int(readable.metadata.size_in_bytes or 0), "sha256": digest,
-                "status": status, "records": records, "run_id": self.run_id}
+    def _input_row(self, uri: str, readable: fileio.ReadableFile, digest: str | None, status: str,
+                   records: int) -> dict:
+        """The ``inputs`` row (:class:`~transforms.records.InputFile`) of one file, as written."""
+        from .records import InputFile
 
-    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
+        return InputFile(self._uri_key(uri), int(readable.metadata.size_in_bytes or 0), digest, status, records,
+                         self.run_id).to_row()
+
+    def read_file(self, readable: fileio.ReadableFile, digest: FileDigest) -> Iterator:
+        """The file's records and dead letters; sets ``digest.value`` where it reads the whole file."""
         raise NotImplementedError
 
 

@@ -36,7 +36,7 @@ from apache_beam.metrics import Metrics
 
 from epee.errors import InputError, describe
 
-from .files import (DEAD, INPUTS, NAMESPACE, FileTooLarge, OpenFiles, _FileReader, bounded_lines,
+from .files import (DEAD, INPUTS, NAMESPACE, FileDigest, FileTooLarge, OpenFiles, _FileReader, bounded_lines,
                     compression_of, content_size, file_digest, open_limited, read_bounded, record_uri,
                     strip_compression)
 from .records import DeadLetter, InputRecord
@@ -221,7 +221,7 @@ class ParseNoteFile(_FileReader):
         return self._dead(uri, rid, "note_too_large", f"{what} is over the {self.max_note_bytes}-byte note limit "
                                                       "(--max_note_bytes); not read")
 
-    def read_file(self, readable: fileio.ReadableFile) -> Iterator:
+    def read_file(self, readable: fileio.ReadableFile, digest: FileDigest) -> Iterator:
         uri, path = record_uri(readable), readable.metadata.path
         fmt = note_format(path, self.file_format)
         if fmt is None:
@@ -233,7 +233,7 @@ class ParseNoteFile(_FileReader):
         size = readable.metadata.size_in_bytes or 0
         try:
             if compressed:  # one pass that keeps nothing: the inflated size, before any of it is parsed
-                size, self._digest = content_size(readable, self.max_file_bytes)
+                size, digest.value = content_size(readable, self.max_file_bytes)
             if size == 0:
                 yield self._dead(uri, None, "empty_file", "the file is empty")
                 return
@@ -248,17 +248,17 @@ class ParseNoteFile(_FileReader):
             if fmt == "jsonl":
                 with open_limited(readable, streamed_limit, strip_bom=True) as fh:
                     yield from self._jsonl(uri, fh)
-                    self._digest = fh.digest()
+                    digest.value = fh.digest()
             elif fmt == "json":
-                yield from self._json(uri, readable, streamed_limit)
+                yield from self._json(uri, readable, streamed_limit, digest)
             elif fmt == "csv":
                 with open_limited(readable, self.max_file_bytes, strip_bom=True) as fh:
                     yield from self._csv(uri, fh, "\t" if strip_compression(path).lower().endswith(_TAB_NAMES) else None)
-                    self._digest = fh.digest()
+                    digest.value = fh.digest()
             elif fmt == "parquet":
-                yield from self._parquet_file(uri, readable, compressed)
+                yield from self._parquet_file(uri, readable, compressed, digest)
             else:
-                yield from self._txt(uri, readable)
+                yield from self._txt(uri, readable, digest)
         except InputError as exc:  # too large once inflated, a corrupt compressed stream: the (rest of the) file
             inflated = compressed and exc.error_type == "file_too_large"
             yield self._dead(uri, None, exc.error_type, describe(exc, "") + (" (once decompressed)" if inflated else ""))
@@ -266,11 +266,11 @@ class ParseNoteFile(_FileReader):
             yield self._dead(uri, None, "read_error", describe(exc, "could not read file"))
 
     # -- formats -------------------------------------------------------------------------------
-    def _txt(self, uri: str, readable) -> Iterator:
+    def _txt(self, uri: str, readable, digest: FileDigest) -> Iterator:
         try:
             with open_limited(readable, self.max_note_bytes, strip_bom=True) as fh:
                 data = fh.read()
-                self._digest = fh.digest()
+                digest.value = fh.digest()
         except FileTooLarge:
             yield self._too_large(uri, uri, "the note")
             return
@@ -294,7 +294,7 @@ class ParseNoteFile(_FileReader):
         if not content:
             yield self._dead(uri, None, "empty_file", "the file holds only whitespace")
 
-    def _json(self, uri: str, readable, limit: int) -> Iterator:
+    def _json(self, uri: str, readable, limit: int, digest: FileDigest) -> Iterator:
         """A JSON array: one record per element; another document that parses whole: one record;
         anything else: JSON Lines."""
         with open_limited(readable, limit, strip_bom=True) as fh:
@@ -313,17 +313,17 @@ class ParseNoteFile(_FileReader):
                         yield self._too_large(uri, f"{uri}#{n}", f"array element {n}")
                     else:
                         yield from self._json_record(uri, raw, n, "array element")
-                self._digest = fh.digest()
+                digest.value = fh.digest()
             return
         try:
             with open_limited(readable, limit and min(limit, self._max_value) or self._max_value, strip_bom=True) as fh:
                 whole = fh.read()
-                self._digest = fh.digest()
+                digest.value = fh.digest()
             row = json.loads(whole.decode("utf-8"))
         except (FileTooLarge, ValueError, RecursionError):  # too long for one note, or not one document
             with open_limited(readable, limit, strip_bom=True) as fh:
                 yield from self._jsonl(uri, fh)
-                self._digest = fh.digest()
+                digest.value = fh.digest()
             return
         if not isinstance(row, dict):
             yield self._dead(uri, f"{uri}#1", "malformed_json", "the document is not a JSON object or array")
@@ -396,7 +396,7 @@ class ParseNoteFile(_FileReader):
                 continue
             yield from self._field_note(uri, row, n, text_cells=True)
 
-    def _parquet_file(self, uri: str, readable, compressed: bool) -> Iterator:
+    def _parquet_file(self, uri: str, readable, compressed: bool, digest: FileDigest) -> Iterator:
         if compressed:  # Parquet needs random access: inflated to a spool file (memory up to 64 MiB, then disk)
             import shutil
             import tempfile
@@ -409,7 +409,7 @@ class ParseNoteFile(_FileReader):
             return
         with readable.open(mime_type="application/octet-stream", compression_type=CompressionTypes.UNCOMPRESSED) as fh:
             yield from self._parquet(uri, fh)
-        self._digest = file_digest(readable)
+        digest.value = file_digest(readable)
 
     def _parquet(self, uri: str, fh) -> Iterator:
         import pyarrow.parquet as pq

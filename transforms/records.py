@@ -68,6 +68,14 @@ class PredictionRecord:
         return dict(self.__dict__)  # flat fields: a shallow copy is the row (asdict would deep-copy)
 
 
+def stats_label(label: str | None, event_spans: list | None) -> str:
+    """The label a prediction is counted under in the exit statistics and the run report: its
+    label; event extraction has none, so its records count as "events" or "no_event"."""
+    if label is not None:
+        return str(label)
+    return "events" if event_spans else "no_event"
+
+
 PREDICTION_SCHEMA = pa.schema([
     ("record_id", pa.string()), ("source_uri", pa.string()), ("task", pa.string()), ("label", pa.string()),
     ("score", pa.float64()), ("probabilities", pa.list_(pa.float32())), ("label_names", pa.list_(pa.string())),
@@ -134,9 +142,23 @@ EXIT_STATS_SCHEMA = pa.schema([
 ])
 
 
+@dataclass
+class InputFile:
+    """One row per input file: status ``processed`` (``records`` = predictions + dead letters it gave)
+    or ``skipped`` (unchanged since the run given to ``--skip_processed``)."""
+
+    uri: str  # pseudonymised by the reader with --pseudonymize_ids
+    size: int  # bytes as stored (compressed files: their compressed size)
+    sha256: str | None  # of the stored bytes; None where the file could not be read
+    status: str  # "processed" or "skipped"
+    records: int
+    run_id: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 INPUTS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("size", pa.int64()), ("sha256", pa.string()), ("status", pa.string()),
     ("records", pa.int64()), ("run_id", pa.string()),
 ])
-"""One row per input file: status ``processed`` (``records`` = predictions + dead letters it gave)
-or ``skipped`` (unchanged since the run given to ``--skip_processed``)."""

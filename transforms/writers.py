@@ -15,54 +15,56 @@ from apache_beam.options.value_provider import StaticValueProvider
 from apache_beam.transforms.window import IntervalWindow
 
 from epee.flops import savings
+from epee.histogram import ExitHistogram
 
 from .records import (
     DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
+    stats_label,
 )
 
 
 class ExitStatsFn(beam.CombineFn):
-    """Counts per exit layer, per label and per reason; one ExitStats row per run."""
+    """Counts per exit layer, per label and per reason; one ExitStats row per run (or window).
+
+    The accumulator holds one :class:`~epee.histogram.ExitHistogram` for the run and one per
+    label (:func:`~transforms.records.stats_label`), the reasons and the three MAC sums.
+    """
 
     def __init__(self, run_id: str, model_id: str, task: str, num_layers: int, started_at: float) -> None:
         self.run_id, self.model_id, self.task = run_id, model_id, task
         self.num_layers, self.started_at = num_layers, started_at
 
-    def create_accumulator(self):
-        return {"n": 0, "layers": [0] * self.num_layers, "labels": Counter(), "label_layers": Counter(), "reasons": Counter(),
-                "macs": [0, 0, 0]}
+    def create_accumulator(self) -> dict:
+        return {"exits": ExitHistogram.of_depth(self.num_layers), "labels": {}, "reasons": Counter(), "macs": [0, 0, 0]}
 
-    def add_input(self, acc, p: PredictionRecord):
-        acc["n"] += 1
-        acc["layers"][p.exit_layer - 1] += 1
-        label = p.label if p.label is not None else ("events" if p.event_spans else "no_event")
-        acc["labels"][label] += 1
-        acc["label_layers"][label] += p.exit_layer
+    def add_input(self, acc: dict, p: PredictionRecord) -> dict:
+        acc["exits"].add(p.exit_layer)
+        acc["labels"].setdefault(stats_label(p.label, p.event_spans), ExitHistogram()).add(p.exit_layer)
         acc["reasons"][p.exit_reason] += 1
-        m = acc.setdefault("macs", [0, 0, 0])
+        m = acc["macs"]
         m[0] += p.macs
         m[1] += p.dense_exit_macs
         m[2] += p.dense_full_macs
         return acc
 
-    def merge_accumulators(self, accs):
+    def merge_accumulators(self, accs) -> dict:
         out = self.create_accumulator()
         for a in accs:
-            out["n"] += a["n"]
-            out["layers"] = [x + y for x, y in zip(out["layers"], a["layers"])]
-            for k in ("labels", "label_layers", "reasons"):
-                out[k].update(a[k])
-            out["macs"] = [x + y for x, y in zip(out["macs"], a.get("macs", [0, 0, 0]))]
+            out["exits"].merge(a["exits"])
+            for label, h in a["labels"].items():
+                out["labels"].setdefault(label, ExitHistogram()).merge(h)
+            out["reasons"].update(a["reasons"])
+            out["macs"] = [x + y for x, y in zip(out["macs"], a["macs"])]
         return out
 
-    def extract_output(self, acc) -> dict:
-        n = acc["n"]
-        mean = sum((i + 1) * c for i, c in enumerate(acc["layers"])) / n if n else 0.0
+    def extract_output(self, acc: dict) -> dict:
+        exits: ExitHistogram = acc["exits"]
         return ExitStats(
-            run_id=self.run_id, model_id=self.model_id, task=self.task, records=n, num_layers=self.num_layers,
-            exits_per_layer=list(acc["layers"]), mean_exit_layer=mean, layer_speedup=self.num_layers / mean if mean else 0.0,
-            label_counts=[{"label": k, "count": v, "mean_exit_layer": acc["label_layers"][k] / v}
-                          for k, v in sorted(acc["labels"].items())],
+            run_id=self.run_id, model_id=self.model_id, task=self.task, records=exits.samples, num_layers=self.num_layers,
+            exits_per_layer=exits.exits_per_layer, mean_exit_layer=exits.mean_exit_layer,
+            layer_speedup=exits.speedup(self.num_layers),
+            label_counts=[{"label": k, "count": h.samples, "mean_exit_layer": h.mean_exit_layer}
+                          for k, h in sorted(acc["labels"].items())],
             exit_reason_counts=[{"reason": k, "count": v} for k, v in sorted(acc["reasons"].items())],
             wall_seconds=time.time() - self.started_at,
             macs=acc["macs"][0], dense_exit_macs=acc["macs"][1], dense_full_macs=acc["macs"][2],
