@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import Counter
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -17,6 +18,7 @@ from apache_beam.transforms.window import IntervalWindow
 from epee.flops import savings
 from epee.histogram import ExitHistogram
 
+from .privacy import KeySource
 from .records import (
     DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
     stats_label,
@@ -47,7 +49,7 @@ class ExitStatsFn(beam.CombineFn):
         m[2] += p.dense_full_macs
         return acc
 
-    def merge_accumulators(self, accs) -> dict:
+    def merge_accumulators(self, accs: Iterable[dict]) -> dict:
         out = self.create_accumulator()
         for a in accs:
             out["exits"].merge(a["exits"])
@@ -96,14 +98,14 @@ class WriteSortedShards(beam.PTransform):
     more than one run of rows, whatever the number of records.
     """
 
-    def __init__(self, directory: str, kind: str, schema, num_shards: int = 1, key_source=None,
-                 run_rows: int = 20000, merge_batch: int = 256) -> None:
+    def __init__(self, directory: str, kind: str, schema: pa.Schema, num_shards: int = 1,
+                 key_source: KeySource | None = None, run_rows: int = 20000, merge_batch: int = 256) -> None:
         super().__init__()
         self.directory, self.kind, self.schema = directory.rstrip("/"), kind, schema
         self.num_shards, self.key_source = num_shards, key_source
         self.run_rows, self.merge_batch = run_rows, merge_batch
 
-    def expand(self, rows):
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         n = self.num_shards
         runs = rows | "SortedRuns" >> beam.ParDo(_SpillSortedRuns(self.directory, self.kind, self.schema, n,
                                                                   self.key_source, self.run_rows))
@@ -121,7 +123,8 @@ class _SpillSortedRuns(beam.DoFn):
 
     CHUNK = 1024
 
-    def __init__(self, directory, kind, schema, num_shards, key_source, run_rows) -> None:
+    def __init__(self, directory: str, kind: str, schema: pa.Schema, num_shards: int, key_source: KeySource | None,
+                 run_rows: int) -> None:
         self.directory, self.kind, self.schema = directory, kind, schema
         self.num_shards, self.key_source, self.run_rows = num_shards, key_source, run_rows
 
@@ -136,7 +139,7 @@ class _SpillSortedRuns(beam.DoFn):
         self.keys: dict[int, list[tuple]] = {}
         self.count = 0
 
-    def process(self, row):
+    def process(self, row: dict) -> Iterator[tuple[int, str]]:
         if self.pz is not None:
             row = self.pz.row(row)
         shard = shard_of(row, self.num_shards)
@@ -149,7 +152,7 @@ class _SpillSortedRuns(beam.DoFn):
         if self.count >= self.run_rows:
             yield from self._spill()
 
-    def finish_bundle(self):
+    def finish_bundle(self) -> Iterator[Any]:
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
 
@@ -161,7 +164,7 @@ class _SpillSortedRuns(beam.DoFn):
         if rows:
             self.tables.setdefault(shard, []).append(pa.Table.from_pylist(rows, schema=self.schema))
 
-    def _spill(self):
+    def _spill(self) -> Iterator[tuple[int, str]]:
         import uuid
 
         from apache_beam.io.filesystems import FileSystems
@@ -178,7 +181,7 @@ class _SpillSortedRuns(beam.DoFn):
         self.pending, self.tables, self.keys, self.count = {}, {}, {}, 0
 
 
-def _run_rows(path: str, batch: int):
+def _run_rows(path: str, batch: int) -> Iterator[dict]:
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(path) as fh:
@@ -191,11 +194,11 @@ class _WriteShard(beam.DoFn):
 
     ROW_GROUP = 8192
 
-    def __init__(self, directory, kind, schema, num_shards, merge_batch) -> None:
+    def __init__(self, directory: str, kind: str, schema: pa.Schema, num_shards: int, merge_batch: int) -> None:
         self.directory, self.kind, self.schema, self.num_shards = directory, kind, schema, num_shards
         self.merge_batch = merge_batch
 
-    def process(self, keyed):
+    def process(self, keyed: tuple[int, Iterable[str | None]]) -> Iterator[str]:
         import heapq
 
         from apache_beam.io.filesystems import FileSystems
@@ -228,12 +231,13 @@ class WriteOutputs(beam.PTransform):
     leaves partial files where the next step reads.
     """
 
-    def __init__(self, output: str, stats_fn: ExitStatsFn, num_shards: int = 1, key_source=None) -> None:
+    def __init__(self, output: str, stats_fn: ExitStatsFn, num_shards: int = 1,
+                 key_source: KeySource | None = None) -> None:
         super().__init__()
         self.output, self.stats_fn = output.rstrip("/"), stats_fn
         self.num_shards, self.key_source = num_shards, key_source
 
-    def expand(self, pcolls):
+    def expand(self, pcolls: Sequence[beam.PCollection]) -> Sequence[beam.PCollection]:
         predictions, dead, *inputs = pcolls
         d, n, k = self.output, self.num_shards, self.key_source
         (predictions | "PredictionRows" >> beam.Map(PredictionRecord.to_row)
@@ -269,7 +273,7 @@ class ParquetFileSink(fileio.FileSink):
         return fileio.FileMetadata(mime_type="application/vnd.apache.parquet",
                                    compression_type=CompressionTypes.UNCOMPRESSED)
 
-    def open(self, fh) -> None:
+    def open(self, fh: IO[bytes]) -> None:
         self._fh, self._rows = fh, []
 
     def write(self, element: tuple[str, dict]) -> None:
@@ -290,11 +294,12 @@ def output_kind(element: tuple[str, dict]) -> str:
     return element[0]
 
 
-def _utc(ts) -> str:
+def _utc(ts: Any) -> str:
     return ts.to_utc_datetime().strftime("%Y%m%dT%H%M%SZ")
 
 
-def window_file_name(window, pane, shard_index, total_shards, compression, destination) -> str:
+def window_file_name(window: Any, pane: Any, shard_index: int, total_shards: int, compression: Any,
+                     destination: str) -> str:
     """``{kind}-{window start}-{window end}-{shard}-of-{shards}.parquet``, times in UTC
     (``predictions-20261122T101500Z-20261122T101600Z-00000-of-00002.parquet``): the files of one
     window sort together, and ``{kind}-*.parquet`` matches every window."""
@@ -322,13 +327,13 @@ class _PseudonymizeRows(beam.DoFn):
     """``(kind, row)`` -> the same with record ids and URIs replaced by their keyed HMAC
     (``--pseudonymize_ids``); the key is read on the worker, never carried in the graph."""
 
-    def __init__(self, key_source) -> None:
+    def __init__(self, key_source: KeySource) -> None:
         self.key_source = key_source
 
     def setup(self) -> None:
         self.pz = self.key_source.pseudonymizer()
 
-    def process(self, element: tuple[str, dict]):
+    def process(self, element: tuple[str, dict]) -> Iterator[tuple[str, dict]]:
         kind, row = element
         yield kind, self.pz.row(row)
 
@@ -345,12 +350,13 @@ class WriteWindowedOutputs(beam.PTransform):
     never sees a half-written file. Same schemas as the batch :class:`WriteOutputs`.
     """
 
-    def __init__(self, output: str, stats_fn: ExitStatsFn, temp_directory: str, key_source=None) -> None:
+    def __init__(self, output: str, stats_fn: ExitStatsFn, temp_directory: str,
+                 key_source: KeySource | None = None) -> None:
         super().__init__()
         self.output, self.stats_fn, self.temp_directory = output.rstrip("/"), stats_fn, temp_directory
         self.key_source = key_source
 
-    def expand(self, pcolls):
+    def expand(self, pcolls: Sequence[beam.PCollection]) -> beam.PCollection:
         predictions, dead, *inputs = pcolls
         # without_defaults: a window with no prediction gets no statistics row (there is no
         # global "empty" default in non-global windows).
