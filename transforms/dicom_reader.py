@@ -49,7 +49,7 @@ class DecodeDicomFile(_FileReader):
     the child decodes one file at a time and each file's clock starts when the child starts it.
     """
 
-    def __init__(self, frame_policy: str = "middle", run_id: str = "", max_file_bytes: int = 1 << 30,
+    def __init__(self, frame_policy: str = "middle", *, run_id: str, max_file_bytes: int = 1 << 30,
                  max_pixel_bytes: int = 1 << 30, decode_timeout_s: float = 120.0,
                  decode_path: str = "transforms.decode_worker:decode_bytes", previous: str | None = None,
                  key_source=None, max_in_flight_files: int = 64, max_in_flight_bytes: int = 64 << 20,
@@ -180,9 +180,9 @@ class DecodeDicomFile(_FileReader):
 
 
 class ReadDicom(beam.PTransform):
-    def __init__(self, pattern: str, frame_policy: str = "middle", run_id: str = "", **limits) -> None:
+    def __init__(self, pattern: str, frame_policy: str = "middle", *, run_id: str, **limits) -> None:
         super().__init__()
-        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id, **limits)
+        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id=run_id, **limits)
 
     def expand(self, pbegin):
         return (

@@ -73,7 +73,7 @@ class ParseNoteFile(_FileReader):
     """
 
     def __init__(self, task: str, text_field: str = "text", id_field: str | None = None,
-                 file_format: str = "auto", run_id: str = "", max_note_bytes: int = 1 << 20,
+                 file_format: str = "auto", *, run_id: str, max_note_bytes: int = 1 << 20,
                  max_file_bytes: int = 1 << 30, previous: str | None = None, key_source=None) -> None:
         self.previous, self.key_source = previous, key_source
         self.task, self.text_field, self.id_field = task, text_field, id_field
@@ -211,9 +211,10 @@ class ReadNotes(beam.PTransform):
     """File pattern -> notes (main output) and dead letters (``dead_letters``)."""
 
     def __init__(self, pattern: str, task: str = "sequence", text_field: str = "text", id_field: str | None = None,
-                 file_format: str = "auto", run_id: str = "", **limits) -> None:
+                 file_format: str = "auto", *, run_id: str, **limits) -> None:
         super().__init__()
-        self.pattern, self.parse = pattern, ParseNoteFile(task, text_field, id_field, file_format, run_id, **limits)
+        self.pattern = pattern
+        self.parse = ParseNoteFile(task, text_field, id_field, file_format, run_id=run_id, **limits)
 
     def expand(self, pbegin):
         return (
