@@ -15,7 +15,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from epee.errors import InputError, describe
 
 from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
-from .files import DEAD, INPUTS, NAMESPACE, FileDigest, NotAFile, OpenFiles, _FileReader, read_limited, record_uri
+from .files import DEAD, INPUTS, NAMESPACE, FileDigest, OpenFiles, _FileReader, read_limited, record_uri
 from .records import DeadLetter, InputRecord
 
 @dataclass
@@ -97,17 +97,19 @@ class DecodeDicomFile(_FileReader):
 
     def process(self, readable: fileio.ReadableFile, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator:
-        if self.decoder is None or isinstance(readable.metadata, NotAFile):  # decoding in this process (--decode_timeout 0)
+        if self.decoder is None:  # decoding in this process (--decode_timeout 0): read_file
             yield from super().process(readable)
             return
-        digest, skipped = self._skip_check(readable)
-        if skipped is not None:
-            yield skipped
-            return
+        yield from self.per_file(readable, lambda r, uri, digest: self._submit(r, uri, digest, window, timestamp))
+
+    def _submit(self, readable: fileio.ReadableFile, uri: str, digest: str | None, window, timestamp) -> Iterator:
+        """Hand the file's bytes to the decoder process; yield the outputs of the files it has
+        finished (:meth:`_release`), oldest first, while too many wait. A file that cannot be read
+        is its dead letter and its ``inputs`` row at once."""
         data, stored_digest, dead = self._read(readable)
         if dead is not None:
             yield dead
-            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable, digest, "processed", 1))
+            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest, "processed", 1))
             return
         digest = digest or stored_digest
         outcome = self.decoder.submit(data, self.frame_policy, self.limits)

@@ -10,7 +10,7 @@ The bounded reading lives in :mod:`transforms.bounded_io`, the matching in
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -69,6 +69,14 @@ class _FileReader(beam.DoFn):
         return self._pz(uri) if self._pz else uri
 
     def process(self, readable: fileio.ReadableFile) -> Iterator:
+        yield from self.per_file(readable, self.read_and_record)
+
+    def per_file(self, readable: fileio.ReadableFile, handle: Callable[[fileio.ReadableFile, str, str | None], Iterator]
+                 ) -> Iterator:
+        """The steps every reader takes for one matched entry: an entry that is not a file is one
+        ``read_error`` and its ``inputs`` row; a file unchanged since ``--skip_processed``'s run is
+        its ``skipped`` row; any other file is ``handle(readable, uri, digest)`` (digest: the hash
+        the skip check computed, or None), which yields its outputs and its ``inputs`` row."""
         uri = record_uri(readable)
         if isinstance(readable.metadata, NotAFile):
             yield self.not_a_file(uri, readable.metadata.why)
@@ -78,6 +86,10 @@ class _FileReader(beam.DoFn):
         if skipped is not None:
             yield skipped
             return
+        yield from handle(readable, uri, digest)
+
+    def read_and_record(self, readable: fileio.ReadableFile, uri: str, digest: str | None) -> Iterator:
+        """:meth:`read_file`'s outputs, then the file's ``inputs`` row counting them."""
         records = 0
         read_digest = FileDigest()
         for out in self.read_file(readable, read_digest):
