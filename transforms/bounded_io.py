@@ -40,11 +40,13 @@ def record_uri(readable: fileio.ReadableFile) -> str:
 
 # -- compression -----------------------------------------------------------------------------------
 class FileTooLarge(InputError):
-    """More content than the limit (after decompression): the reader stopped before holding it."""
+    """More content than the limit (after decompression): the reader stopped before holding it.
+    ``size``: the content's size where it was known before reading (then nothing was read)."""
 
-    def __init__(self, limit: int, what: str = "the file's content") -> None:
-        super().__init__("file_too_large", f"{what} is over the {limit}-byte limit (--max_file_bytes); not read")
-        self.limit = limit
+    def __init__(self, limit: int, what: str = "the file's content", size: int | None = None) -> None:
+        over = "is over" if size is None else f"is {size} bytes, over"
+        super().__init__("file_too_large", f"{what} {over} the {limit}-byte limit (--max_file_bytes); not read")
+        self.limit, self.size = limit, size
 
 
 class BadCompression(InputError):
@@ -181,9 +183,18 @@ class LimitedReader:
 
 
 @contextlib.contextmanager
-def open_limited(readable: fileio.ReadableFile, limit: int = 0, strip_bom: bool = False) -> Iterator[LimitedReader]:
+def open_limited(readable: fileio.ReadableFile, limit: int = 0, strip_bom: bool = False, size: int | None = None,
+                 what: str = "file") -> Iterator[LimitedReader]:
     """``with open_limited(readable, limit) as fh:`` the file's content (decompressed by the
-    name's suffix), at most ``limit`` bytes of it (0: no limit), as a :class:`LimitedReader`."""
+    name's suffix), at most ``limit`` bytes of it (0: no limit), as a :class:`LimitedReader`.
+
+    The one place a reader's byte limit is applied: ``size``, the content's size where the caller
+    knows it (an uncompressed file's stored size, a compressed one's :func:`content_size`), over
+    ``limit`` is :class:`FileTooLarge` (``what is N bytes, over ...``) before the file is opened;
+    otherwise the reader counts what comes out and stops past ``limit`` (a file that grew, a
+    stream whose size is not known)."""
+    if limit and size is not None and size > limit:
+        raise FileTooLarge(limit, what, size)
     with readable.open(mime_type="application/octet-stream", compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         yield LimitedReader(raw, compression_of(readable.metadata.path), limit, strip_bom)
 
@@ -195,12 +206,14 @@ def read_limited(readable: fileio.ReadableFile, limit: int, strip_bom: bool = Fa
     ``limit`` plus one 1 MiB step held), :class:`BadCompression` for a corrupt stream, and the
     storage's own errors. A ``bytearray``, grown in place: no second copy of the content.
 
+    A file whose stored size is over ``limit`` is refused unread (``file is N bytes, over ...``).
     A compressed file is counted first (:func:`content_size`, keeping nothing): a bomb that
     inflates past ``limit`` is refused having held one step, not ``limit`` bytes."""
-    if limit and compression_of(readable.metadata.path) != CompressionTypes.UNCOMPRESSED:
+    stored = readable.metadata.size_in_bytes or 0
+    if limit and stored <= limit and compression_of(readable.metadata.path) != CompressionTypes.UNCOMPRESSED:
         content_size(readable, limit)  # raises FileTooLarge / BadCompression
     data = bytearray()
-    with open_limited(readable, limit, strip_bom) as fh:
+    with open_limited(readable, limit, strip_bom, size=stored) as fh:
         for block in iter(lambda: fh.read(_READ_CHUNK), b""):
             data += block
         return data, fh.digest()

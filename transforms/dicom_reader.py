@@ -142,13 +142,8 @@ class DecodeDicomFile(_FileReader):
         A compressed file (``.dcm.gz``, by its name) is inflated in 1 MiB steps and counted
         against ``--max_file_bytes`` as it grows (:func:`transforms.files.read_limited`)."""
         uri = record_uri(readable)
-        limit = self.max_file_bytes
-        if limit and (readable.metadata.size_in_bytes or 0) > limit:
-            return None, None, self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, "
-                                                                 f"over the {limit}-byte limit (--max_file_bytes); not read",
-                                          "read")
         try:
-            data, digest = read_limited(readable, limit)
+            data, digest = read_limited(readable, self.max_file_bytes)
         except InputError as exc:  # too large once inflated, a corrupt compressed stream: our words
             return None, None, self._dead(uri, exc.error_type, describe(exc, ""), "read")
         except Exception as exc:  # noqa: BLE001 - storage errors: the file is one unreadable record

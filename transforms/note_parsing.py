@@ -170,7 +170,7 @@ class NoteParser:
 
     def too_large(self, uri: str, rid: str, what: str) -> DeadLetter:
         return self.dead(uri, rid, "note_too_large", f"{what} is over the {self.max_note_bytes}-byte note limit "
-                                                     "(--max_note_bytes); not read")
+                                                    "(--max_note_bytes); not read")
 
     def parse_jsonl(self, uri: str, fh) -> Iterator:
         content = False
@@ -233,7 +233,7 @@ class NoteParser:
                 kind = ("note_too_large" if isinstance(exc, _LineTooLong) or "field larger" in str(exc)
                         else "malformed_csv_row")
                 yield self.dead(uri, f"{uri}#{n}", kind, f"row {n} (line {reader.line_num}) cannot be parsed"
-                                 + (f": a field is over the {self.max_note_bytes}-byte note limit" if kind == "note_too_large" else ""))
+                                + (f": a field is over the {self.max_note_bytes}-byte note limit" if kind == "note_too_large" else ""))
                 continue
             if header is None:
                 header = [c.strip() for c in cells]
@@ -250,7 +250,7 @@ class NoteParser:
             row = dict(zip(header, cells))
             if any(_has_surrogates(c) for c in cells):
                 yield self.dead(uri, self.row_id(uri, {k: v for k, v in row.items() if not _has_surrogates(v)}, n),
-                                 "invalid_utf8", f"row {n} is not valid UTF-8")
+                                "invalid_utf8", f"row {n} is not valid UTF-8")
                 continue
             yield from self.field_note(uri, row, n, text_cells=True)
 
@@ -313,11 +313,11 @@ class NoteParser:
             value = row.get(self.id_field)
             if isinstance(value, str) and _has_surrogates(value):
                 yield self.dead(uri, rid, "invalid_utf8", f"record {n}: field {self.id_field!r} is not valid Unicode "
-                                                           "(a lone surrogate escape)")
+                                                          "(a lone surrogate escape)")
                 return
             if value is not None and not isinstance(value, str) and (isinstance(value, bool) or not isinstance(value, int)):
                 yield self.dead(uri, rid, "bad_field_type", f"record {n}: field {self.id_field!r} is a "
-                                                             f"{type(value).__name__}, not text or a whole number")
+                                                            f"{type(value).__name__}, not text or a whole number")
                 return
         if self.text_field not in row:
             yield self.dead(uri, rid, "missing_field", f"record {n} has no field {self.text_field!r}")
@@ -330,11 +330,11 @@ class NoteParser:
                 return
         if value is not None and not isinstance(value, str):
             yield self.dead(uri, rid, "bad_field_type", f"record {n}: field {self.text_field!r} is a "
-                                                         f"{type(value).__name__}, not text")
+                                                        f"{type(value).__name__}, not text")
             return
         if value is not None and _has_surrogates(value):
             yield self.dead(uri, rid, "invalid_utf8", f"record {n}: field {self.text_field!r} is not valid Unicode "
-                                                       "(a lone surrogate escape)")
+                                                      "(a lone surrogate escape)")
             return
         yield from self.note(uri, rid, value, None, row, text_cells)
 

@@ -99,8 +99,8 @@ class ParseNoteFile(_FileReader):
         fmt = note_format(path, self.file_format)
         if fmt is None:
             yield p.dead(uri, None, "unsupported_format", "file type is not one of .jsonl, .ndjson, .json, .csv, "
-                                                              ".tsv, .parquet, .txt (each also compressed: .gz, .bz2, "
-                                                              ".xz, .zst, .deflate)")
+                                                          ".tsv, .parquet, .txt (each also compressed: .gz, .bz2, "
+                                                          ".xz, .zst, .deflate)")
             return
         compressed = compression_of(path) != CompressionTypes.UNCOMPRESSED
         size = readable.metadata.size_in_bytes or 0
@@ -110,13 +110,6 @@ class ParseNoteFile(_FileReader):
             if size == 0:
                 yield p.dead(uri, None, "empty_file", "the file is empty")
                 return
-            if fmt == "txt" and size > self.max_note_bytes:
-                yield p.too_large(uri, uri, f"the note ({size} bytes)")
-                return
-            if fmt == "csv" and self.max_file_bytes and size > self.max_file_bytes:
-                yield p.dead(uri, None, "file_too_large", f"CSV file is {size} bytes, over the {self.max_file_bytes}"
-                                                              "-byte limit (--max_file_bytes); not read")
-                return
             streamed_limit = self.max_file_bytes if compressed else 0  # JSONL, JSON, Parquet: no limit unless inflated
             if fmt == "jsonl":
                 with open_limited(readable, streamed_limit, strip_bom=True) as fh:
@@ -125,13 +118,13 @@ class ParseNoteFile(_FileReader):
             elif fmt == "json":
                 yield from self._json(p, uri, readable, streamed_limit, digest)
             elif fmt == "csv":
-                with open_limited(readable, self.max_file_bytes, strip_bom=True) as fh:
+                with open_limited(readable, self.max_file_bytes, strip_bom=True, size=size, what="CSV file") as fh:
                     yield from p.parse_csv(uri, fh, "\t" if strip_compression(path).lower().endswith(_TAB_NAMES) else None)
                     digest.value = fh.digest()
             elif fmt == "parquet":
                 yield from self._parquet_file(p, uri, readable, compressed, digest)
             else:
-                yield from self._txt(p, uri, readable, digest)
+                yield from self._txt(p, uri, readable, size, digest)
         except InputError as exc:  # too large once inflated, a corrupt compressed stream: the (rest of the) file
             inflated = compressed and exc.error_type == "file_too_large"
             yield p.dead(uri, None, exc.error_type, describe(exc, "") + (" (once decompressed)" if inflated else ""))
@@ -139,13 +132,13 @@ class ParseNoteFile(_FileReader):
             yield p.dead(uri, None, "read_error", describe(exc, "could not read file"))
 
     # -- opening the file, per format -----------------------------------------------------------
-    def _txt(self, p: NoteParser, uri: str, readable, digest: FileDigest) -> Iterator:
+    def _txt(self, p: NoteParser, uri: str, readable, size: int, digest: FileDigest) -> Iterator:
         try:
-            with open_limited(readable, self.max_note_bytes, strip_bom=True) as fh:
+            with open_limited(readable, self.max_note_bytes, strip_bom=True, size=size) as fh:
                 data = fh.read()
                 digest.value = fh.digest()
-        except FileTooLarge:
-            yield p.too_large(uri, uri, "the note")
+        except FileTooLarge as exc:  # refused unread when its size was over already
+            yield p.too_large(uri, uri, "the note" if exc.size is None else f"the note ({exc.size} bytes)")
             return
         text, error = _utf8(data)
         if error is None and not text.strip():
