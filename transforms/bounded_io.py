@@ -230,34 +230,6 @@ def content_size(readable: fileio.ReadableFile, limit: int) -> tuple[int, str]:
 
 
 # -- bounded reading -------------------------------------------------------------------------------
-def bounded_lines(fh, max_line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line bytes without the newline) for each line of a binary file, reading
-    ``chunk`` bytes at a time; a line longer than ``max_line`` is skipped and given as ``None``,
-    so one huge line never sits in memory whole."""
-    n, buf, skipping = 0, b"", False
-    while True:
-        block = fh.read(chunk)
-        if not block:
-            break
-        buf += block
-        start = 0
-        while True:
-            cut = buf.find(b"\n", start)
-            if cut < 0:
-                break
-            line = buf[start:cut]
-            start = cut + 1
-            n += 1
-            yield n, (None if skipping or len(line) > max_line else line)
-            skipping = False
-        buf = buf[start:]
-        if len(buf) > max_line:  # inside an over-long line: drop what we have, remember it
-            buf, skipping = b"", True
-    if buf or skipping:
-        n += 1
-        yield n, (None if skipping or len(buf) > max_line else buf)
-
-
 def read_bounded(fh, limit: int, size_hint: int | None = None) -> bytes:
     """The file's bytes, or its first ``limit + 1`` when it is longer than ``limit`` (0: no limit).
 

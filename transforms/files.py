@@ -16,10 +16,10 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from .bounded_io import (BOM, BadCompression, FileTooLarge, LimitedReader, bounded_lines, compression_of,
-                         content_size, file_digest, open_limited, read_bounded, read_limited, record_uri,
-                         strip_compression)
+from .bounded_io import (BOM, BadCompression, FileTooLarge, LimitedReader, compression_of, content_size, file_digest,
+                         open_limited, read_bounded, read_limited, record_uri, strip_compression)
 from .matching import NotAFile, OpenFiles, _MatchFn, local_problems
+from .note_splitting import bounded_lines
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from epee.errors import InputError, describe
 
 from .files import (DEAD, INPUTS, NAMESPACE, FileDigest, FileTooLarge, OpenFiles, _FileReader, compression_of,
                     content_size, file_digest, open_limited, read_bounded, record_uri, strip_compression)
-from .note_parsing import (NoteParser, Output, _binary, _CsvLines, _has_surrogates, _LineTooLong, _sniff_delimiter,
-                           _utf8, json_array_elements)
+from .note_parsing import NoteParser, Output, _binary, _CsvLines, _has_surrogates, _LineTooLong, _sniff_delimiter, _utf8
+from .note_splitting import json_array_elements
 from .records import DeadLetter
 
 NOTE_FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
