@@ -174,10 +174,10 @@ def make_reader(pipeline: str, opts: EpeeOptions, task: str, run_id: str, **extr
     """The reader of --input (streaming mode reuses its per-file DoFn with continuous matching).
     ``extra``: ``previous`` (--skip_processed inputs table) and ``key_source`` (--pseudonymize_ids)."""
     if pipeline == "dicom":
-        return ReadDicom(opts.input, opts.frame_policy, run_id, max_file_bytes=opts.max_file_bytes,
+        return ReadDicom(opts.input, opts.frame_policy, run_id=run_id, max_file_bytes=opts.max_file_bytes,
                          max_pixel_bytes=opts.max_pixel_bytes, decode_timeout_s=opts.decode_timeout,
                          decode_processes=opts.decode_processes, **extra)
-    return ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id,
+    return ReadNotes(opts.input, task, opts.text_field, opts.id_field, opts.input_format, run_id=run_id,
                      max_note_bytes=opts.max_note_bytes, max_file_bytes=opts.max_file_bytes, **extra)
 
 

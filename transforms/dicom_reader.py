@@ -15,7 +15,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from epee.errors import InputError, describe
 
 from .decode_worker import DecodeOutcome, SharedDecoders, decode_bytes, route_pydicom_logs
-from .files import DEAD, INPUTS, NAMESPACE, FileDigest, NotAFile, OpenFiles, _FileReader, read_limited, record_uri
+from .files import DEAD, INPUTS, NAMESPACE, FileDigest, OpenFiles, _FileReader, read_limited, record_uri
 from .records import DeadLetter, InputRecord
 
 @dataclass
@@ -49,7 +49,7 @@ class DecodeDicomFile(_FileReader):
     the child decodes one file at a time and each file's clock starts when the child starts it.
     """
 
-    def __init__(self, frame_policy: str = "middle", run_id: str = "", max_file_bytes: int = 1 << 30,
+    def __init__(self, frame_policy: str = "middle", *, run_id: str, max_file_bytes: int = 1 << 30,
                  max_pixel_bytes: int = 1 << 30, decode_timeout_s: float = 120.0,
                  decode_path: str = "transforms.decode_worker:decode_bytes", previous: str | None = None,
                  key_source=None, max_in_flight_files: int = 64, max_in_flight_bytes: int = 64 << 20,
@@ -97,17 +97,19 @@ class DecodeDicomFile(_FileReader):
 
     def process(self, readable: fileio.ReadableFile, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator:
-        if self.decoder is None or isinstance(readable.metadata, NotAFile):  # decoding in this process (--decode_timeout 0)
+        if self.decoder is None:  # decoding in this process (--decode_timeout 0): read_file
             yield from super().process(readable)
             return
-        digest, skipped = self._skip_check(readable)
-        if skipped is not None:
-            yield skipped
-            return
+        yield from self.per_file(readable, lambda r, uri, digest: self._submit(r, uri, digest, window, timestamp))
+
+    def _submit(self, readable: fileio.ReadableFile, uri: str, digest: str | None, window, timestamp) -> Iterator:
+        """Hand the file's bytes to the decoder process; yield the outputs of the files it has
+        finished (:meth:`_release`), oldest first, while too many wait. A file that cannot be read
+        is its dead letter and its ``inputs`` row at once."""
         data, stored_digest, dead = self._read(readable)
         if dead is not None:
             yield dead
-            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(record_uri(readable), readable, digest, "processed", 1))
+            yield beam.pvalue.TaggedOutput(INPUTS, self._input_row(uri, readable, digest, "processed", 1))
             return
         digest = digest or stored_digest
         outcome = self.decoder.submit(data, self.frame_policy, self.limits)
@@ -140,13 +142,8 @@ class DecodeDicomFile(_FileReader):
         A compressed file (``.dcm.gz``, by its name) is inflated in 1 MiB steps and counted
         against ``--max_file_bytes`` as it grows (:func:`transforms.files.read_limited`)."""
         uri = record_uri(readable)
-        limit = self.max_file_bytes
-        if limit and (readable.metadata.size_in_bytes or 0) > limit:
-            return None, None, self._dead(uri, "file_too_large", f"file is {readable.metadata.size_in_bytes} bytes, "
-                                                                 f"over the {limit}-byte limit (--max_file_bytes); not read",
-                                          "read")
         try:
-            data, digest = read_limited(readable, limit)
+            data, digest = read_limited(readable, self.max_file_bytes)
         except InputError as exc:  # too large once inflated, a corrupt compressed stream: our words
             return None, None, self._dead(uri, exc.error_type, describe(exc, ""), "read")
         except Exception as exc:  # noqa: BLE001 - storage errors: the file is one unreadable record
@@ -180,9 +177,9 @@ class DecodeDicomFile(_FileReader):
 
 
 class ReadDicom(beam.PTransform):
-    def __init__(self, pattern: str, frame_policy: str = "middle", run_id: str = "", **limits) -> None:
+    def __init__(self, pattern: str, frame_policy: str = "middle", *, run_id: str, **limits) -> None:
         super().__init__()
-        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id, **limits)
+        self.pattern, self.decode = pattern, DecodeDicomFile(frame_policy, run_id=run_id, **limits)
 
     def expand(self, pbegin):
         return (

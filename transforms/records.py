@@ -94,7 +94,7 @@ class DeadLetter:
     stage: str  # read, decode, prepare, inference
     error_type: str  # a short machine-readable reason, e.g. invalid_utf8, empty_note, not_dicom
     message: str  # what went wrong, written by us: never note text or tag values
-    run_id: str = ""
+    run_id: str
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +152,7 @@ class InputFile:
     sha256: str | None  # of the stored bytes; None where the file could not be read
     status: str  # "processed" or "skipped"
     records: int
-    run_id: str = ""
+    run_id: str
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)

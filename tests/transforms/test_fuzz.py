@@ -106,7 +106,7 @@ def test_mutated_note_files_give_records_or_dead_letters_with_known_reasons(tmp_
     blob = data.draw(mutated([NOTE_SEEDS[name]]))
     path = tmp_path_factory.mktemp("f") / name
     path.write_bytes(blob)
-    parse = ParseNoteFile("sequence", id_field="id", max_note_bytes=1 << 16)
+    parse = ParseNoteFile("sequence", id_field="id", run_id="t", max_note_bytes=1 << 16)
     parse.setup()
     outputs = list(parse.process(fileio.ReadableFile(FileMetadata(str(path), len(blob)))))
     inputs = [o.value for o in outputs if isinstance(o, TaggedOutput) and o.tag == INPUTS]

@@ -55,7 +55,7 @@ def test_decode_timeout_and_decoder_crash_cost_one_file_each(tmp_path):
     (tmp_path / "crash.dcm").write_bytes(b"CRASH" + b"\x00" * 200)
     (tmp_path / "good.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     with TestPipeline() as p:
-        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), decode_timeout_s=3,
+        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), run_id="t", decode_timeout_s=3,
                               decode_path="tests.hostile_corpus:hanging_decode")
         assert_that(read_[DEAD] | beam.Map(lambda d: (Path(d.source_uri).name, d.error_type)),
                     equal_to([("hang.dcm", "decode_timeout"), ("crash.dcm", "decoder_crashed")]), label="dead")

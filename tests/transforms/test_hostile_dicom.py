@@ -186,7 +186,7 @@ def test_injected_faults_in_the_decoder_child_cost_one_file_each(tmp_path):
     (tmp_path / "good.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     want = [(f"{t}.dcm", t) for t in INJECTED_CASES] + [("panic.dcm", "decode_error")]
     with TestPipeline() as p:
-        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), decode_timeout_s=3,
+        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), run_id="t", decode_timeout_s=3,
                               decode_path="tests.hostile_dicom_corpus:injected_decode")
         assert_that(read_[DEAD] | beam.Map(lambda d: (Path(d.source_uri).name, d.error_type)), equal_to(want),
                     label="dead")
@@ -206,7 +206,7 @@ def test_decoding_in_process_writes_odd_names_printable_too(tmp_path):
             fh.write(Path(get_testdata_file("CT_small.dcm")).read_bytes()[: None if b"M" in raw else 100])
     good, bad = _uri(d + b"/M\xfcller.dcm"), _uri(d + b"/bad\n\xe9.dcm")
     with TestPipeline() as p:
-        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), decode_timeout_s=0)
+        read_ = p | ReadDicom(str(tmp_path / "*.dcm"), run_id="t", decode_timeout_s=0)
         assert_that(read_[INPUTS] | beam.Map(lambda r: r["uri"]), equal_to([good, bad]), label="inputs")
         assert_that(read_[DEAD] | beam.Map(lambda r: (r.source_uri, r.error_type)),
                     equal_to([(bad, "not_dicom")]), label="dead")

@@ -21,7 +21,7 @@ def _read(pattern: str, task: str = "sequence", **kw):
     """Every output of the notes reader for the files a pattern matches, without a pipeline."""
     from apache_beam.io.filesystems import FileSystems
 
-    parse = ParseNoteFile(task, id_field="id", **kw)
+    parse = ParseNoteFile(task, id_field="id", run_id="t", **kw)
     parse.setup()
     dead, good, inputs = [], [], []
     for meta in FileSystems.match([pattern])[0].metadata_list:
@@ -129,7 +129,7 @@ def test_unreadable_files_and_directories_are_read_errors(tmp_path):
     try:
         from transforms.files import _MatchFn
 
-        parse = ParseNoteFile("sequence")
+        parse = ParseNoteFile("sequence", run_id="t")
         parse.setup()
         outs = [o for m in _MatchFn().process(str(tmp_path / "**.jsonl")) for o in parse.process(fileio.ReadableFile(m))]
         dead = [o.value for o in outs if isinstance(o, TaggedOutput) and o.tag != INPUTS]

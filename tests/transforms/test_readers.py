@@ -34,7 +34,7 @@ def notes_dir(tmp_path):
 def test_notes_good_and_bad(notes_dir):
     pattern = str(notes_dir / "*")
     with TestPipeline() as p:
-        out = p | ReadNotes(pattern, id_field="id")
+        out = p | ReadNotes(pattern, id_field="id", run_id="t")
         assert_that(out.records | "ok" >> beam.Map(lambda r: (r.record_id, r.text)), equal_to([
             ("1", "chest pain"), ("6", "fever, cough"), ("8", "short"), (str(notes_dir / "c.txt"), "a whole note in a text file"),
             ("9", "rash"),
@@ -51,7 +51,7 @@ def test_dead_letter_messages_never_quote_the_note(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "' + secret.encode() + b'\n' + b'{"text": "' + secret.encode() + b'\xff"}\n')
     (tmp_path / "b.csv").write_text(f'text\n"{secret}","{secret}"\n')
     with TestPipeline() as p:
-        out = p | ReadNotes(str(tmp_path / "*"))
+        out = p | ReadNotes(str(tmp_path / "*"), run_id="t")
         msgs = out[DEAD] | beam.Map(lambda d: json.dumps(d.to_row()))
         assert_that(msgs | beam.Filter(lambda m: secret in m) | beam.combiners.Count.Globally(), equal_to([0]))
 
@@ -62,7 +62,7 @@ def test_relation_rows_with_markers_and_offsets(tmp_path):
             {"id": "r3", "text": "no markers here"}]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with TestPipeline() as p:
-        out = p | ReadNotes(str(tmp_path / "r.jsonl"), task="relation", id_field="id")
+        out = p | ReadNotes(str(tmp_path / "r.jsonl"), task="relation", id_field="id", run_id="t")
         assert_that(out.records | "ok" >> beam.Map(lambda r: (r.record_id, [r.text[s:e] for s, e in r.entities])),
                     equal_to([("r1", ["aspirin", "warfarin"]), ("r2", ["aspirin", "warfarin"])]), label="good")
         assert_that(out[DEAD] | "dead" >> beam.Map(lambda d: (d.record_id, d.error_type)), equal_to([("r3", "bad_entities")]),
@@ -84,7 +84,7 @@ def test_dicom_reader_decodes_or_explains(tmp_path):
     shutil.copy(src / "CT_small.dcm", tmp_path / "no_extension")
     (tmp_path / "junk.dcm").write_bytes(b"not a dicom file at all" * 10)
     with TestPipeline() as p:
-        out = p | ReadDicom(str(tmp_path / "*"))
+        out = p | ReadDicom(str(tmp_path / "*"), run_id="t")
         assert_that(out.records | "ok" >> beam.Map(lambda r: (Path(r.record_id).name, r.pixels.ndim)), equal_to([
             ("CT_small.dcm", 2), ("MR_small.dcm", 2), ("no_extension", 2), ("SC_rgb_rle_2frame.dcm", 3)]), label="good")
         assert_that(out[DEAD] | "dead" >> beam.Map(lambda d: (Path(d.source_uri).name, d.stage)), equal_to([
@@ -96,7 +96,7 @@ def test_dicom_every_frame_policy(tmp_path):
 
     shutil.copy(pydicom_test_files() / "SC_rgb_rle_2frame.dcm", tmp_path / "multi.dcm")  # 2 RGB frames
     with TestPipeline() as p:
-        out = p | ReadDicom(str(tmp_path / "*.dcm"), frame_policy="all")
+        out = p | ReadDicom(str(tmp_path / "*.dcm"), frame_policy="all", run_id="t")
         assert_that(out.records | beam.Map(lambda r: (r.record_id.rsplit("#", 1)[1], r.pixels.shape)),
                     equal_to([("frame=0", (100, 100, 3)), ("frame=1", (100, 100, 3))]))
 
@@ -125,7 +125,7 @@ def test_pipelined_dicom_outputs_keep_each_files_window_timestamp_and_inputs_row
         out = (p | fileio.MatchFiles(str(tmp_path / "*.dcm")) | fileio.ReadMatches()
                | beam.Map(lambda f: TimestampedValue(f, stamp[Path(f.metadata.path).name]))
                | beam.WindowInto(FixedWindows(10))
-               | beam.ParDo(DecodeDicomFile(decode_timeout_s=30, max_in_flight_files=3)).with_outputs(
+               | beam.ParDo(DecodeDicomFile(run_id="t", decode_timeout_s=30, max_in_flight_files=3)).with_outputs(
                    DEAD, INPUTS, main="records"))
         want = {n: (n, stamp[n] - 1, stamp[n]) for n in names}
         assert_that(out.records | "r" >> beam.Map(window_start),
@@ -154,7 +154,7 @@ def test_pipelined_dicom_reader_returns_before_the_child_decodes_and_keeps_its_l
         shutil.copy(src / "CT_small.dcm", path)
         paths.append(path)
     # half a second per file in the child: a DoFn that waited for it would give each file's record at once
-    fn = DecodeDicomFile(decode_timeout_s=30, max_in_flight_files=3, decode_path="tests.hostile_corpus:slow_decode")
+    fn = DecodeDicomFile(run_id="t", decode_timeout_s=30, max_in_flight_files=3, decode_path="tests.hostile_corpus:slow_decode")
     fn.setup()
     try:
         fn.start_bundle()
@@ -242,7 +242,7 @@ def test_dicom_reader_instances_of_one_process_share_their_decoder_children(tmp_
 
     src = pydicom_test_files()
     names = {"a": ["CT_small.dcm", "MR_small.dcm"], "b": ["JPEG2000.dcm", "CT_small.dcm", "MR_small.dcm"]}
-    fns = {k: DecodeDicomFile(decode_timeout_s=30, decode_processes=2) for k in names}
+    fns = {k: DecodeDicomFile(run_id="t", decode_timeout_s=30, decode_processes=2) for k in names}
     for fn in fns.values():
         fn.setup()
     pool = fns["a"].decoder
@@ -299,7 +299,8 @@ def test_readers_spread_the_matched_files_over_the_workers(tmp_path, kind):
         Path(d, str(os.getpid())).touch()  # the worker process that read this record
         return record
 
-    reader = ReadNotes(str(inputs / "*.jsonl"), id_field="id") if kind == "notes" else ReadDicom(str(inputs / "*.dcm"))
+    reader = (ReadNotes(str(inputs / "*.jsonl"), id_field="id", run_id="t") if kind == "notes"
+              else ReadDicom(str(inputs / "*.dcm"), run_id="t"))
     options = PipelineOptions(["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
     with beam.Pipeline(options=options) as p:
         out = p | reader
