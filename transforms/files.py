@@ -20,6 +20,7 @@ from .bounded_io import (BOM, BadCompression, FileTooLarge, LimitedReader, compr
                          open_limited, read_bounded, read_limited, record_uri, strip_compression)
 from .matching import NotAFile, OpenFiles, _MatchFn, local_problems
 from .note_splitting import bounded_lines
+from .records import DeadLetter, InputFile
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ class _FileReader(beam.DoFn):
 
     def not_a_file(self, uri: str, why: str):
         """The ``read_error`` dead letter of a matched entry that is not a readable file."""
-        from .records import DeadLetter
-
         Metrics.counter(NAMESPACE, "records_read").inc()
         Metrics.counter(NAMESPACE, "dead_letters_read_error").inc()
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(uri, None, "read", "read_error", why, self.run_id))
@@ -122,12 +121,10 @@ class _FileReader(beam.DoFn):
         return digest, None
 
     def _input_row(self, uri: str, readable: fileio.ReadableFile, digest: str | None, status: str,
-                   records: int) -> dict:
-        """The ``inputs`` row (:class:`~transforms.records.InputFile`) of one file, as written."""
-        from .records import InputFile
-
+                   records: int) -> InputFile:
+        """The ``inputs`` record of one file (written as a row of ``INPUTS_SCHEMA``)."""
         return InputFile(self._uri_key(uri), int(readable.metadata.size_in_bytes or 0), digest, status, records,
-                         self.run_id).to_row()
+                         self.run_id)
 
     def read_file(self, readable: fileio.ReadableFile, digest: FileDigest) -> Iterator:
         """The file's records and dead letters; sets ``digest.value`` where it reads the whole file."""

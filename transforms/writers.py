@@ -20,8 +20,8 @@ from epee.histogram import ExitHistogram
 
 from .privacy import KeySource
 from .records import (
-    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, PredictionRecord,
-    stats_label,
+    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, InputFile,
+    PredictionRecord, stats_label,
 )
 
 
@@ -247,7 +247,8 @@ class WriteOutputs(beam.PTransform):
         (predictions | "ExitStats" >> beam.CombineGlobally(self.stats_fn)
                      | "WriteExitStats" >> WriteSortedShards(d, "exit_stats", EXIT_STATS_SCHEMA, 1))
         if inputs:  # URIs are pseudonymised by the reader already (it compares them with --skip_processed)
-            inputs[0] | "WriteInputs" >> WriteSortedShards(d, "inputs", INPUTS_SCHEMA, 1)
+            (inputs[0] | "InputRows" >> beam.Map(InputFile.to_row)
+                       | "WriteInputs" >> WriteSortedShards(d, "inputs", INPUTS_SCHEMA, 1))
         return pcolls
 
 
@@ -319,8 +320,8 @@ def _exit_stats_row(row: dict) -> tuple[str, dict]:
     return "exit_stats", row
 
 
-def _inputs_row(row: dict) -> tuple[str, dict]:
-    return "inputs", row
+def _inputs_row(f: InputFile) -> tuple[str, dict]:
+    return "inputs", f.to_row()
 
 
 class _PseudonymizeRows(beam.DoFn):

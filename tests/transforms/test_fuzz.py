@@ -111,7 +111,7 @@ def test_mutated_note_files_give_records_or_dead_letters_with_known_reasons(tmp_
     outputs = list(parse.process(fileio.ReadableFile(FileMetadata(str(path), len(blob)))))
     inputs = [o.value for o in outputs if isinstance(o, TaggedOutput) and o.tag == INPUTS]
     outputs = [o for o in outputs if not (isinstance(o, TaggedOutput) and o.tag == INPUTS)]
-    assert len(inputs) == 1 and inputs[0]["records"] == len(outputs) and inputs[0]["status"] == "processed"
+    assert len(inputs) == 1 and inputs[0].records == len(outputs) and inputs[0].status == "processed"
     for out in outputs:
         if isinstance(out, TaggedOutput):
             assert isinstance(out.value, DeadLetter) and out.value.error_type in NOTE_REASONS, out.value

@@ -207,7 +207,7 @@ def test_decoding_in_process_writes_odd_names_printable_too(tmp_path):
     good, bad = _uri(d + b"/M\xfcller.dcm"), _uri(d + b"/bad\n\xe9.dcm")
     with TestPipeline() as p:
         read_ = p | ReadDicom(str(tmp_path / "*.dcm"), run_id="t", decode_timeout_s=0)
-        assert_that(read_[INPUTS] | beam.Map(lambda r: r["uri"]), equal_to([good, bad]), label="inputs")
+        assert_that(read_[INPUTS] | beam.Map(lambda r: r.uri), equal_to([good, bad]), label="inputs")
         assert_that(read_[DEAD] | beam.Map(lambda r: (r.source_uri, r.error_type)),
                     equal_to([(bad, "not_dicom")]), label="dead")
         assert_that(read_.records | beam.Map(lambda r: r.record_id), equal_to([good]), label="good")

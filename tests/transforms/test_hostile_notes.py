@@ -65,7 +65,7 @@ def test_relation_offsets_of_any_bad_kind_cost_their_record_and_are_never_quoted
     assert all(r.entities == ((0, 7), (12, 20)) for r in records)
     messages = " ".join(d.message for d in dead)
     assert "DOE12345" not in messages and "999" not in messages and "invalid literal" not in messages
-    assert sum(r["records"] for r in inputs) == len(expected) + len(good)
+    assert sum(r.records for r in inputs) == len(expected) + len(good)
 
 
 def test_lone_surrogates_and_field_types_are_dead_letters_of_their_own(tmp_path):

@@ -118,7 +118,7 @@ def test_pipelined_dicom_outputs_keep_each_files_window_timestamp_and_inputs_row
     stamp = {name: 10.0 * i + 1 for i, name in enumerate(names)}  # one 10 s window each
 
     def window_start(value, w=beam.DoFn.WindowParam, t=beam.DoFn.TimestampParam):
-        uri = value.source_uri if hasattr(value, "source_uri") else value["uri"]
+        uri = value.source_uri if hasattr(value, "source_uri") else value.uri
         return Path(uri).name, float(w.start), float(t)
 
     with TestPipeline() as p:
@@ -132,7 +132,7 @@ def test_pipelined_dicom_outputs_keep_each_files_window_timestamp_and_inputs_row
                     equal_to([want[n] for i, n in enumerate(names) if i % 4]), label="records")
         assert_that(out[DEAD] | "d" >> beam.Map(window_start),
                     equal_to([want[n] for i, n in enumerate(names) if not i % 4]), label="dead")
-        assert_that(out[INPUTS] | "i" >> beam.Map(lambda row: (Path(row["uri"]).name, row["records"], row["status"])),
+        assert_that(out[INPUTS] | "i" >> beam.Map(lambda row: (Path(row.uri).name, row.records, row.status)),
                     equal_to([(n, 1, "processed") for n in names]), label="inputs")
         assert_that(out[INPUTS] | "iw" >> beam.Map(window_start), equal_to(list(want.values())), label="inputs_windows")
 

@@ -9,7 +9,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from transforms.privacy import KEY_ENV, KeySource, Pseudonymizer
-from transforms.records import DeadLetter, PredictionRecord
+from transforms.records import DeadLetter, InputFile, PredictionRecord
 from transforms.writers import ParquetFileSink, PREDICTION_SCHEMA, ExitStatsFn, WriteWindowedOutputs
 
 T0 = 1_800_000_000  # a multiple of 5 s: windows [T0, T0+5), [T0+10, T0+15)
@@ -33,8 +33,8 @@ def test_one_file_set_per_window_with_pseudonymised_ids(tmp_path, monkeypatch):
     with test_pipeline.TestPipeline(runner="BundleBasedDirectRunner") as p:
         preds = windowed(p, "Predictions", [(prediction(0), 1), (prediction(1), 2), (prediction(2), 11)])
         dead = windowed(p, "Dead", [(DeadLetter("/archive/b.jsonl", "b#1", "read", "malformed_json", "line 1", "w"), 12)])
-        inputs = windowed(p, "Inputs", [({"uri": "already-hashed", "size": 3, "sha256": "ab", "status": "processed",
-                                         "records": 2, "run_id": "w"}, 1)])
+        inputs = windowed(p, "Inputs", [(InputFile(uri="already-hashed", size=3, sha256="ab", status="processed",
+                                                   records=2, run_id="w"), 1)])
         (preds, dead, inputs) | WriteWindowedOutputs(str(out), ExitStatsFn("w", "m", "sequence", 2, time.time()),
                                                      str(out / ".temp"), KeySource())
 
