@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from epee.config import LINEAR_KERNELS, PRECISIONS, EngineConfig
 from transforms.context import JobContext, PrepareConfig, WorkerConfig
+from transforms.note_reader import NOTE_FORMATS
 
 PIPELINE_TASKS = {"notes": "sequence", "relations": "relation", "events": "token", "dicom": "image"}
 
@@ -22,7 +23,7 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--input", help="file pattern of the inputs: local path, s3:// or gs:// (glob allowed)")
         g.add_argument("--output", help="output prefix (directory): predictions, dead_letters, exit_stats Parquet go below it")
         g.add_argument("--model", help="early-exit model directory: local path, s3:// or gs://")
-        g.add_argument("--input_format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "txt"],
+        g.add_argument("--input_format", default="auto", choices=["auto", *NOTE_FORMATS],
                        help="note files: format (auto: by extension; .txt = one note per file, its path the id)")
         g.add_argument("--text_field", default="text", help="note tables: field holding the text")
         g.add_argument("--id_field", default=None, help="note tables: field holding the record id (default: file#row)")

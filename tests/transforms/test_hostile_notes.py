@@ -137,3 +137,18 @@ def test_unreadable_files_and_directories_are_read_errors(tmp_path):
         os.chmod(tmp_path / "sub", 0o755)
     assert sorted((Path(d.source_uri).name, d.error_type) for d in dead) == [("locked.jsonl", "read_error"),
                                                                             ("sub", "read_error")]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "txt"])
+def test_every_format_can_be_forced_whatever_the_name(tmp_path, fmt):
+    """--input_format offers every reader (NOTE_FORMATS): a file named for none of them is read as told."""
+    from transforms.note_reader import NOTE_FORMATS
+
+    assert fmt in NOTE_FORMATS
+    body = {"json": '[{"id": "a", "text": "one"}, {"id": "b", "text": "two"}]',
+            "jsonl": '{"id": "a", "text": "one"}\n{"id": "b", "text": "two"}\n',
+            "csv": "id,text\na,one\nb,two\n", "txt": "one note"}[fmt]
+    (tmp_path / "export.dat").write_text(body)
+    dead, good, inputs = _read(str(tmp_path / "export.dat"), file_format=fmt)
+    assert dead == [] and len(inputs) == 1
+    assert [r.text for r in good] == (["one note"] if fmt == "txt" else ["one", "two"])
