@@ -1,0 +1,99 @@
+"""Learn then Test, fixed sequence (epee.ltt): exact binomial p-values, the stopping rule, and the
+guarantee itself checked over many seeds on synthetic losses with a known risk curve."""
+
+import math
+
+import numpy as np
+import pytest
+
+from epee.ltt import PROCEDURE, _binomial_cdf_log_space, binomial_p_value, fixed_sequence_test
+
+# per setting, safest first: the TRUE disagreement rate with full depth (a known agreement curve)
+TRUE_RATES = np.array([0.0, 0.001, 0.003, 0.006, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.1])
+EPSILON, DELTA, N, SEEDS = 0.02, 0.1, 800, 400
+
+
+def reference_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def draw(seed: int, rates=TRUE_RATES, n: int = N) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((len(rates), n)) < rates[:, None]).astype(np.int8)  # (S, n) losses
+
+
+class TestBinomialPValue:
+    @pytest.mark.parametrize("k, n, p", [(0, 10, 0.1), (3, 50, 0.02), (17, 200, 0.1), (40, 40, 0.5), (5, 300, 0.02)])
+    def test_matches_the_reference_sum(self, k, n, p):
+        assert binomial_p_value(k, n, p) == pytest.approx(reference_cdf(k, n, p), rel=1e-9, abs=1e-300)
+        assert _binomial_cdf_log_space(k, n, p) == pytest.approx(reference_cdf(k, n, p), rel=1e-9, abs=1e-300)
+
+    def test_no_losses_is_the_chance_of_none(self):
+        assert binomial_p_value(0, 2000, 0.02) == pytest.approx(0.98**2000, rel=1e-9)
+
+    @pytest.mark.parametrize("args, match", [((1, 0, 0.1), r"n \(0\)"), ((5, 4, 0.1), r"losses \(5\)"),
+                                             ((1, 4, 0.0), r"epsilon \(0.0\)")])
+    def test_refuses_bad_values(self, args, match):
+        with pytest.raises(ValueError, match=match):
+            binomial_p_value(*args)
+
+
+class TestFixedSequence:
+    def test_stops_at_the_first_non_rejection(self):
+        # rows 0-1 clean, row 2 fails, row 3 clean again: row 3 is never tested, so never chosen
+        losses = np.zeros((4, 300), dtype=np.int8)
+        losses[2, :30] = 1
+        res = fixed_sequence_test(losses, 0.02, 0.1, settings=["a", "b", "c", "d"])
+        assert [t.setting for t in res.tests] == ["a", "b", "c"]
+        assert [t.rejected for t in res.tests] == [True, True, False] and res.untested == 1
+        assert res.chosen.setting == "b" and res.procedure == PROCEDURE and res.n == 300
+        assert res.tests[2].risk == pytest.approx(0.1) and res.tests[2].p_value > 0.1
+
+    def test_none_rejected_is_full_depth(self):
+        res = fixed_sequence_test(np.zeros((3, 20), dtype=np.int8), 0.02, 0.1)  # 0.98**20 = 0.67 > δ
+        assert res.chosen is None and res.chosen_label == "full depth" and len(res.tests) == 1
+        assert res.to_dict()["chosen"] is None and res.to_dict()["settings_untested"] == 2
+
+    def test_chooses_the_cheapest_rejected_not_the_last(self):
+        losses = np.zeros((3, 500), dtype=np.int8)
+        res = fixed_sequence_test(losses, 0.02, 0.1, settings=["x", "y", "z"], costs=[3.0, 1.5, 2.0])
+        assert res.chosen.setting == "y" and all(t.rejected for t in res.tests)
+
+    def test_refuses_non_binary_losses_and_bad_delta(self):
+        with pytest.raises(ValueError, match="0/1"):
+            fixed_sequence_test(np.full((1, 5), 2), 0.1, 0.1)
+        with pytest.raises(ValueError, match=r"delta \(1.0\)"):
+            fixed_sequence_test(np.zeros((1, 5)), 0.1, 1.0)
+
+
+class TestGuarantee:
+    """Over SEEDS draws of the calibration sample: P[chosen setting's TRUE rate > ε] <= δ."""
+
+    def picks(self):
+        out = []
+        for seed in range(SEEDS):
+            res = fixed_sequence_test(draw(seed), EPSILON, DELTA)
+            out.append(-1 if res.chosen is None else res.chosen.setting)
+        return np.array(out)
+
+    def test_family_wise_error_is_at_most_delta(self):
+        picks = self.picks()
+        violated = np.array([p >= 0 and TRUE_RATES[p] > EPSILON for p in picks])
+        margin = 3 * math.sqrt(DELTA * (1 - DELTA) / SEEDS)  # three Monte-Carlo standard errors
+        assert violated.mean() <= DELTA + margin
+
+    def test_settings_far_below_epsilon_are_reached_most_of_the_time(self):
+        picks = self.picks()
+        # rate 0.006 (index 3) is far below ε: certified (and so at least as fast chosen) in most samples
+        assert (picks >= 3).mean() >= 0.9
+        assert (picks >= 0).all()  # with n = 800 full-depth-like settings (rate 0) always pass
+
+    def test_the_naive_rule_would_not_keep_the_promise(self):
+        """The check can fail: taking the fastest setting whose empirical rate is <= ε picks a
+        setting with a true rate above ε far more often than δ."""
+        violated = 0
+        for seed in range(SEEDS):
+            rates = draw(seed).mean(axis=1)
+            ok = np.flatnonzero(rates <= EPSILON)
+            violated += TRUE_RATES[ok.max()] > EPSILON
+        assert violated / SEEDS > 2 * DELTA
