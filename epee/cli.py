@@ -1,7 +1,8 @@
 """The ``epee`` command: train, calibrate and evaluate early-exit model directories.
 
     epee train      --task sequence --train notes.jsonl --dev dev.jsonl --backbone DIR --output MODEL
-    epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0] [--confidence 0.9]
+    epee calibrate  --model MODEL [--data dev.jsonl] [--tolerance 1.0] [--confidence 0.9] [--rule ltt]
+    epee calibrate  --model MODEL --unlabeled 'archive/*.jsonl' [--sample 2000] [--epsilon 0.02] [--delta 0.1]
     epee evaluate   --model MODEL --data test.jsonl
     epee sparsify   --model MODEL --output SPARSE --sparsity 0.75 [--dense-epochs 1] [--num-prompts 8]
     epee convert    --model MODEL        (pickle weights -> model.safetensors, once)
@@ -186,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "confidence (guards against picking a setting for its luck on the dev set); "
                         "0 takes the fastest within tolerance on the dev set itself")
     c.add_argument("--resamples", type=int, default=200, help="bootstrap resamples for --confidence")
+    c.add_argument("--rule", default="bootstrap", choices=["bootstrap", "ltt"],
+                   help="labelled data: the paired bootstrap (default), or Learn then Test (fixed-sequence, exact "
+                        "binomial): the share of records right at full depth but wrong at the exit is <= "
+                        "--tolerance with confidence --confidence, for the chosen setting (docs/calibration.md)")
+    u = c.add_argument_group("label-free calibration on the archive the model will run on (docs/calibration.md)")
+    u.add_argument("--unlabeled", metavar="PATTERN",
+                   help="records without labels: file, glob or directory of JSONL, CSV, Parquet or .txt (one record "
+                        "a line), local, s3:// or gs://; chooses the fastest setting whose agreement with full depth "
+                        "(token tasks: the same spans) is >= 1 - --epsilon with confidence 1 - --delta")
+    u.add_argument("--sample", type=int, default=2000, help="records drawn, keyed by a hash of the record id")
+    u.add_argument("--epsilon", type=float, default=0.02, help="share of records allowed to disagree with full depth")
+    u.add_argument("--delta", type=float, default=0.1, help="chance allowed that the true disagreement exceeds --epsilon")
+    u.add_argument("--seed", type=int, default=13, help="key of the sample")
     c.add_argument("--min-exit-layer", type=int, default=1)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)

@@ -87,7 +87,7 @@ class LttResult:
         """JSON-ready summary: the test counts and the chosen setting (not every test)."""
         last = self.tests[-1] if self.tests else None
         return {
-            "procedure": self.procedure, "epsilon": self.epsilon, "delta": self.delta, "sample_size": self.n,
+            "procedure": self.procedure, "epsilon": self.epsilon, "delta": self.delta, "samples_tested_on": self.n,
             "settings_tested": len(self.tests), "settings_rejected": sum(t.rejected for t in self.tests),
             "settings_untested": self.untested,
             "first_not_rejected": None if last is None or last.rejected else {

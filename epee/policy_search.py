@@ -240,3 +240,91 @@ def choose_robust(
     safest = min(pool, key=lambda p: (-p.score,) + _speed_first(p))
     q, mean = drop_stats(safest)
     return RobustChoice(safest, q, mean, 0)
+
+
+# -- Learn then Test (epee.ltt) ----------------------------------------------------------------------
+def record_predictions(outputs: LayerOutputs, exit_layers: torch.Tensor, owners: Sequence[int] | None = None,
+                       trace=None) -> list:
+    """Per record, its prediction when each sample (window) exits at ``exit_layers``.
+
+    A record read in several windows (``owners[i]``: the record of sample i) is labelled as the
+    handler labels it: the argmax of its windows' mean probabilities at their exit layers. Token
+    tasks have one sample per record and give its tag ids (-1 where a tag is not scored).
+    """
+    trace = trace if trace is not None else _trace(outputs)
+    if outputs.is_token or owners is None:
+        return _predictions_at(trace, outputs, exit_layers)
+    rows = torch.arange(exit_layers.shape[0])
+    probs = torch.stack(outputs.probs)[exit_layers - 1, rows]  # (N, C) at each sample's exit
+    index = torch.as_tensor(list(owners), dtype=torch.long)
+    num_records = int(index.max()) + 1 if index.numel() else 0
+    sums = torch.zeros(num_records, probs.shape[1], dtype=probs.dtype).index_add_(0, index, probs)
+    return sums.argmax(dim=1).tolist()  # the mean's argmax: dividing by the window count changes nothing
+
+
+def span_sets(predictions: list, label_names: Sequence[str]) -> list[set]:
+    """Per record, the set of BIO spans its tag ids decode to (:func:`epee.metrics.bio_spans`)."""
+    from .metrics import _tags, bio_spans
+
+    return [bio_spans(_tags(tags, label_names)) for tags in predictions]
+
+
+def ltt_order(learn_losses: np.ndarray, mean_exit_layers: Sequence[float]) -> list[int]:
+    """The test order of settings, learned on samples the test will not see: lowest loss rate
+    on them first (the order of estimated p-values, Angelopoulos et al. 2021, section 5), the
+    deeper setting first among equal rates. Without learn samples: deepest first."""
+    rates = learn_losses.mean(axis=1) if learn_losses.shape[1] else np.zeros(learn_losses.shape[0])
+    return sorted(range(len(mean_exit_layers)), key=lambda s: (float(rates[s]), -mean_exit_layers[s], s))
+
+
+@dataclass(frozen=True)
+class LttChoice:
+    """A setting chosen by :func:`choose_ltt` (``point`` is the full-depth point when none was
+    certified) and the test behind it."""
+
+    point: SweepPoint
+    result: Any  # epee.ltt.LttResult over the test samples; its settings are SweepPoints
+    learn_samples: int  # samples that ordered the settings
+    test_samples: int  # samples the settings were tested on
+
+
+def choose_ltt(outputs: LayerOutputs, points: Sequence[SweepPoint], record_losses: Callable[[torch.Tensor], np.ndarray],
+               learn: np.ndarray, epsilon: float, delta: float, kind: str = "epee") -> LttChoice:
+    """The fastest setting of ``kind`` whose risk is at most ``epsilon`` with confidence 1 - ``delta``.
+
+    ``record_losses(exit_layers)`` gives each record's 0/1 loss when the samples exit at those
+    layers (disagreement with full depth, or a correct answer lost). Records where ``learn`` is
+    True order the settings (:func:`ltt_order`); the others test them in that order, full depth
+    first (:func:`epee.ltt.fixed_sequence_test`), so the order does not depend on the samples tested.
+    Settings with the same exit schedule are one hypothesis.
+    """
+    from .ltt import fixed_sequence_test
+
+    full = next((p for p in points if p.kind == "none"), None)
+    if full is None:
+        raise ValueError("points need the full-depth ('none') setting")
+    pool = sorted((p for p in points if p.kind == kind), key=_speed_first)
+    if not pool:
+        raise ValueError(f"no sweep points of kind {kind!r}")
+    num_layers = outputs.num_layers
+    trace = _trace(outputs)
+    learn = np.asarray(learn, dtype=bool)
+    schedules: dict[bytes, tuple[SweepPoint, np.ndarray]] = {}
+    for p in [full] + pool:  # the fastest-preferred setting of each distinct schedule speaks for it
+        exit_layers = _exit_layers(trace, ExitPolicy(p.policy_config(), num_layers))
+        key = exit_layers.numpy().tobytes()
+        if key not in schedules:
+            losses = np.asarray(record_losses(exit_layers), dtype=np.int8)
+            if losses.shape != learn.shape:
+                raise ValueError(f"record_losses gave {losses.shape[0]} losses for {learn.shape[0]} records")
+            schedules[key] = (p, losses)
+    settings = [p for p, _ in schedules.values()]
+    matrix = np.stack([losses for _, losses in schedules.values()])  # (S, records)
+    rest = settings[1:]
+    order = [0] + [1 + s for s in ltt_order(matrix[1:][:, learn], [p.mean_exit_layer for p in rest])]
+    result = fixed_sequence_test(matrix[order][:, ~learn], epsilon, delta, settings=[settings[s] for s in order],
+                                 costs=[settings[s].mean_exit_layer for s in order])
+    chosen = full if result.chosen is None else result.chosen.setting
+    logger.debug("LTT: %d schedules, %d tested, chosen mean exit layer %.3f", len(settings), len(result.tests),
+                 chosen.mean_exit_layer)
+    return LttChoice(chosen, result, int(learn.sum()), int((~learn).sum()))

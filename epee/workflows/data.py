@@ -226,3 +226,95 @@ def dev_set(model_dir: str, spec: DataSpec = DataSpec(), allow_pickle_weights: b
     if spec.max_examples:
         examples = subsample(examples, spec.max_examples, 0)
     return bundle, examples, source
+
+
+# -- unlabelled records of the target archive (`epee calibrate --unlabeled`) -----------------------
+UNLABELED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """The files a pattern names, sorted: a file, a glob (``notes/*.jsonl``) or a directory (its
+    files of the readable types); local, ``s3://`` or ``gs://`` (fsspec)."""
+    import glob
+    import os
+
+    if "://" in pattern:
+        import fsspec
+
+        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        protocol = pattern.split("://", 1)[0]
+        found = []
+        for path in paths:
+            found += [p for p in fs.find(path)] if fs.isdir(path) else [path]
+        files = sorted(f"{protocol}://{p}" if "://" not in p else p for p in found)
+    elif os.path.isdir(pattern):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names)
+    else:
+        files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    files = [f for f in files if f.lower().endswith(UNLABELED_SUFFIXES)] if len(files) > 1 else files
+    if not files:
+        raise ValueError(f"--unlabeled {pattern!r} matches no file (.jsonl, .csv, .parquet or .txt)")
+    return files
+
+
+def _file_sha256(uri: str) -> str:
+    import hashlib
+
+    from ..data import open_uri
+
+    digest = hashlib.sha256()
+    with open_uri(uri, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_unlabeled(pattern: str, task: str, fields: dict[str, Any]) -> tuple[list[Example], list[dict[str, Any]]]:
+    """(examples, files): every record of the files ``pattern`` names, labels optional, read by
+    :func:`epee.data.load_examples` (a ``.txt`` file: one record per non-empty line); ``files``
+    has each file's uri, sha256 and record count. Without an id field, ids are row numbers,
+    prefixed by the file's name when several files match."""
+    from ..data import load_examples, open_uri
+
+    files = expand_pattern(pattern)
+    examples: list[Example] = []
+    record = []
+    for uri in files:
+        if uri.lower().endswith(".txt"):
+            with open_uri(uri, "rb") as fh:
+                lines = [raw.decode("utf-8").rstrip("\r\n") for raw in fh]
+            rows = [Example(id=f"row-{n}", text=line, spans=() if task == "token" else None)
+                    for n, line in enumerate(lines, start=1) if line.strip()]
+        else:
+            rows = load_examples(uri, task, text_field=fields["text_field"], label_field=fields["label_field"],
+                                 id_field=fields["id_field"], image_field=fields["image_field"],
+                                 split=fields.get("npz_split"))
+        if len(files) > 1 and not fields.get("id_field"):
+            name = uri.rsplit("/", 1)[-1]
+            rows = [Example(**{**ex.__dict__, "id": f"{name}:{ex.id}"}) for ex in rows]
+        examples += rows
+        record.append({"uri": uri, "sha256": _file_sha256(uri), "records": len(rows)})
+    return examples, record
+
+
+def record_key(record_id: str, seed: int) -> str:
+    """The keyed hash that orders records for sampling: the same id, the same place, every run."""
+    import hashlib
+
+    return hashlib.sha256(f"{seed}:{record_id}".encode()).hexdigest()
+
+
+def keyed_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    """The ``n`` records with the smallest keyed hash of their id (all if fewer), in that order:
+    deterministic, and a record's membership does not depend on the order it was read in."""
+    keyed = sorted(range(len(examples)), key=lambda i: (record_key(examples[i].id, seed), i))
+    return [examples[i] for i in keyed[:n]]
+
+
+def sample_manifest(examples: Sequence[Example], files: list[dict[str, Any]]) -> dict[str, Any]:
+    """SHA-256 manifest of a sample: over its sorted ``id<TAB>sha256(text)`` lines, and the files read."""
+    import hashlib
+
+    lines = sorted(f"{ex.id}\t{hashlib.sha256((ex.text or '').encode()).hexdigest()}\n" for ex in examples)
+    return {"records": len(lines), "records_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
+            "files": files}

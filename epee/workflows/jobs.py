@@ -10,6 +10,7 @@ from .data import DATA_TASKS, DataFields, DataSpec
 
 ARCHITECTURES = ("bert", "albert", "gpt2", "vit")
 POLICY_KINDS = ("entropy", "patience", "epee", "none")
+CALIBRATION_RULES = ("bootstrap", "ltt")
 
 
 def _at_least(owner: str, low: int, **values: int | float | None) -> None:
@@ -88,7 +89,8 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """`epee calibrate`: sweep τ and P on a dev set, keep the fastest setting within tolerance."""
+    """`epee calibrate`: sweep τ and P on a dev set, keep the fastest setting within tolerance; or,
+    with ``unlabeled``, on a sample of the archive it will run on, without labels (epee.ltt)."""
 
     data: DataSpec = DataSpec()
     tolerance: float = 1.0  # score points below full depth allowed (1.0 = 1 point)
@@ -99,8 +101,23 @@ class CalibrationSpec:
     precision: str = "float32"  # the precision the pipelines will run in
     linear_kernel: str = "auto"
     allow_pickle_weights: bool = False
+    rule: str = "bootstrap"  # labelled data: "bootstrap" (paired bootstrap, or the point estimate) or "ltt"
+    # label-free calibration on the target archive (epee.ltt): agreement with full depth >= 1 - ε at 1 - δ
+    unlabeled: str | None = None  # records to sample: file, glob pattern or directory (local, s3://, gs://)
+    sample: int = 2000  # records drawn from ``unlabeled``, keyed by a hash of the record id
+    epsilon: float = 0.02  # disagreement with full depth allowed (a fraction of records)
+    delta: float = 0.1  # chance allowed that the chosen setting's true disagreement exceeds ε
+    seed: int = 13  # key of the sample (and of its learn/test halves)
 
     def __post_init__(self) -> None:
+        _one_of("CalibrationSpec", "rule", self.rule, CALIBRATION_RULES)
+        if not 0.0 < self.epsilon < 1.0 or not 0.0 < self.delta < 1.0:
+            raise ValueError(f"--epsilon and --delta must lie in (0, 1) (got epsilon {self.epsilon}, delta {self.delta})")
+        _at_least("CalibrationSpec", 1, sample=self.sample)
+        if self.unlabeled and self.data.data:
+            raise ValueError("give --data (labelled dev data) or --unlabeled PATTERN (the archive's own records), not both")
+        if self.rule == "ltt" and not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"--rule ltt tests at confidence --confidence in (0, 1) (got {self.confidence})")
         if not 0.0 <= self.confidence < 1.0 or self.resamples < 1:
             raise ValueError(f"--confidence must be in [0, 1) and --resamples >= 1 (got confidence {self.confidence}, "
                              f"resamples {self.resamples})")

@@ -54,6 +54,8 @@ def calibrate(model_dir: str, spec: CalibrationSpec = CalibrationSpec(), example
     from ..modeldir import load_model_dir, update_model_dir
 
     _local(model_dir, "calibrate")
+    if spec.unlabeled:
+        return _calibrate_unlabeled(model_dir, spec)
     if examples is None:
         bundle, examples, source = dev_set(model_dir, spec.data, spec.allow_pickle_weights)
     else:
@@ -68,7 +70,11 @@ def calibrate(model_dir: str, spec: CalibrationSpec = CalibrationSpec(), example
     points = sweep(outputs, lambda preds: fn(gold, preds), model.num_layers, min_exit_layer=spec.min_exit_layer)
     full = next(p for p in points if p.kind == "none")
     tolerance = spec.tolerance / 100.0
-    if spec.confidence:
+    if spec.rule == "ltt":
+        choice = _ltt_labelled(outputs, points, encoded, bundle, tolerance, round(1.0 - spec.confidence, 12), spec.seed)
+        chosen = choice.point
+        selection = {"rule": "ltt", **_ltt_selection(choice)}
+    elif spec.confidence:
         robust = choose_robust(outputs, points, gold, fn, tolerance, kind="epee", confidence=spec.confidence,
                                resamples=spec.resamples)
         chosen = robust.point
@@ -91,20 +97,170 @@ def calibrate(model_dir: str, spec: CalibrationSpec = CalibrationSpec(), example
     (out / "frontier.md").write_text(render_table_markdown(points, chosen))
     plot_frontier(points, chosen, out / "frontier.png", title=f"{Path(model_dir).name}: {metric} vs mean exit layer")
     per_layer = [fn(gold, preds) for preds in layer_predictions(outputs)]
-    policy = ExitPolicyConfig(kind="epee", entropy_threshold=float(chosen.entropy_threshold),
-                              patience=int(chosen.patience), min_exit_layer=spec.min_exit_layer)
+    policy = _policy_of(chosen, spec.min_exit_layer)
     record = {
         "metric": metric, "tolerance_points": spec.tolerance, "data": source.uri if source else None,
         "part": source.part if source else None, "examples": n, "skipped_unencodable": encoded.skipped,
         **({"windows": len(samples)} if len(samples) != n else {}),
         "full_depth_score": full.score, "per_layer_scores": per_layer, "selection": selection,
         "precision": spec.precision,
-        "chosen": {"kind": "epee", "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
+        "chosen": {"kind": policy.kind, "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
                    "score": chosen.score, "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup},
         "files": ["calibration/sweep.csv", "calibration/frontier.md", "calibration/frontier.png"],
     }
     update_model_dir(model_dir, policy=policy, calibration=record)
     return CalibrationRecord(policy, record, points)
+
+
+# The share of a calibration sample (by keyed hash of the record id) that orders the settings for
+# Learn then Test; the rest tests them. Ordering on the tested samples would void the guarantee.
+LTT_LEARN_FRACTION = 0.25
+
+
+def _policy_of(point, min_exit_layer: int) -> ExitPolicyConfig:
+    """The stored policy of a chosen point; full depth (no setting certified) is kind "none"."""
+    if point.kind == "none":
+        return ExitPolicyConfig(kind="none", min_exit_layer=min_exit_layer)
+    return ExitPolicyConfig(kind="epee", entropy_threshold=float(point.entropy_threshold),
+                            patience=int(point.patience), min_exit_layer=min_exit_layer)
+
+
+def _learn_mask(ids: list[str], seed: int):
+    """Which records order the settings: a keyed hash of the id below LTT_LEARN_FRACTION."""
+    import numpy as np
+
+    from .data import record_key
+
+    return np.array([int(record_key(i, seed + 1)[:8], 16) < LTT_LEARN_FRACTION * 16**8 for i in ids], dtype=bool)
+
+
+def _prediction_losses(outputs, encoded, label_names, reference):
+    """``record_losses`` for :func:`~epee.policy_search.choose_ltt`: per record, whether its
+    prediction at the exit differs from ``reference(record predictions at full depth)``'s verdict.
+
+    ``reference`` maps (exit predictions, full-depth predictions) to a 0/1 loss array.
+    """
+    import torch
+
+    from ..policy_search import record_predictions, span_sets
+
+    token = outputs.is_token
+    owners = None if token else encoded.owners
+    full_layers = torch.full((outputs.num_samples,), outputs.num_layers, dtype=torch.long)
+    full = record_predictions(outputs, full_layers, owners)
+    full = span_sets(full, label_names) if token else full
+
+    def losses(exit_layers):
+        preds = record_predictions(outputs, exit_layers, owners)
+        return reference(span_sets(preds, label_names) if token else preds, full)
+
+    return losses
+
+
+def _ltt_selection(choice) -> dict:
+    result = choice.result
+    summary = result.to_dict(lambda p: {"kind": p.kind, "entropy_threshold": p.entropy_threshold,
+                                        "patience": p.patience, "mean_exit_layer": p.mean_exit_layer})
+    return {**summary, "learn_samples": choice.learn_samples, "test_samples": choice.test_samples,
+            "learn_fraction": LTT_LEARN_FRACTION,
+            "certified": result.chosen is not None and result.chosen.setting.kind != "none"}
+
+
+def _ltt_labelled(outputs, points, encoded, bundle, epsilon: float, delta: float, seed: int):
+    """`--rule ltt` on labelled data: a record's loss is a correct answer at full depth lost at
+    the exit; its rate bounds the accuracy drop (the drop is that rate minus the rate of
+    answers gained), so certifying it at ε bounds the drop at ε."""
+    import numpy as np
+
+    from ..encoding import IGNORE
+    from ..policy_search import choose_ltt, span_sets
+
+    label_names = bundle.model.config.label_names
+    gold = encoded.gold
+    if outputs.is_token:
+        gold = span_sets([[-1 if g == IGNORE else g for g in tags] for tags in gold], label_names)
+    ids = [str(i) for i in range(encoded.examples)]  # labelled dev sets: the record's position keys the split
+
+    def lost(preds, full):
+        return np.array([f == g and p != g for p, f, g in zip(preds, full, gold)], dtype=np.int8)
+
+    losses = _prediction_losses(outputs, encoded, label_names, lost)
+    return choose_ltt(outputs, points, losses, _learn_mask(ids, seed), epsilon, delta)
+
+
+def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRecord:
+    """`epee calibrate --unlabeled`: the fastest (τ, P) whose agreement with full depth on a keyed
+    sample of the archive is >= 1 - ε with confidence 1 - δ (Learn then Test, epee.ltt)."""
+    import numpy as np
+
+    from ..calibration import collect_layer_outputs, sweep
+    from ..modeldir import load_model_dir, update_model_dir
+    from ..policy_search import choose_ltt
+    from .data import keyed_sample, read_unlabeled, sample_manifest
+
+    bundle = load_model_dir(model_dir, allow_pickle=spec.allow_pickle_weights)
+    model = bundle.model
+    training = bundle.sections.get("training", {}).get("data", {})
+    fields = spec.data.fields.resolve(training.get("fields"))
+    every, files = read_unlabeled(spec.unlabeled, bundle.data_task, fields)
+    sample = keyed_sample(every, spec.sample, spec.seed)
+    encoded = encode_windows(bundle.preprocessor, sample, bundle.data_task)
+    if not encoded.examples:
+        raise ValueError(f"--unlabeled {spec.unlabeled!r}: no record could be encoded")
+    kept = _kept_examples(bundle.preprocessor, sample, bundle.data_task) if encoded.skipped else sample
+    outputs = collect_layer_outputs(model, encoded.samples, batch_size=spec.batch_size, precision=spec.precision,
+                                    linear_kernel=spec.linear_kernel)
+    label_names = model.config.label_names
+
+    def disagree(preds, full):
+        return np.array([p != f for p, f in zip(preds, full)], dtype=np.int8)
+
+    losses = _prediction_losses(outputs, encoded, label_names, disagree)
+    full_windows = _full_window_preds(outputs)
+
+    def window_agreement(preds):  # the sweep's score: agreement with full depth per window (for the table)
+        return float(np.mean([p == f for p, f in zip(preds, full_windows)]))
+
+    points = sweep(outputs, window_agreement, model.num_layers, min_exit_layer=spec.min_exit_layer)
+    choice = choose_ltt(outputs, points, losses, _learn_mask([ex.id for ex in kept], spec.seed),
+                        spec.epsilon, spec.delta)
+    chosen = choice.point
+    policy = _policy_of(chosen, spec.min_exit_layer)
+    test = choice.result.chosen
+    record = {
+        "procedure": choice.result.procedure, "epsilon": spec.epsilon, "delta": spec.delta,
+        "sample_size": encoded.examples, "sample_requested": spec.sample, "records_available": len(every),
+        "skipped_unencodable": encoded.skipped, "seed": spec.seed,
+        **({"windows": len(encoded.samples)} if len(encoded.samples) != encoded.examples else {}),
+        "source": spec.unlabeled, "manifest": sample_manifest(kept, files), "precision": spec.precision,
+        "risk": "span-level disagreement with full depth" if outputs.is_token else "disagreement with full depth",
+        "selection": {"rule": "ltt", **_ltt_selection(choice)},
+        "chosen": {"kind": policy.kind, "entropy_threshold": policy.entropy_threshold, "patience": policy.patience,
+                   "mean_exit_layer": chosen.mean_exit_layer, "layer_speedup": chosen.layer_speedup,
+                   "agreement": 1.0 - (test.risk if test is not None else 0.0),
+                   "p_value": test.p_value if test is not None else None},
+    }
+    log.info("calibrated on %d unlabelled records: %s", encoded.examples, record["chosen"])
+    update_model_dir(model_dir, policy=policy, calibration=record)
+    return CalibrationRecord(policy, record, points)
+
+
+def _full_window_preds(outputs) -> list:
+    import torch
+
+    from ..layer_outputs import _predictions_at, _trace
+
+    n = outputs.num_samples
+    return _predictions_at(_trace(outputs), outputs, torch.full((n,), outputs.num_layers, dtype=torch.long))
+
+
+def _kept_examples(preprocessor, examples, data_task: str) -> list:
+    """The examples :func:`encode_windows` keeps (it skips those it cannot encode)."""
+    kept = []
+    for ex in examples:
+        if encode_windows(preprocessor, [ex], data_task).examples:
+            kept.append(ex)
+    return kept
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,84 @@ def test_cli_turns_a_refusal_into_exit_status_2(tiny, capsys):
     assert main(["evaluate", "--model", str(model_dir)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "epee evaluate: give --data FILE" in err
+
+
+# -- label-free calibration on the archive (epee.ltt) ---------------------------------------------------
+def unlabelled_archive(root, n: int = 60):
+    """Two JSONL files and a .txt of generated notes, no labels, with ids in the JSONL files."""
+    rows = [{"note_id": f"n{i:03d}", "text": r["text"]} for i, r in enumerate(notes(n))]
+    (root / "archive").mkdir()
+    (root / "archive" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: n // 2]))
+    (root / "archive" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n // 2 :]))
+    return str(root / "archive" / "*.jsonl")
+
+
+def test_calibrate_unlabeled_records_the_procedure_and_manifest_and_is_deterministic(tmp_path):
+    import hashlib
+
+    model_dir = str(save_tiny_model_dir(tmp_path / "model", "sequence"))
+    pattern = unlabelled_archive(tmp_path)
+    spec = CalibrationSpec(unlabeled=pattern, sample=50, epsilon=0.2, delta=0.2,
+                           data=DataSpec(fields=DataFields(id_field="note_id")))
+    first = calibrate(model_dir, spec)
+    doc = json.loads((tmp_path / "model" / "epee_config.json").read_text())
+    rec = doc["calibration"]
+    assert rec == json.loads(json.dumps(first.record))  # stored as returned
+    assert rec["procedure"] == "ltt-fixed-sequence-binomial" and rec["epsilon"] == 0.2 and rec["delta"] == 0.2
+    assert rec["sample_size"] == 50 and rec["records_available"] == 60 and rec["source"] == pattern
+    files = rec["manifest"]["files"]
+    assert [f["uri"].rsplit("/", 1)[-1] for f in files] == ["a.jsonl", "b.jsonl"]
+    assert files[0]["sha256"] == hashlib.sha256((tmp_path / "archive" / "a.jsonl").read_bytes()).hexdigest()
+    assert sum(f["records"] for f in files) == 60 and rec["manifest"]["records"] == 50
+    sel = rec["selection"]
+    assert sel["learn_samples"] + sel["test_samples"] == 50 and sel["learn_samples"] > 0
+    assert sel["settings_tested"] >= 1 and sel["settings_tested"] == sel["settings_rejected"] + (
+        sel["first_not_rejected"] is not None)
+    chosen = rec["chosen"]
+    assert doc["model"]["policy"]["kind"] == chosen["kind"]
+    if sel["chosen"] is not None:  # certified: its risk on the test part has p <= δ and agreement >= 1 - ε holds there
+        assert sel["chosen"]["p_value"] <= 0.2 and chosen["agreement"] == pytest.approx(1 - sel["chosen"]["risk"])
+    second = calibrate(model_dir, spec)  # the same records, the same choice, the same manifest
+    assert second.record == first.record
+
+
+def test_calibrate_unlabeled_keyed_sample_ignores_read_order_and_small_samples_stay_at_full_depth(tmp_path):
+    from epee.workflows.data import keyed_sample
+
+    exs = [Example(id=f"r{i}", text="x") for i in range(30)]
+    assert {e.id for e in keyed_sample(exs, 10, 13)} == {e.id for e in keyed_sample(exs[::-1], 10, 13)}
+    assert {e.id for e in keyed_sample(exs, 10, 13)} != {e.id for e in keyed_sample(exs, 10, 14)}
+    model_dir = str(save_tiny_model_dir(tmp_path / "model", "sequence"))
+    txt = tmp_path / "notes.txt"
+    txt.write_text("".join(r["text"] + "\n" for r in notes(20)))
+    rec = calibrate(model_dir, CalibrationSpec(unlabeled=str(txt), sample=20)).record  # ε 0.02: 0.98**15 > δ
+    assert rec["chosen"]["kind"] == "none" and rec["selection"]["certified"] is False
+    assert rec["chosen"]["mean_exit_layer"] == 3.0 and rec["manifest"]["files"][0]["records"] == 20
+
+
+def test_calibrate_unlabeled_token_task_uses_span_agreement(tmp_path):
+    model_dir = str(save_tiny_model_dir(tmp_path / "model", "token"))
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in notes(40)))
+    rec = calibrate(model_dir, CalibrationSpec(unlabeled=str(data), sample=40, epsilon=0.3, delta=0.2)).record
+    assert rec["risk"] == "span-level disagreement with full depth" and rec["sample_size"] == 40
+
+
+def test_calibrate_labelled_ltt_rule(tiny):
+    model_dir, dev = tiny
+    rec = calibrate(str(model_dir), CalibrationSpec(data=DataSpec(dev), rule="ltt", tolerance=20.0)).record
+    sel = rec["selection"]
+    assert sel["rule"] == "ltt" and sel["procedure"] == "ltt-fixed-sequence-binomial"
+    assert sel["epsilon"] == pytest.approx(0.2) and sel["delta"] == pytest.approx(0.1)
+    assert sel["learn_samples"] + sel["test_samples"] == rec["examples"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rule": "lucky"}, r"rule \('lucky'\) must be one of"),
+    ({"epsilon": 0.0}, "--epsilon and --delta must lie in"),
+    ({"unlabeled": "x.jsonl", "data": DataSpec("dev.jsonl")}, "not both"),
+    ({"rule": "ltt", "confidence": 0.0}, "--rule ltt tests at confidence"),
+])
+def test_calibration_spec_refuses_bad_ltt_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CalibrationSpec(**kwargs)
