@@ -97,3 +97,27 @@ class TestGuarantee:
             ok = np.flatnonzero(rates <= EPSILON)
             violated += TRUE_RATES[ok.max()] > EPSILON
         assert violated / SEEDS > 2 * DELTA
+
+
+def test_choose_ltt_tests_on_the_records_outside_the_learn_part():
+    import torch
+
+    from epee.layer_outputs import LayerOutputs, simulate
+    from epee.policies import ExitPolicy
+    from epee.policy_search import choose_ltt, sweep
+
+    torch.manual_seed(0)
+    outputs = LayerOutputs(probs=[torch.softmax(3 * torch.randn(300, 2), dim=-1) for _ in range(3)])
+    points = sweep(outputs, lambda preds: 0.0, 3)
+    learn = np.arange(300) < 100
+
+    def early(exit_layers):  # the loss: exiting before the last layer
+        return (exit_layers < 3).numpy().astype(np.int8)
+
+    choice = choose_ltt(outputs, points, early, learn, epsilon=0.3, delta=0.1)
+    assert (choice.learn_samples, choice.test_samples, choice.result.n) == (100, 200, 200)
+    assert choice.result.tests[0].setting.kind == "none" and choice.result.tests[0].losses == 0
+    assert choice.point.kind == "epee"  # certified: its test risk is its early-exit share on records 100..299
+    run = simulate(outputs, ExitPolicy(choice.point.policy_config(), 3))
+    assert choice.result.chosen.risk == pytest.approx(float((run.exit_layers[100:] < 3).float().mean()))
+    assert choice.result.chosen.p_value <= 0.1 and choice.result.chosen.risk <= 0.3

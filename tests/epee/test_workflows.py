@@ -264,3 +264,43 @@ def test_expand_pattern_globs_s3_keys_and_local_directories(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in expand_pattern(str(tmp_path / "d"))] == ["a.csv", "b.jsonl"]
     with pytest.raises(ValueError, match="matches no file"):
         expand_pattern(str(tmp_path / "d" / "*.parquet"))
+
+
+def test_ltt_record_predictions_label_long_notes_as_evaluate_does(tiny):
+    """A note read in windows is one record for the agreement: its label at full depth is the
+    argmax of its windows' mean probabilities, as `evaluate` (and the handler) gives it."""
+    from epee.calibration import collect_layer_outputs
+    from epee.modeldir import load_model_dir
+    from epee.policy_search import record_predictions
+
+    model_dir, dev = tiny
+    bundle = load_model_dir(str(model_dir))
+    examples = [Example(id=f"r{i}", text=r["text"]) for i, r in enumerate(notes(4) + notes(3, words=80))]
+    encoded = encode_windows(bundle.preprocessor, examples, "sequence")
+    assert len(encoded.samples) > encoded.examples  # the long notes have several windows
+    outputs = collect_layer_outputs(bundle.model, encoded.samples)
+    full = torch.full((outputs.num_samples,), outputs.num_layers, dtype=torch.long)
+    ours = record_predictions(outputs, full, encoded.owners)
+    data = os.path.join(os.path.dirname(dev), "records.jsonl")
+    with open(data, "w") as fh:
+        fh.writelines(json.dumps({"text": ex.text, "label": "cardiology"}) + "\n" for ex in examples)
+    assert ours == evaluate(str(model_dir), EvaluateSpec(data=DataSpec(data), policy="none")).predictions
+
+
+def test_span_sets_compare_spans_not_tags():
+    from epee.policy_search import span_sets
+
+    names = ("O", "B-Effect", "I-Effect")
+    a, b, c = [0, 1, 2, -1, 0], [0, 1, 2, 0, -1], [0, 1, 1, -1, 0]  # b differs only where a is unscored
+    sa, sb, sc = span_sets([a, b, c], names)
+    assert sa == sb == {("Effect", 1, 3)} and sc == {("Effect", 1, 2), ("Effect", 2, 3)}
+
+
+def test_ltt_order_is_learned_on_the_learn_part_only():
+    import numpy as np
+
+    from epee.policy_search import ltt_order
+
+    learn = np.array([[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])  # rates 0, 0.5, 0
+    assert ltt_order(learn, [3.0, 1.0, 2.0]) == [0, 2, 1]  # low rate first; deeper first among equals
+    assert ltt_order(np.zeros((3, 0)), [2.0, 1.0, 3.0]) == [2, 0, 1]  # no learn samples: deepest first
