@@ -130,3 +130,44 @@ def test_a_real_disagreement_fails_the_audit(args, tmp_path):
     assert s["audit_agreement_high"] < 1.0
     assert main("notes", args(tmp_path / "out", "--audit_fraction", "1",
                               "--min_agreement", str(s["audit_agreement_high"]))) == EXIT_AUDIT_FAILED
+
+
+def test_streaming_judges_the_audit_per_window(model, tmp_path, capsys):
+    """Every window's exit_stats row carries its own audit; the launcher exits 3 when one failed."""
+    import threading
+    import time
+
+    import pyarrow.parquet as pq
+
+    watched, out = tmp_path / "in", tmp_path / "out"
+    watched.mkdir()
+
+    def note_file(prefix: str, n: int) -> bytes:
+        return "".join(json.dumps({"id": f"{prefix}-{i}", "text": f"fever and cough, visit {i}"}) + "\n"
+                       for i in range(n)).encode()
+
+    (watched / "first.jsonl").write_bytes(note_file("first", 5))
+
+    def arrive():
+        time.sleep(4.5)  # as test_streaming's last file: found by a later poll, in a later window
+        (tmp_path / "late.jsonl").write_bytes(note_file("late", 4))
+        (tmp_path / "late.jsonl").replace(watched / "late.jsonl")  # a poll never sees half a file
+
+    writer = threading.Thread(target=arrive)
+    writer.start()
+    try:
+        code = main("notes", ["--streaming", "--input", str(watched / "*"), "--model", model, "--output", str(out),
+                              "--id_field", "id", "--run_id", "s", "--poll_interval", "1", "--window_seconds", "2",
+                              "--stop_after", "8", "--max_batch_size", "4", "--audit_fraction", "1",
+                              "--min_agreement", "1.01"])
+    finally:
+        writer.join()
+    assert code == EXIT_AUDIT_FAILED
+    stats = [r for f in sorted(out.glob("exit_stats-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    # one row, and one verdict, per window (the late file usually lands in a later window; on a loaded
+    # machine the first poll can find both, so the count is not asserted)
+    assert stats and sum(s["records"] for s in stats) == 9
+    assert all(s["audited_records"] == s["records"] and s["audit_status"] == "failed" for s in stats)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["audit"] == "failed" and summary["audit_agreement"]["windows_failed"] == len(stats)
+    assert summary["audit_agreement"]["audited_records"] == 9
