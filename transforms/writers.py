@@ -32,7 +32,7 @@ class ExitStatsFn(beam.CombineFn):
 
     The accumulator holds one :class:`~epee.histogram.ExitHistogram` for the run and one per
     label (:func:`~transforms.records.stats_label`), the reasons, the three MAC sums and the
-    audit's tally (:class:`~transforms.audit.AuditTally`, from the :class:`AuditedPrediction`\ s).
+    audit's tally (:class:`~transforms.audit.AuditTally`, from the audited predictions).
     ``audit``: the run's audit settings, for the audit columns and the row's ``audit_status``.
     """
 

@@ -184,3 +184,20 @@ def test_a_rerun_audits_the_same_records_with_the_same_outcome(model_dirs):
     split = [p for part in (batch[:7], batch[7:25], batch[25:]) for p in h.run_inference(part, model)]
     assert [(p.record_id, p.audit.agrees) for p in split if isinstance(p, AuditedPrediction)] == [
         (rid, a.agrees) for rid, a in runs[0]]
+
+
+def test_report_shows_the_audit_table_and_leaves_it_out_when_off():
+    from transforms.report import build_report_html
+
+    pred = {"run_id": "r", "model_id": "m", "task": "sequence", "label": "a", "score": 0.9, "exit_layer": 1,
+            "num_layers": 3, "exit_reason": "entropy", "macs": 10, "dense_exit_macs": 10, "dense_full_macs": 30}
+    cols = AuditTally().add(1, "a", True, 30).add(1, "<b>", False, 30).columns(0.5, 0.9, run_macs=20)
+    stats = {"run_id": "r", "model_id": "m", "task": "sequence", "records": 2, "num_layers": 3, "macs": 20, **cols}
+    page = build_report_html([pred, pred], [], [stats])
+    assert 'id="audit"' in page and "2 records audited" in page and "agreement <b>50.0%</b>" in page
+    lo, hi = clopper_pearson(1, 2)
+    assert f"{lo:.1%} to {hi:.1%}" in page and "status <b>failed</b>" in page
+    assert f"{60 / 80:.2%} of the compute" in page
+    assert "&lt;b&gt;" in page and "<td><b></td>" not in page  # labels are escaped
+    off = {**stats, **AuditTally().columns(0.0, None, run_macs=20)}
+    assert 'id="audit"' not in build_report_html([pred, pred], [], [off])
