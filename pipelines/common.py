@@ -14,6 +14,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from transforms.audit import AuditTally
+from transforms.context import AuditConfig
 from transforms.handler import EarlyExitModelHandler, s3_client_kwargs
 from transforms.inference import EarlyExitInference
 from transforms.job import EarlyExitJob
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class StartupError(SystemExit):
     """A configuration problem found before the pipeline starts; the message says what to do."""
+
+
+EXIT_STARTUP_ERROR = 2  # nothing ran (StartupError)
+EXIT_AUDIT_FAILED = 3  # the run wrote everything, but its audit's lower bound fell below --min_agreement
 
 
 def read_model_config(uri: str) -> dict:
@@ -238,10 +244,10 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     task = PIPELINE_TASKS[pipeline]
     handler = EarlyExitModelHandler(configs.job, configs.engine, configs.worker, policy=policy_override(opts, doc),
                                     min_batch_size=opts.min_batch_size, max_batch_size=opts.max_batch_size,
-                                    large_model=opts.large_model)
+                                    large_model=opts.large_model, audit=configs.audit)
     inference = EarlyExitInference(handler, configs.prepare)
     started = time.time()
-    stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started)
+    stats_fn = ExitStatsFn(run_id, str(doc.get("model_id", "")), task, doc["_num_layers"], started, configs.audit)
     reader = make_reader(pipeline, opts, task, run_id, previous=previous, key_source=key_source)
     if options.view_as(StandardOptions).streaming:  # watch --input, write per window: pipelines/streaming.py
         from .streaming import run_streaming
@@ -254,7 +260,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
             p | "Job" >> EarlyExitJob(reader, inference, WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source),
                                       read_label=type(reader).__name__)
         pipeline_done = time.time()
-        summary = summarize(opts.output, run_id, time.time() - started, run_dir)
+        summary = summarize(opts.output, run_id, time.time() - started, run_dir, configs.audit)
         inputs = outputs.inputs_summary(run_dir)
         manifest = {
             "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
@@ -268,6 +274,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
             "counts": {"records_in": inputs["records_in"], "predictions": summary["predictions"],
                        "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
             "pseudonymized_ids": bool(opts.pseudonymize_ids),
+            "audit": summary["audit"], "audit_agreement": summary["audit_agreement"],
             "timings": {"started_at": outputs.now_iso(started), "finished_at": outputs.now_iso(),
                         "pipeline_seconds": round(pipeline_done - started, 3), "wall_seconds": round(time.time() - started, 3)},
         }
@@ -282,10 +289,41 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
-def summarize(output: str, run_id: str, wall: float, run_dir: str | None = None) -> dict:
+AUDIT_COLUMNS = ("macs", "audit_fraction", "audited_records", "audit_agreeing", "audit_macs", "audit_status",
+                 "audit_per_layer", "audit_per_label")
+
+
+def audit_outcome(directory: str, audit: AuditConfig) -> tuple[str, dict | None]:
+    """The audit's verdict over the ``exit_stats`` rows in ``directory`` and its figures (None when
+    off). Batch mode has one row; in streaming mode each window's row carries its own verdict and
+    the run fails when any window failed (``windows_failed`` counts them)."""
+    from transforms.report import iter_rows
+
+    if audit.fraction <= 0:
+        return "off", None
+    tally, run_macs, statuses = AuditTally(), 0, []
+    for row in iter_rows(directory, "exit_stats", AUDIT_COLUMNS):
+        tally.add_row(row)
+        run_macs += int(row.get("macs") or 0)
+        statuses.append(row.get("audit_status"))
+    status = tally.status(audit.fraction, audit.min_agreement, audit.confidence)
+    if len(statuses) > 1 and audit.min_agreement is not None:  # windows: each is checked on its own
+        status = "failed" if "failed" in statuses else "passed"
+    low, high = tally.interval(audit.confidence)
+    figures = {"fraction": audit.fraction, "min_agreement": audit.min_agreement, "confidence": audit.confidence,
+               "audited_records": tally.audited, "agreeing": tally.agreeing, "agreement": tally.agreement,
+               "agreement_low": low, "agreement_high": high, "audit_macs": tally.macs,
+               "compute_share": tally.compute_share(run_macs)}
+    if len(statuses) > 1:
+        figures.update(windows=len(statuses), windows_failed=statuses.count("failed"))
+    return status, figures
+
+
+def summarize(output: str, run_id: str, wall: float, run_dir: str | None = None, audit: AuditConfig | None = None) -> dict:
     """Counts from a run's files in ``run_dir`` (streaming mode: the window files directly under
     ``output``): row counts from the Parquet footers, dead-letter reasons and exit statistics read
-    in batches, so the summary of any run size fits in a little memory."""
+    in batches, so the summary of any run size fits in a little memory. ``audit``: the run's audit
+    settings, for its verdict (``audit``) and figures (``audit_agreement``)."""
     import pyarrow.parquet as pq
 
     from transforms.report import iter_rows
@@ -304,10 +342,12 @@ def summarize(output: str, run_id: str, wall: float, run_dir: str | None = None)
     for r in iter_rows(directory, "dead_letters", ("error_type",)):
         reasons[r["error_type"]] = reasons.get(r["error_type"], 0) + 1
     s = next(iter_rows(directory, "exit_stats", ("mean_exit_layer", "num_layers", "layer_speedup", "exits_per_layer")), {})
+    audit_status, audit_figures = audit_outcome(directory, audit or AuditConfig())
     return {"run_id": run_id, "output": output, "records": preds + dead, "predictions": preds, "dead_letters": dead,
             "dead_letters_by_reason": reasons, "mean_exit_layer": s.get("mean_exit_layer"),
             "num_layers": s.get("num_layers"), "layer_speedup": s.get("layer_speedup"),
-            "exits_per_layer": s.get("exits_per_layer"), "wall_seconds": round(wall, 1)}
+            "exits_per_layer": s.get("exits_per_layer"), "wall_seconds": round(wall, 1),
+            "audit": audit_status, "audit_agreement": audit_figures}
 
 
 def main(pipeline: str, argv: Sequence[str] | None = None) -> int:
@@ -316,7 +356,11 @@ def main(pipeline: str, argv: Sequence[str] | None = None) -> int:
         summary = run(pipeline, argv)
     except StartupError as exc:  # one line, whatever the message holds (a path with a newline)
         print("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
-        return 2
+        return EXIT_STARTUP_ERROR
     if summary:
         print(json.dumps(summary, indent=2))
+    if summary.get("audit") == "failed":  # everything was written: the status is for a scheduler to alert on
+        log.error("audit failed: the agreement with full depth has a lower 95%% bound below --min_agreement (%s)",
+                  (summary.get("audit_agreement") or {}).get("agreement_low"))
+        return EXIT_AUDIT_FAILED
     return 0

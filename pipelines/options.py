@@ -10,7 +10,7 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from epee.config import LINEAR_KERNELS, PRECISIONS, EngineConfig
-from transforms.context import JobContext, PrepareConfig, WorkerConfig
+from transforms.context import AuditConfig, JobContext, PrepareConfig, WorkerConfig
 from transforms.note_reader import NOTE_FORMATS
 
 PIPELINE_TASKS = {"notes": "sequence", "relations": "relation", "events": "token", "dicom": "image"}
@@ -106,6 +106,15 @@ class EpeeOptions(PipelineOptions):
         g.add_argument("--skip_processed", default=None, metavar="MANIFEST_OR_OUTPUT",
                        help="process only input files that are new or changed (by URI and SHA-256) since the run "
                             "whose manifest.json (or output prefix) is given")
+        g.add_argument("--audit_fraction", type=float, default=0.02,
+                       help="the nightly audit: this share of records (a keyed hash of the record id, so reruns "
+                            "audit the same ones) is also run at full depth, without changing their output; "
+                            "exit_stats and report.html show how often the exit prediction agreed with full depth, "
+                            "with a 95%% interval, and the compute the audit took. 0 disables")
+        g.add_argument("--min_agreement", type=float, default=None,
+                       help="with the audit: when the agreement's lower 95%% confidence bound is below this, the run "
+                            "still writes everything but its manifest records \"audit\": \"failed\" and the "
+                            "launcher exits with status 3 (streaming: when any window's bound is below it)")
         g.add_argument("--run_id", default=None, help="run identifier written to every output row (default: UTC time)")
         # Streaming mode is Beam's own --streaming flag (StandardOptions); these only shape it.
         s = parser.add_argument_group("epee-beam streaming (with Beam's --streaming flag)")
@@ -128,6 +137,7 @@ class RunConfigs:
     engine: EngineConfig  # how the engine batches and computes (--engine_batch_size, --precision, ...)
     worker: WorkerConfig  # per worker process: --torch_threads, --heap_trim_seconds, --allow_pickle_weights
     prepare: PrepareConfig  # long notes: --window_overlap, --max_windows
+    audit: AuditConfig = AuditConfig()  # --audit_fraction, --min_agreement
 
 
 def run_configs(opts: "EpeeOptions", run_id: str, storage_options: dict[str, Any], key_source: Any,
@@ -145,6 +155,7 @@ def run_configs(opts: "EpeeOptions", run_id: str, storage_options: dict[str, Any
         worker=WorkerConfig(torch_threads=torch_threads, heap_trim_seconds=opts.heap_trim_seconds,
                             allow_pickle_weights=bool(opts.allow_pickle_weights)),
         prepare=PrepareConfig(window_overlap=opts.window_overlap, max_windows=opts.max_windows),
+        audit=AuditConfig(fraction=opts.audit_fraction, min_agreement=opts.min_agreement),
     )
 
 

@@ -40,6 +40,7 @@ from apache_beam.transforms.window import FixedWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
 from epee.histogram import ExitHistogram
+from transforms.context import AuditConfig
 from transforms.inference import EarlyExitInference
 from transforms.job import EarlyExitJob
 from transforms.readers import DEAD, INPUTS, NAMESPACE, ReadDicom
@@ -172,7 +173,7 @@ def run_streaming(options: PipelineOptions, reader: beam.PTransform, inference: 
         p | "Job" >> EarlyExitJob(ReadWatched(opts.input, config, start, read_file), inference,
                                   WriteWindowedOutputs(output, stats_fn, temp_directory, key_source))
     remove_temp_directory(temp_directory)
-    return summarize_windows(output, run_id, time.time() - started)
+    return summarize_windows(output, run_id, time.time() - started, stats_fn.audit)
 
 
 def remove_temp_directory(temp_directory: str) -> None:
@@ -185,12 +186,13 @@ def remove_temp_directory(temp_directory: str) -> None:
         FileSystems.delete([temp_directory])
 
 
-def summarize_windows(output: str, run_id: str, wall: float) -> dict:
+def summarize_windows(output: str, run_id: str, wall: float, audit: AuditConfig | None = None) -> dict:
     """The batch summary (records, predictions, dead letters by reason) with the exit statistics
-    summed over every window's ``exit_stats`` row instead of the first row alone."""
+    summed over every window's ``exit_stats`` row instead of the first row alone; the audit is
+    judged per window (each window's row has its own ``audit_status``: the run fails if one did)."""
     import pyarrow.parquet as pq
 
-    summary = summarize(output, run_id, wall)
+    summary = summarize(output, run_id, wall, audit=audit)
     rows, windows = [], set()
     for kind in OUTPUT_SCHEMAS:
         for m in FileSystems.match([f"{output}/{kind}-*.parquet"])[0].metadata_list:

@@ -61,3 +61,27 @@ class PrepareConfig:
             raise ValueError(f"--window_overlap must lie in [0, 1), got {self.window_overlap}")
         if isinstance(self.max_windows, bool) or not isinstance(self.max_windows, int) or self.max_windows < 0:
             raise ValueError(f"--max_windows must be >= 0 (0: the whole note), got {self.max_windows}")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The nightly audit (transforms.audit): which share of records is re-run at full depth, and
+    the agreement below which the run is marked failed."""
+
+    # share of records audited, drawn by a keyed hash of the record id; 0 disables. The audit costs
+    # about this share of full-depth compute on top of the run
+    fraction: float = 0.0
+    # the run's audit fails when the agreement's lower 95% bound is below this; None: never fails.
+    # Above 1 it always fails (a way to test the alert)
+    min_agreement: float | None = None
+    confidence: float = 0.95  # of the Clopper-Pearson interval
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fraction, (int, float)) and 0.0 <= self.fraction <= 1.0):
+            raise ValueError(f"--audit_fraction must lie in [0, 1] (0 disables), got {self.fraction}")
+        if self.min_agreement is not None and not (math.isfinite(self.min_agreement) and self.min_agreement >= 0):
+            raise ValueError(f"--min_agreement must be a number >= 0 (an agreement, e.g. 0.95), got {self.min_agreement}")
+        if self.min_agreement is not None and self.fraction == 0:
+            raise ValueError("--min_agreement needs an audit: --audit_fraction must be > 0")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"audit confidence must lie in (0, 1), got {self.confidence}")

@@ -15,7 +15,7 @@ import ctypes.util
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -30,8 +30,9 @@ from epee.modeling import EarlyExitModel
 from epee.policies import ExitPolicy, normalised_entropy
 from epee.runtime import sparse_kernels
 
-from .context import JobContext, WorkerConfig
-from .records import PredictionRecord, PreparedInput
+from .audit import is_audited
+from .context import AuditConfig, JobContext, WorkerConfig
+from .records import AuditedPrediction, AuditResult, PredictionRecord, PreparedInput, stats_label
 
 log = logging.getLogger(__name__)
 NAMESPACE = "epee"
@@ -104,6 +105,8 @@ class LoadedModel:
 
     bundle: ModelBundle
     engine: EarlyExitEngine
+    full_depth: ExitPolicy | None = None  # the audit's policy ("none"); None: no audit
+    audit_key: bytes | None = field(default=None, repr=False)  # the pseudonym key, which keys the audit sample
 
     @property
     def model(self) -> EarlyExitModel:
@@ -117,7 +120,8 @@ class LoadedModel:
 class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, LoadedModel]):
     """``job``: the run (id, model directory, storage options); ``engine``: how the engine runs
     (validated when it was built, at start-up); ``worker``: per-process settings; ``policy``:
-    None for the policy stored (calibrated) in the model directory.
+    None for the policy stored (calibrated) in the model directory; ``audit``: the share of records
+    also run at full depth (transforms.audit), off by default.
 
     Batching and model sharing are Beam's (``ModelHandler.__init__``). The engine regroups
     survivors only inside one call: a RunInference batch of a few records leaves it half-empty layer
@@ -134,8 +138,10 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
         min_batch_size: int | None = None,
         max_batch_size: int | None = None,
         large_model: bool = False,
+        audit: AuditConfig | None = None,
     ) -> None:
         self.job = job
+        self.audit = audit or AuditConfig()
         self.engine_config = engine or EngineConfig()
         self.worker = worker or WorkerConfig()
         self.policy = policy
@@ -193,7 +199,12 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             if cpu_has_native_bf16() is False:
                 log.warning("--precision bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
                             "it is emulated and likely slower than float32")
-        return LoadedModel(bundle=bundle, engine=engine)
+        full_depth, audit_key = None, None
+        if self.audit.fraction > 0:
+            full_depth = ExitPolicy(ExitPolicyConfig(kind="none"), bundle.model.num_layers)
+            # with --pseudonymize_ids the sample is keyed by the secret: ids alone do not tell which records were audited
+            audit_key = self.job.key_source.load() if self.job.key_source is not None else None
+        return LoadedModel(bundle=bundle, engine=engine, full_depth=full_depth, audit_key=audit_key)
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
@@ -208,11 +219,14 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
         started = time.perf_counter()
         flat = [s for p in batch for s in p.samples]
         result = model.engine.run(flat)  # the worker's one engine, with its policy
-        out, pos = [], 0
+        out, per_record, pos = [], [], 0
         for record in batch:
             preds = result.predictions[pos : pos + len(record.samples)]
             pos += len(record.samples)
+            per_record.append(preds)
             out.append(self._combine(record, preds, model.bundle))
+        if model.full_depth is not None:
+            out = self._audit(batch, per_record, out, model)
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
         Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
         Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
@@ -224,6 +238,35 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             self._trimmer = HeapTrimmer(self.worker.heap_trim_seconds)
         if self._trimmer.maybe_trim():
             Metrics.counter(NAMESPACE, "heap_trims").inc()
+        return out
+
+    def _audit(self, batch: Sequence[PreparedInput], per_record: list[list[ExitPrediction]], out: list[PredictionRecord],
+               model: LoadedModel) -> list[PredictionRecord]:
+        """The batch's audited records (:func:`transforms.audit.is_audited`) run again, at full
+        depth, after the normal run, which they do not change; each comes back as an
+        :class:`AuditedPrediction` with the same row. A record whose every window ran to the last
+        layer is its own full-depth prediction and is not run again (audit MACs 0)."""
+        chosen = [i for i, r in enumerate(batch) if is_audited(r.record_id, self.audit.fraction, model.audit_key)]
+        rerun = [i for i in chosen if any(p.exit_layer < p.num_layers for p in per_record[i])]
+        flat = [s for i in rerun for s in batch[i].samples]
+        full = model.engine.run(flat, policy=model.full_depth).predictions if flat else []
+        reference, pos = {}, 0
+        for i in rerun:
+            preds = full[pos : pos + len(batch[i].samples)]
+            pos += len(batch[i].samples)
+            reference[i] = (self._combine(batch[i], preds, model.bundle), sum(p.macs for p in preds))
+        out = list(out)
+        agreeing = 0
+        for i in chosen:
+            ref, macs = reference.get(i, (out[i], 0))
+            agrees = same_prediction(out[i], ref)
+            agreeing += agrees
+            out[i] = AuditedPrediction(**out[i].__dict__,
+                                       audit=AuditResult(agrees=agrees, label=stats_label(ref.label, ref.event_spans), macs=macs))
+        if chosen:
+            Metrics.counter(NAMESPACE, "audited_records").inc(len(chosen))
+            Metrics.counter(NAMESPACE, "audit_agreeing_records").inc(agreeing)
+            Metrics.counter(NAMESPACE, "audit_windows_rerun").inc(len(flat))
         return out
 
     def _combine(self, record: PreparedInput, preds: list[ExitPrediction], bundle: ModelBundle) -> PredictionRecord:
@@ -267,3 +310,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             rel = dict(entity1_start=s1, entity1_end=e1, entity2_start=s2, entity2_end=e2)
         return PredictionRecord(label=names[label], score=float(probs[label]), probabilities=[float(x) for x in probs],
                                 entropy=entropy if math.isfinite(entropy) else 0.0, **rel, **common)
+
+
+def same_prediction(a: PredictionRecord, b: PredictionRecord) -> bool:
+    """Whether two predictions of one record agree: the same label, or for event extraction the
+    same set of spans (type, start, end)."""
+    if a.task == "token":
+        return {(e["type"], e["start"], e["end"]) for e in a.event_spans} == {(e["type"], e["start"], e["end"]) for e in b.event_spans}
+    return a.label == b.label

@@ -68,6 +68,28 @@ class PredictionRecord:
         return dict(self.__dict__)  # flat fields: a shallow copy is the row (asdict would deep-copy)
 
 
+@dataclass(frozen=True)
+class AuditResult:
+    """What the audit (``--audit_fraction``, transforms.audit) found for one record; not written
+    per record: the exit statistics count it."""
+
+    agrees: bool  # the exit prediction is the full-depth one (same label; token task: same set of spans)
+    label: str  # the full-depth prediction's stats_label: agreement per label is counted under it
+    macs: int  # multiply-adds of the full-depth rerun (0: every window had run to the last layer already)
+
+
+@dataclass
+class AuditedPrediction(PredictionRecord):
+    """A prediction that was audited: the same row as any prediction (``audit`` is not written)."""
+
+    audit: AuditResult | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        row = dict(self.__dict__)
+        del row["audit"]
+        return row
+
+
 def stats_label(label: str | None, event_spans: list | None) -> str:
     """The label a prediction is counted under in the exit statistics and the run report: its
     label; event extraction has none, so its records count as "events" or "no_event"."""
@@ -125,6 +147,18 @@ class ExitStats:
     macs_saved: float = 0.0  # share of dense_full_macs not spent
     macs_saved_by_exit: float = 0.0  # ... because layers were skipped
     macs_saved_by_sparsity: float = 0.0  # ... because weights are zero
+    # the audit (--audit_fraction, transforms.audit): audited records re-run at full depth
+    audit_fraction: float = 0.0  # 0: no audit (the audit columns below are then 0 or null)
+    audited_records: int = 0
+    audit_agreeing: int = 0  # audited records whose exit prediction is the full-depth one
+    audit_agreement: float | None = None  # agreeing / audited
+    audit_agreement_low: float | None = None  # its Clopper-Pearson (exact binomial) 95% interval
+    audit_agreement_high: float | None = None
+    audit_per_layer: list[dict] = field(default_factory=list)  # [{"exit_layer", "audited", "agreeing", "agreement"}]
+    audit_per_label: list[dict] = field(default_factory=list)  # [{"label", "audited", "agreeing", "agreement"}], full-depth label
+    audit_macs: int = 0  # multiply-adds of the full-depth reruns
+    audit_compute_share: float | None = None  # audit_macs / (macs + audit_macs)
+    audit_status: str = "off"  # off, unchecked (no --min_agreement), passed or failed (lower bound < --min_agreement)
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +173,13 @@ EXIT_STATS_SCHEMA = pa.schema([
     ("wall_seconds", pa.float64()),
     ("macs", pa.int64()), ("dense_exit_macs", pa.int64()), ("dense_full_macs", pa.int64()),
     ("macs_saved", pa.float64()), ("macs_saved_by_exit", pa.float64()), ("macs_saved_by_sparsity", pa.float64()),
+    ("audit_fraction", pa.float64()), ("audited_records", pa.int64()), ("audit_agreeing", pa.int64()),
+    ("audit_agreement", pa.float64()), ("audit_agreement_low", pa.float64()), ("audit_agreement_high", pa.float64()),
+    ("audit_per_layer", pa.list_(pa.struct([("exit_layer", pa.int32()), ("audited", pa.int64()), ("agreeing", pa.int64()),
+                                            ("agreement", pa.float64())]))),
+    ("audit_per_label", pa.list_(pa.struct([("label", pa.string()), ("audited", pa.int64()), ("agreeing", pa.int64()),
+                                            ("agreement", pa.float64())]))),
+    ("audit_macs", pa.int64()), ("audit_compute_share", pa.float64()), ("audit_status", pa.string()),
 ])
 
 

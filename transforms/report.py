@@ -34,7 +34,9 @@ from .run_summary import (  # noqa: F401 - the summary's names, importable from 
 PREDICTION_COLUMNS = ("run_id", "model_id", "task", "label", "score", "exit_layer", "num_layers", "exit_reason",
                       "event_spans", "macs", "dense_exit_macs", "dense_full_macs")
 DEAD_LETTER_COLUMNS = ("run_id", "stage", "error_type")  # never "message" nor "source_uri"
-EXIT_STATS_COLUMNS = ("run_id", "model_id", "task", "records", "num_layers", "wall_seconds")
+EXIT_STATS_COLUMNS = ("run_id", "model_id", "task", "records", "num_layers", "wall_seconds", "macs", "audit_fraction",
+                      "audited_records", "audit_agreeing", "audit_per_layer", "audit_per_label", "audit_macs",
+                      "audit_status")
 REPORT_NAME = "report.html"
 MAX_TABLE_ROWS = 50  # a run with thousands of labels keeps a readable page; the rest is counted
 MAX_CHART_BARS = 30
@@ -169,6 +171,37 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _audit_section(a) -> str:
+    """The audit (transforms.audit): agreement of the exit prediction with full depth, overall, per
+    exit layer and per label, with Clopper-Pearson 95% intervals, and the compute it took."""
+    from .audit import clopper_pearson
+
+    out = ['<h2 id="audit">Audit: agreement with full depth</h2>']
+    if not a.audited:
+        out.append(f'<p class="empty">Audit of {a.fraction:.1%} of records: no record was audited'
+                   f'{" (status: " + _e(a.status) + ")" if a.status != "unchecked" else ""}.</p>')
+        return "".join(out)
+    share = "unknown" if a.compute_share is None else f"{a.compute_share:.2%}"
+    failed = f", {a.windows_failed} window(s) failed" if a.windows_failed > 1 else ""
+    out.append(f'<p id="audit-overall">{a.audited} records audited ({a.fraction:.1%} drawn by record id): '
+               f"<b>{a.agreeing}</b> agree, agreement <b>{a.agreement:.1%}</b> (95% interval {a.low:.1%} to "
+               f"{a.high:.1%}); status <b>{_e(a.status)}</b>{failed}. The audit took {share} of the compute "
+               f"({a.macs:.3g} multiply-adds).</p>")
+
+    def rows(items):
+        out_rows = []
+        for key, n, k in items[:MAX_TABLE_ROWS]:
+            lo, hi = clopper_pearson(k, n)
+            out_rows.append([key, n, k, f"{k / n:.1%}", f"{lo:.1%} to {hi:.1%}"])
+        return out_rows
+
+    head = ["audited", "agreeing", "agreement", "95% interval"]
+    out.append(_table(["exit layer", *head], rows(a.per_layer), {0, 1, 2, 3}))
+    out.append(_table(["full-depth label", *head], rows(a.per_label), {1, 2, 3}))
+    out.append(_more(len(a.per_label), MAX_TABLE_ROWS, "labels left out of the table"))
+    return "".join(out)
+
+
 def build_report_html(predictions: list[dict], dead_letters: list[dict], exit_stats: list[dict],
                       manifest: dict | None = None, generated_at: str | None = None) -> str:
     """The report page for one run, from plain rows (dicts keyed like the Parquet columns)."""
@@ -219,6 +252,9 @@ def render_report(s: RunSummary, generated_at: str | None = None) -> str:
                    [[i + 1, c, f"{c / s.predictions:.1%}"] for i, c in enumerate(s.exits_per_layer)], {0, 1, 2}))
     else:
         add('<p class="empty">No predictions in this run: no exit layers to show.</p>')
+
+    if s.audit is not None:
+        add(_audit_section(s.audit))
 
     # Per label
     add('<h2 id="labels">Per label</h2>')

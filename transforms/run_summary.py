@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from epee.histogram import ExitHistogram
 
+from .audit import AuditTally
 from .records import stats_label
 
 FINE_SCORE_BINS = 1000  # the counts kept: the median is given to within 1/1000
@@ -29,6 +30,24 @@ class Check:
     name: str
     ok: bool | None  # None: could not be checked
     detail: str
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """The audit (``--audit_fraction``) over the run's ``exit_stats`` rows (streaming: every window)."""
+
+    fraction: float
+    audited: int
+    agreeing: int
+    agreement: float | None  # None: no record was audited
+    low: float  # Clopper-Pearson 95% interval of the agreement
+    high: float
+    per_layer: tuple[tuple[int, int, int], ...]  # (exit layer, audited, agreeing)
+    per_label: tuple[tuple[str, int, int], ...]  # (full-depth label, audited, agreeing)
+    macs: int  # of the full-depth reruns
+    compute_share: float | None  # audit MACs / (run MACs + audit MACs)
+    status: str  # failed if any row failed, passed if every row passed, else unchecked
+    windows_failed: int  # rows (streaming: windows) whose audit failed
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class RunSummary:
     timings: tuple[tuple[str, float], ...]  # numeric entries of the manifest's "timings"
     checks: tuple[Check, ...]
     macs: tuple[int, int, int] | None = None  # (run, dense at the exits, dense full depth); None: not recorded
+    audit: AuditSummary | None = None  # None: the run had no audit
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -83,6 +103,10 @@ class RunTally:
         self.macs = [0, 0, 0]  # run, dense at the exits, dense full depth
         self.stats_records: int | None = None
         self.stats_walls: list[float] = []
+        self.audit = AuditTally()
+        self.audit_fraction = 0.0
+        self.audit_statuses: Counter[str] = Counter()
+        self.stats_macs = 0
 
     def _ids(self, row: dict) -> None:
         for key, seen in self.ids.items():
@@ -121,7 +145,26 @@ class RunTally:
             wall = _number(s.get("wall_seconds"))
             if wall is not None:
                 self.stats_walls.append(wall)
+            fraction = _number(s.get("audit_fraction")) or 0.0
+            if fraction > 0:
+                self.audit_fraction = max(self.audit_fraction, fraction)
+                self.audit.add_row(s)
+                self.audit_statuses[str(s.get("audit_status"))] += 1
+                self.stats_macs += int(s.get("macs") or 0)
         return self
+
+    def _audit_summary(self) -> AuditSummary | None:
+        if self.audit_fraction <= 0:
+            return None
+        a, statuses = self.audit, self.audit_statuses
+        status = ("failed" if statuses["failed"] else "passed" if statuses["passed"] == sum(statuses.values())
+                  else "unchecked")
+        low, high = a.interval()
+        return AuditSummary(
+            fraction=self.audit_fraction, audited=a.audited, agreeing=a.agreeing, agreement=a.agreement, low=low, high=high,
+            per_layer=tuple((k, n, g) for k, (n, g) in sorted(a.per_layer.items())),
+            per_label=tuple((k, n, g) for k, (n, g) in sorted(a.per_label.items(), key=lambda kv: (-kv[1][0], kv[0]))),
+            macs=a.macs, compute_share=a.compute_share(self.stats_macs), status=status, windows_failed=statuses["failed"])
 
     def summary(self, manifest: dict | None = None) -> RunSummary:
         """Of ``manifest`` (optional) only ``run_id``, ``model_id``, ``task``, ``records_in`` (top
@@ -176,7 +219,7 @@ class RunTally:
             layer_speedup=self.exits.speedup(num_layers) if n_pred else None, labels=tuple(labels), exit_reasons=tuple(reasons),
             score_bins=tuple(self.fine_scores), dead_by_reason=tuple((s, e, c) for (s, e), c in dead),
             wall_seconds=wall, wall_source=source, records_per_second=rate, timings=timings, checks=tuple(checks),
-            macs=macs,
+            macs=macs, audit=self._audit_summary(),
         )
 
 

@@ -18,10 +18,12 @@ from apache_beam.transforms.window import IntervalWindow
 from epee.flops import savings
 from epee.histogram import ExitHistogram
 
+from .audit import AuditTally
+from .context import AuditConfig
 from .privacy import KeySource
 from .records import (
-    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, DeadLetter, ExitStats, InputFile,
-    PredictionRecord, stats_label,
+    DEAD_LETTER_SCHEMA, EXIT_STATS_SCHEMA, INPUTS_SCHEMA, PREDICTION_SCHEMA, AuditedPrediction, DeadLetter, ExitStats,
+    InputFile, PredictionRecord, stats_label,
 )
 
 
@@ -29,15 +31,20 @@ class ExitStatsFn(beam.CombineFn):
     """Counts per exit layer, per label and per reason; one ExitStats row per run (or window).
 
     The accumulator holds one :class:`~epee.histogram.ExitHistogram` for the run and one per
-    label (:func:`~transforms.records.stats_label`), the reasons and the three MAC sums.
+    label (:func:`~transforms.records.stats_label`), the reasons, the three MAC sums and the
+    audit's tally (:class:`~transforms.audit.AuditTally`, from the audited predictions).
+    ``audit``: the run's audit settings, for the audit columns and the row's ``audit_status``.
     """
 
-    def __init__(self, run_id: str, model_id: str, task: str, num_layers: int, started_at: float) -> None:
+    def __init__(self, run_id: str, model_id: str, task: str, num_layers: int, started_at: float,
+                 audit: AuditConfig | None = None) -> None:
         self.run_id, self.model_id, self.task = run_id, model_id, task
         self.num_layers, self.started_at = num_layers, started_at
+        self.audit = audit or AuditConfig()
 
     def create_accumulator(self) -> dict:
-        return {"exits": ExitHistogram.of_depth(self.num_layers), "labels": {}, "reasons": Counter(), "macs": [0, 0, 0]}
+        return {"exits": ExitHistogram.of_depth(self.num_layers), "labels": {}, "reasons": Counter(), "macs": [0, 0, 0],
+                "audit": AuditTally()}
 
     def add_input(self, acc: dict, p: PredictionRecord) -> dict:
         acc["exits"].add(p.exit_layer)
@@ -47,6 +54,8 @@ class ExitStatsFn(beam.CombineFn):
         m[0] += p.macs
         m[1] += p.dense_exit_macs
         m[2] += p.dense_full_macs
+        if isinstance(p, AuditedPrediction) and p.audit is not None:
+            acc["audit"].add(p.exit_layer, p.audit.label, p.audit.agrees, p.audit.macs)
         return acc
 
     def merge_accumulators(self, accs: Iterable[dict]) -> dict:
@@ -57,6 +66,7 @@ class ExitStatsFn(beam.CombineFn):
                 out["labels"].setdefault(label, ExitHistogram()).merge(h)
             out["reasons"].update(a["reasons"])
             out["macs"] = [x + y for x, y in zip(out["macs"], a["macs"])]
+            out["audit"].merge(a["audit"])
         return out
 
     def extract_output(self, acc: dict) -> dict:
@@ -71,7 +81,13 @@ class ExitStatsFn(beam.CombineFn):
             wall_seconds=time.time() - self.started_at,
             macs=acc["macs"][0], dense_exit_macs=acc["macs"][1], dense_full_macs=acc["macs"][2],
             **{f"macs_{k}": v for k, v in savings(*acc["macs"]).items() if k != "relative_cost"},
+            **acc["audit"].columns(self.audit.fraction, self.audit.min_agreement, acc["macs"][0], self.audit.confidence),
         ).to_row()
+
+
+def prediction_row(p: PredictionRecord) -> dict[str, Any]:
+    """A prediction's row, audited or not (an AuditedPrediction's row leaves its audit out)."""
+    return p.to_row()
 
 
 def shard_of(row: dict, num_shards: int) -> int:
@@ -240,7 +256,7 @@ class WriteOutputs(beam.PTransform):
     def expand(self, pcolls: Sequence[beam.PCollection]) -> Sequence[beam.PCollection]:
         predictions, dead, *inputs = pcolls
         d, n, k = self.output, self.num_shards, self.key_source
-        (predictions | "PredictionRows" >> beam.Map(PredictionRecord.to_row)
+        (predictions | "PredictionRows" >> beam.Map(prediction_row)
                      | "WritePredictions" >> WriteSortedShards(d, "predictions", PREDICTION_SCHEMA, n, k))
         (dead | "DeadRows" >> beam.Map(DeadLetter.to_row)
               | "WriteDeadLetters" >> WriteSortedShards(d, "dead_letters", DEAD_LETTER_SCHEMA, n, k))
