@@ -39,11 +39,17 @@ def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
         raise ValueError(f"losses ({losses}) must lie in [0, n={n}]")
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon ({epsilon}) must lie in (0, 1)")
+    return binomial_cdf(losses, n, epsilon)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P[Binom(n, p) <= k], 0 < p < 1: scipy's ``binom.cdf`` where installed, else the same sum in
+    log space (exact up to float rounding)."""
     try:
         from scipy.stats import binom
     except ImportError:  # pragma: no cover - scipy is in the project's environment
-        return _binomial_cdf_log_space(losses, n, epsilon)
-    return float(min(1.0, binom.cdf(losses, n, epsilon)))
+        return _binomial_cdf_log_space(k, n, p)
+    return float(min(1.0, binom.cdf(k, n, p)))
 
 
 def _binomial_cdf_log_space(k: int, n: int, p: float) -> float:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from dataclasses import dataclass, field
+
+from epee.ltt import binomial_cdf
 
 # the sample's key when ids are not pseudonymised: fixed, so every run of every version audits the same records
 AUDIT_SALT = b"epee-beam audit sample v1"
@@ -42,49 +43,12 @@ def is_audited(record_id: str, fraction: float, key: bytes | None = None) -> boo
 
 
 # -- Clopper-Pearson interval ----------------------------------------------------------------------
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz; Numerical
-    Recipes 6.4)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def beta_cdf(x: float, a: float, b: float) -> float:
-    """The regularised incomplete beta function I_x(a, b), a, b > 0."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def _beta_ppf(q: float, a: float, b: float) -> float:
+def _bisect(f, target: float, increasing: bool) -> float:
+    """The p in (0, 1) where the monotone ``f(p)`` crosses ``target``."""
     lo, hi = 0.0, 1.0
-    for _ in range(200):  # bisection: I_x is increasing in x; 2^-200 is far below float resolution
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if beta_cdf(mid, a, b) < q:
+        if (f(mid) < target) == increasing:
             lo = mid
         else:
             hi = mid
@@ -94,14 +58,16 @@ def _beta_ppf(q: float, a: float, b: float) -> float:
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) two-sided binomial interval: the lower bound is the Beta(k, n-k+1)
-    quantile at (1-c)/2, the upper the Beta(k+1, n-k) quantile at (1+c)/2. It covers the true rate
-    with probability >= ``confidence`` whatever it is; with no trials it is [0, 1]."""
+    """The exact (Clopper-Pearson) two-sided binomial interval: the lower bound is the rate at which
+    P[X >= k] = (1-c)/2, the upper the rate at which P[X <= k] = (1-c)/2 (the binomial tails of
+    :func:`epee.ltt.binomial_cdf`, inverted). It covers the true rate with probability >=
+    ``confidence`` whatever it is; with no trials it is [0, 1]."""
     if not 0 <= successes <= trials:
         raise ValueError(f"successes ({successes}) must lie in [0, trials ({trials})]")
     alpha = 1.0 - confidence
-    low = 0.0 if successes == 0 else _beta_ppf(alpha / 2, successes, trials - successes + 1)
-    high = 1.0 if successes == trials else _beta_ppf(1 - alpha / 2, successes + 1, trials - successes)
+    k, n = successes, trials
+    low = 0.0 if k == 0 else _bisect(lambda p: 1.0 - binomial_cdf(k - 1, n, p), alpha / 2, increasing=True)
+    high = 1.0 if k == n else _bisect(lambda p: binomial_cdf(k, n, p), alpha / 2, increasing=False)
     return low, high
 
 
