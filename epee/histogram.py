@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -39,6 +43,17 @@ class ExitHistogram:
         for layer in layers:
             h.add(int(layer))
         return h
+
+    @classmethod
+    def of_tensor(cls, exit_layers: "torch.Tensor", num_layers: int = 0) -> "ExitHistogram":
+        """:meth:`of_layers` of a (N,) tensor of 1-based exit layers, counted in one ``bincount``
+        (the calibration sweep builds one per setting)."""
+        import torch
+
+        if exit_layers.numel() and int(exit_layers.min()) < 1:
+            raise ValueError(f"exit layers are 1-based, got {int(exit_layers.min())}")
+        counts = torch.bincount(exit_layers.reshape(-1).long(), minlength=num_layers + 1)
+        return cls(counts[1:].tolist())
 
     def add(self, layer: int, count: int = 1) -> None:
         """Count ``count`` samples that exited at 1-based ``layer``."""

@@ -125,7 +125,7 @@ class SimulatedRun:
 
     @property
     def exits(self) -> ExitHistogram:
-        return ExitHistogram.of_layers(self.exit_layers.tolist())
+        return ExitHistogram.of_tensor(self.exit_layers)
 
     @property
     def mean_exit_layer(self) -> float:

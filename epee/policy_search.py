@@ -105,7 +105,7 @@ def sweep(
         key = exit_layers.numpy().tobytes()
         if key not in scores:
             scores[key] = float(score_fn(_predictions_at(trace, outputs, exit_layers)))
-        exits = ExitHistogram.of_layers(exit_layers.tolist(), num_layers)
+        exits = ExitHistogram.of_tensor(exit_layers, num_layers)
         return SweepPoint(kind, tau, patience, scores[key], exits.mean_exit_layer, exits.speedup(num_layers),
                           min_exit_layer)
 

@@ -41,3 +41,14 @@ def test_layers_are_one_based(bad):
         ExitHistogram().add(bad)
     with pytest.raises(ValueError, match="num_layers"):
         ExitHistogram.of_depth(bad - 1)
+
+
+def test_of_tensor_counts_what_of_layers_counts():
+    import torch
+
+    layers = torch.tensor([3, 1, 1, 6, 2, 3, 3])
+    for depth in (0, 6, 8):
+        assert ExitHistogram.of_tensor(layers, depth) == ExitHistogram.of_layers(layers.tolist(), depth)
+    assert ExitHistogram.of_tensor(torch.zeros(0, dtype=torch.long), 4) == ExitHistogram.of_depth(4)
+    with pytest.raises(ValueError, match="1-based"):
+        ExitHistogram.of_tensor(torch.tensor([0, 1]))
