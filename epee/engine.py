@@ -11,6 +11,11 @@ How a layer runs for rows that may exit after it (whole; the exit head's positio
 attention sublayer first) is a :class:`~epee.layer_step.LayerStep`, picked once per layer when the
 engine is built (:class:`~epee.layer_step.LayerPlan`): ``first`` gives the head's logits, ``rest``
 finishes the layer for the rows that go on, ``macs`` counts what an exited row ran.
+
+An audited sample (``run(..., audit=flags)``, the pipelines' nightly audit) is emitted where its
+policy exits, as any other, and then rides on with the rows still running to the last layer, whose
+prediction is its full-depth reference: the audit costs the layers the sample skipped, not a second
+run from layer 1.
 """
 
 from __future__ import annotations
@@ -150,6 +155,9 @@ class EngineStats:
 class RunResult:
     predictions: list[ExitPrediction]  # in input order
     stats: EngineStats
+    # audited samples (``run(audit=...)``) that exited early: their prediction at the last layer
+    # (its ``macs``: every layer it ran, the prediction's included); None for every other sample
+    audit: list[ExitPrediction | None] = field(default_factory=list)
 
 
 @dataclass
@@ -163,6 +171,7 @@ class _Rows:
     previous: torch.Tensor | None  # (N,) or (N, T) prediction at the previous layer
     entity_positions: torch.Tensor | None  # (N, 2)
     token_mask: torch.Tensor | None  # (N, T) bool
+    audit: torch.Tensor | None = None  # (N,) int8: 0 not audited, 1 audited, 2 audited and emitted (riding on)
 
     @property
     def size(self) -> int:
@@ -176,7 +185,7 @@ class _Rows:
 
         return _Rows(
             pick(self.hidden), pick(self.mask), pick(self.index), pick(self.streak),
-            pick(self.previous), pick(self.entity_positions), pick(self.token_mask),
+            pick(self.previous), pick(self.entity_positions), pick(self.token_mask), pick(self.audit),
         ).trimmed()
 
     def slice(self, start: int, stop: int) -> "_Rows":
@@ -216,6 +225,7 @@ class _Rows:
             hidden=join("hidden", 0.0), mask=join("mask", 0), index=join("index", 0),
             streak=join("streak", 0), previous=join("previous", -1),
             entity_positions=join("entity_positions", 0), token_mask=join("token_mask", False),
+            audit=join("audit", 0),
         )
 
 
@@ -287,21 +297,29 @@ class EarlyExitEngine:
         self.linear_kernel = self.runtime.linear_kernel  # "onednn" or "aten" (epee.kernels)
         self.plan = LayerPlan(model, self.config.split_layers, MacCounter(model))  # after pruning: counts non-zeros
 
-    def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None) -> RunResult:
+    def run(self, samples: Sequence[EncodedSample], policy: ExitPolicy | None = None,
+            audit: Sequence[bool] | None = None) -> RunResult:
         """Predict every sample; results come back in input order. ``policy``: this call's exit
-        policy (default: the engine's); the engine itself is built once and reused."""
+        policy (default: the engine's); the engine itself is built once and reused. ``audit``: per
+        sample, whether to also carry it on to the last layer after it exits (``RunResult.audit``);
+        its prediction is the same either way. The engine's counters count the rows that ride on
+        (they are computed); its MACs and exit histogram count the predictions only."""
         policy = policy or self.policy
         cfg = self.config
+        if audit is not None and len(audit) != len(samples):
+            raise ValueError(f"audit has {len(audit)} flags for {len(samples)} samples")
+        flags = None if audit is None or not any(audit) else torch.tensor([bool(a) for a in audit], dtype=torch.int8)
         stats = EngineStats(num_layers=self.model.num_layers, batch_size=cfg.batch_size, samples=len(samples))
         results: list[ExitPrediction | None] = [None] * len(samples)
+        audited: list[ExitPrediction | None] = [None] * len(samples)
         order = list(range(len(samples)))
         if cfg.sort_by_length:
             order.sort(key=lambda i: samples[i].length)
         window = cfg.effective_window
         with self.runtime.context():
             for start in range(0, len(order), window):
-                self._run_window(samples, order[start : start + window], policy, stats, results)
-        return RunResult(predictions=results, stats=stats)  # type: ignore[arg-type]
+                self._run_window(samples, order[start : start + window], policy, stats, results, flags, audited)
+        return RunResult(predictions=results, stats=stats, audit=audited)  # type: ignore[arg-type]
 
     @property
     def macs(self) -> MacCounter:
@@ -315,9 +333,12 @@ class EarlyExitEngine:
         policy: ExitPolicy,
         stats: EngineStats,
         results: list[ExitPrediction | None],
+        audit: torch.Tensor | None = None,
+        audited: list[ExitPrediction | None] | None = None,
     ) -> None:
         """Run one window of samples layer by layer: the rows that exit leave, the rest regroup."""
-        level = self._embed(samples, order)
+        level = self._embed(samples, order, audit)
+        last = self.model.num_layers - 1
         for layer, step in enumerate(self.plan.steps(policy)):
             survivors: list[_Rows] = []
             for rows in _rebatch(level, self.config.batch_size):  # rows at this depth regroup here
@@ -328,10 +349,20 @@ class EarlyExitEngine:
                 reasons = policy.decide(layer + 1, signal, streak, rows.index)
                 rows = replace(rows, hidden=state.carry, streak=streak, previous=signal.prediction)
                 exited = reasons != CONTINUE
-                n_exit = int(exited.sum())
-                if n_exit:  # these rows leave the model here, with the prediction of this layer's head
-                    stats.exits_per_layer[layer] += n_exit
-                    self._emit(step, rows, signal, reasons, exited, results, stats)
+                if rows.audit is not None:  # audited rows: emitted once, where the policy exits; leave at the last layer
+                    emitted = exited & (rows.audit != 2)
+                    if layer == last and bool((rows.audit == 2).any()):
+                        self._emit(step, rows, signal, reasons, rows.audit == 2, audited, None)
+                    if layer < last:
+                        exited = exited & (rows.audit == 0)
+                        rows = replace(rows, audit=torch.where(emitted, torch.full_like(rows.audit, 2), rows.audit))
+                else:
+                    emitted = exited
+                n_emit = int(emitted.sum())
+                if n_emit:  # these rows' predictions: this layer's head
+                    stats.exits_per_layer[layer] += n_emit
+                    self._emit(step, rows, signal, reasons, emitted, results, stats)
+                n_exit = int(exited.sum())  # these rows leave the model here
                 if n_exit < rows.size:  # the others finish the layer and go on
                     going_on = rows if n_exit == 0 else rows.take(~exited)
                     keep = None if n_exit == 0 else ~exited
@@ -341,7 +372,7 @@ class EarlyExitEngine:
             if not level:
                 break
 
-    def _embed(self, samples: Sequence[EncodedSample], order: list[int]) -> list[_Rows]:
+    def _embed(self, samples: Sequence[EncodedSample], order: list[int], audit: torch.Tensor | None = None) -> list[_Rows]:
         """The window's samples, in ``order``, embedded in micro-batches of ``batch_size``."""
         model, bsz = self.model, self.config.batch_size
         level: list[_Rows] = []
@@ -358,21 +389,24 @@ class EarlyExitEngine:
                     previous=None,
                     entity_positions=batch.entity_positions,
                     token_mask=batch.token_mask if model.config.task == "token" else None,
+                    audit=None if audit is None else audit[chunk].to(self.device),
                 )
             )
         return level
 
     def _emit(self, step: LayerStep, rows: _Rows, signal: ExitSignal, reasons: torch.Tensor, exited: torch.Tensor,
-              results: list[ExitPrediction | None], stats: EngineStats) -> None:
-        """Record the exited rows' predictions, with the MACs ``step`` reports for them."""
+              results: list[ExitPrediction | None], stats: EngineStats | None) -> None:
+        """Record the exited rows' predictions, with the MACs ``step`` reports for them (``stats``
+        None: an audit's full-depth reference, whose MACs are those run after its prediction)."""
         index = rows.index[exited].tolist()
         lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((len(index),), rows.hidden.shape[1])
         lengths = lengths_t.tolist()
         costs = step.macs(lengths_t)
-        for c in costs:
-            stats.macs += c.actual
-            stats.dense_exit_macs += c.dense_at_exit
-            stats.dense_full_macs += c.dense_full
+        if stats is not None:
+            for c in costs:
+                stats.macs += c.actual
+                stats.dense_exit_macs += c.dense_at_exit
+                stats.dense_full_macs += c.dense_full
         probs = signal.probs[exited].cpu().numpy()  # (n, C), or (n, T, C) for token tasks
         entropy, reason = signal.entropy[exited].tolist(), reasons[exited].tolist()
         token = probs.ndim == 3

@@ -108,7 +108,7 @@ class EpeeOptions(PipelineOptions):
                             "whose manifest.json (or output prefix) is given")
         g.add_argument("--audit_fraction", type=float, default=0.02,
                        help="the nightly audit: this share of records (a keyed hash of the record id, so reruns "
-                            "audit the same ones) is also run at full depth, without changing their output; "
+                            "audit the same ones) is carried on to the last layer after its exit, without changing its output; "
                             "exit_stats and report.html show how often the exit prediction agreed with full depth, "
                             "with a 95%% interval, and the compute the audit took. 0 disables")
         g.add_argument("--min_agreement", type=float, default=None,

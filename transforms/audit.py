@@ -79,7 +79,7 @@ class AuditTally:
 
     audited: int = 0
     agreeing: int = 0
-    macs: int = 0  # multiply-adds of the full-depth reruns
+    macs: int = 0  # multiply-adds the audited records ran after their exit, to the last layer
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # exit layer -> [audited, agreeing]
     per_label: dict[str, list[int]] = field(default_factory=dict)  # full-depth label -> [audited, agreeing]
 

@@ -105,7 +105,7 @@ class LoadedModel:
 
     bundle: ModelBundle
     engine: EarlyExitEngine
-    full_depth: ExitPolicy | None = None  # the audit's policy ("none"); None: no audit
+    audited: bool = False  # --audit_fraction > 0: the engine carries audited records on to the last layer
     audit_key: bytes | None = field(default=None, repr=False)  # the pseudonym key, which keys the audit sample
 
     @property
@@ -199,12 +199,11 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             if cpu_has_native_bf16() is False:
                 log.warning("--precision bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
                             "it is emulated and likely slower than float32")
-        full_depth, audit_key = None, None
-        if self.audit.fraction > 0:
-            full_depth = ExitPolicy(ExitPolicyConfig(kind="none"), bundle.model.num_layers)
+        audited, audit_key = self.audit.fraction > 0, None
+        if audited:
             # with --pseudonymize_ids the sample is keyed by the secret: ids alone do not tell which records were audited
             audit_key = self.job.key_source.load() if self.job.key_source is not None else None
-        return LoadedModel(bundle=bundle, engine=engine, full_depth=full_depth, audit_key=audit_key)
+        return LoadedModel(bundle=bundle, engine=engine, audited=audited, audit_key=audit_key)
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
@@ -218,15 +217,21 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
     ) -> Iterable[PredictionRecord]:
         started = time.perf_counter()
         flat = [s for p in batch for s in p.samples]
-        result = model.engine.run(flat)  # the worker's one engine, with its policy
+        chosen = [] if not model.audited else [
+            i for i, r in enumerate(batch) if is_audited(r.record_id, self.audit.fraction, model.audit_key)]
+        flags = None
+        if chosen:  # audited records ride on to the last layer after their exit (epee.engine)
+            picked = set(chosen)
+            flags = [i in picked for i, p in enumerate(batch) for _ in p.samples]
+        result = model.engine.run(flat, audit=flags)  # the worker's one engine, with its policy
         out, per_record, pos = [], [], 0
         for record in batch:
             preds = result.predictions[pos : pos + len(record.samples)]
             pos += len(record.samples)
             per_record.append(preds)
             out.append(self._combine(record, preds, model.bundle))
-        if model.full_depth is not None:
-            out = self._audit(batch, per_record, out, model)
+        if chosen:
+            out = self._audit(batch, chosen, per_record, result.audit, out, model)
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
         Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
         Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
@@ -240,33 +245,33 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             Metrics.counter(NAMESPACE, "heap_trims").inc()
         return out
 
-    def _audit(self, batch: Sequence[PreparedInput], per_record: list[list[ExitPrediction]], out: list[PredictionRecord],
-               model: LoadedModel) -> list[PredictionRecord]:
-        """The batch's audited records (:func:`transforms.audit.is_audited`) run again, at full
-        depth, after the normal run, which they do not change; each comes back as an
-        :class:`AuditedPrediction` with the same row. A record whose every window ran to the last
-        layer is its own full-depth prediction and is not run again (audit MACs 0)."""
-        chosen = [i for i, r in enumerate(batch) if is_audited(r.record_id, self.audit.fraction, model.audit_key)]
-        rerun = [i for i in chosen if any(p.exit_layer < p.num_layers for p in per_record[i])]
-        flat = [s for i in rerun for s in batch[i].samples]
-        full = model.engine.run(flat, policy=model.full_depth).predictions if flat else []
-        reference, pos = {}, 0
-        for i in rerun:
-            preds = full[pos : pos + len(batch[i].samples)]
-            pos += len(batch[i].samples)
-            reference[i] = (self._combine(batch[i], preds, model.bundle), sum(p.macs for p in preds))
+    def _audit(self, batch: Sequence[PreparedInput], chosen: list[int], per_record: list[list[ExitPrediction]],
+               full: list, out: list[PredictionRecord], model: LoadedModel) -> list[PredictionRecord]:
+        """The batch's audited records (:func:`transforms.audit.is_audited`), which the engine carried
+        on to the last layer after their exit without changing their prediction (``full``: per
+        window, its last-layer prediction, None for a window that ran there itself); each comes back
+        as an :class:`AuditedPrediction` with the same row. Audit MACs: the layers run after the exit."""
+        starts, pos = [], 0
+        for record in batch:
+            starts.append(pos)
+            pos += len(record.samples)
         out = list(out)
-        agreeing = 0
+        agreeing = continued = 0
         for i in chosen:
-            ref, macs = reference.get(i, (out[i], 0))
+            reference = full[starts[i] : starts[i] + len(batch[i].samples)]
+            ref, macs = out[i], 0
+            if any(r is not None for r in reference):
+                preds = [r if r is not None else p for r, p in zip(reference, per_record[i])]
+                ref = self._combine(batch[i], preds, model.bundle)
+                macs = sum(r.macs - p.macs for r, p in zip(reference, per_record[i]) if r is not None)
+                continued += sum(r is not None for r in reference)
             agrees = same_prediction(out[i], ref)
             agreeing += agrees
             out[i] = AuditedPrediction(**out[i].__dict__,
                                        audit=AuditResult(agrees=agrees, label=stats_label(ref.label, ref.event_spans), macs=macs))
-        if chosen:
-            Metrics.counter(NAMESPACE, "audited_records").inc(len(chosen))
-            Metrics.counter(NAMESPACE, "audit_agreeing_records").inc(agreeing)
-            Metrics.counter(NAMESPACE, "audit_windows_rerun").inc(len(flat))
+        Metrics.counter(NAMESPACE, "audited_records").inc(len(chosen))
+        Metrics.counter(NAMESPACE, "audit_agreeing_records").inc(agreeing)
+        Metrics.counter(NAMESPACE, "audit_windows_continued").inc(continued)
         return out
 
     def _combine(self, record: PreparedInput, preds: list[ExitPrediction], bundle: ModelBundle) -> PredictionRecord:

@@ -147,7 +147,7 @@ class ExitStats:
     macs_saved: float = 0.0  # share of dense_full_macs not spent
     macs_saved_by_exit: float = 0.0  # ... because layers were skipped
     macs_saved_by_sparsity: float = 0.0  # ... because weights are zero
-    # the audit (--audit_fraction, transforms.audit): audited records re-run at full depth
+    # the audit (--audit_fraction, transforms.audit): audited records carried on to full depth
     audit_fraction: float = 0.0  # 0: no audit (the audit columns below are then 0 or null)
     audited_records: int = 0
     audit_agreeing: int = 0  # audited records whose exit prediction is the full-depth one
@@ -156,7 +156,7 @@ class ExitStats:
     audit_agreement_high: float | None = None
     audit_per_layer: list[dict] = field(default_factory=list)  # [{"exit_layer", "audited", "agreeing", "agreement"}]
     audit_per_label: list[dict] = field(default_factory=list)  # [{"label", "audited", "agreeing", "agreement"}], full-depth label
-    audit_macs: int = 0  # multiply-adds of the full-depth reruns
+    audit_macs: int = 0  # multiply-adds run after the audited records' exits, to the last layer
     audit_compute_share: float | None = None  # audit_macs / (macs + audit_macs)
     audit_status: str = "off"  # off, unchecked (no --min_agreement), passed or failed (lower bound < --min_agreement)
 

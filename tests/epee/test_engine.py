@@ -318,3 +318,34 @@ def test_gpt2_two_step_layers_without_padding(task):
     assert split.stats.two_step_calls == split.stats.layer_calls > 0
     assert_same_predictions(split.predictions, whole.predictions)
     assert_same_predictions(split.predictions, run_reference(model, samples))
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+@pytest.mark.parametrize("split", [False, True])
+def test_audited_samples_ride_on_to_the_last_layer_without_changing_their_prediction(family, task, split):
+    """An audited sample is emitted where it exits, then carried on with the rows still running:
+    its last-layer prediction equals a full-depth run's, and the extra rows computed are exactly
+    the layers the audited samples skipped (not a second run from layer 1)."""
+    samples = make_samples(family, task, n=24)
+    model = epee_model(family, task, samples)
+    cfg = EngineConfig(batch_size=5, split_layers=split)
+    plain = EarlyExitEngine(model, cfg).run(samples)
+    flags = [i % 3 != 1 for i in range(len(samples))]
+    audited = EarlyExitEngine(model, cfg).run(samples, audit=flags)
+    assert_same_predictions(audited.predictions, plain.predictions)
+    assert audited.stats.exits_per_layer == plain.stats.exits_per_layer and audited.stats.macs == plain.stats.macs
+    full = EarlyExitEngine(model, cfg).run(samples, policy=ScheduledExit(torch.full((len(samples),), model.num_layers),
+                                                                         model.num_layers)).predictions
+    early = [i for i, p in enumerate(plain.predictions) if flags[i] and p.exit_layer < model.num_layers]
+    assert early, "test needs audited samples that exit early"
+    for i, ref in enumerate(audited.audit):
+        if i not in early:
+            assert ref is None
+            continue
+        assert (ref.exit_layer, ref.label, ref.token_labels) == (full[i].exit_layer, full[i].label, full[i].token_labels)
+        torch.testing.assert_close(torch.from_numpy(ref.probs), torch.from_numpy(full[i].probs), atol=1e-5, rtol=0)
+        assert ref.macs == full[i].macs
+    skipped = sum(model.num_layers - plain.predictions[i].exit_layer for i in early)
+    assert audited.stats.rows_computed - plain.stats.rows_computed == skipped
+    with pytest.raises(ValueError, match="flags"):
+        EarlyExitEngine(model, cfg).run(samples, audit=flags[:-1])

@@ -150,8 +150,10 @@ def test_audit_keeps_rows_and_agreement_is_a_direct_comparison_with_full_depth(m
         expected = p.label == f.label if task == "sequence" else (
             {tuple(e.values()) for e in p.event_spans} == {tuple(e.values()) for e in f.event_spans})
         assert p.audit.agrees == expected == same_prediction(p, f)
-        # the rerun's cost is the full-depth run's; a record that ran to the last layer is not run again
-        assert p.audit.macs == (0 if p.exit_layer == p.num_layers else f.macs)
+        # the audit's cost is the layers after the exit (the record rides on, it is not run again from
+        # layer 1); a record that ran to the last layer costs the audit nothing
+        assert p.audit.macs == f.macs - p.macs
+        assert (p.audit.macs == 0) == (p.exit_layer == p.num_layers)
         agree.append(p.audit.agrees)
     if task == "sequence":
         assert True in agree and False in agree  # the comparison was tested both ways
