@@ -191,11 +191,8 @@ def _ltt_labelled(outputs, points, encoded, bundle, epsilon: float, delta: float
 def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRecord:
     """`epee calibrate --unlabeled`: the fastest (τ, P) whose agreement with full depth on a keyed
     sample of the archive is >= 1 - ε with confidence 1 - δ (Learn then Test, epee.ltt)."""
-    import numpy as np
-
-    from ..calibration import collect_layer_outputs, sweep
+    from ..calibration import collect_layer_outputs
     from ..modeldir import load_model_dir, update_model_dir
-    from ..policy_search import choose_ltt
     from .data import keyed_sample, read_unlabeled, sample_manifest
 
     bundle = load_model_dir(model_dir, allow_pickle=spec.allow_pickle_weights)
@@ -210,20 +207,8 @@ def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRe
     kept = _kept_examples(bundle.preprocessor, sample, bundle.data_task) if encoded.skipped else sample
     outputs = collect_layer_outputs(model, encoded.samples, batch_size=spec.batch_size, precision=spec.precision,
                                     linear_kernel=spec.linear_kernel)
-    label_names = model.config.label_names
-
-    def disagree(preds, full):
-        return np.array([p != f for p, f in zip(preds, full)], dtype=np.int8)
-
-    losses = _prediction_losses(outputs, encoded, label_names, disagree)
-    full_windows = _full_window_preds(outputs)
-
-    def window_agreement(preds):  # the sweep's score: agreement with full depth per window (for the table)
-        return float(np.mean([p == f for p, f in zip(preds, full_windows)]))
-
-    points = sweep(outputs, window_agreement, model.num_layers, min_exit_layer=spec.min_exit_layer)
-    choice = choose_ltt(outputs, points, losses, _learn_mask([ex.id for ex in kept], spec.seed),
-                        spec.epsilon, spec.delta)
+    choice, points = unlabeled_ltt(outputs, encoded, [ex.id for ex in kept], model.config.label_names,
+                                   spec.epsilon, spec.delta, spec.seed, spec.min_exit_layer)
     chosen = choice.point
     policy = _policy_of(chosen, spec.min_exit_layer)
     test = choice.result.chosen
@@ -243,6 +228,29 @@ def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRe
     log.info("calibrated on %d unlabelled records: %s", encoded.examples, record["chosen"])
     update_model_dir(model_dir, policy=policy, calibration=record)
     return CalibrationRecord(policy, record, points)
+
+
+def unlabeled_ltt(outputs, encoded, ids: list[str], label_names, epsilon: float, delta: float, seed: int,
+                  min_exit_layer: int = 1):
+    """(LttChoice, sweep points): Learn then Test on unlabelled records whose layer ``outputs``
+    are collected; a record's loss is its disagreement with full depth (span-level for token
+    tasks), ``ids`` key which records order the settings (:func:`_learn_mask`)."""
+    import numpy as np
+
+    from ..calibration import sweep
+    from ..policy_search import choose_ltt
+
+    def disagree(preds, full):
+        return np.array([p != f for p, f in zip(preds, full)], dtype=np.int8)
+
+    losses = _prediction_losses(outputs, encoded, label_names, disagree)
+    full_windows = _full_window_preds(outputs)
+
+    def window_agreement(preds):  # the sweep's score: agreement with full depth per window (for the table)
+        return float(np.mean([p == f for p, f in zip(preds, full_windows)]))
+
+    points = sweep(outputs, window_agreement, outputs.num_layers, min_exit_layer=min_exit_layer)
+    return choose_ltt(outputs, points, losses, _learn_mask(ids, seed), epsilon, delta), points
 
 
 def _full_window_preds(outputs) -> list:
