@@ -229,12 +229,21 @@ NOTES = """## Observations (2026-11-22)
   but lost 2 points on run_all's test half. With `--seed 7` both recipes exit at about 4.0 layers,
   and the calibrated setting drops more than 2 points on average (docs/analyses.md): the training
   run decides more than the recipe.
-- **DDI is trained on a subsample**: 3,000 of the ~25,000 training pairs (negatives capped at one
-  per positive), 2 epochs, to stay within minutes on 2 CPU cores. Its full-depth micro-F1 over
-  positive relations (0.44) is far below full-data BERT results on DDI and says nothing about the
-  backbone's ceiling; the early-exit trade-off (EPEE within 1 point at 2.4x fewer layers under the
-  plain rule, 2.1x under the paired-bootstrap rule) is the
-  point of the table.
+- **Recipes on whole training files (2026-12-03, issue 33).** ChemProt and PHEE now train on
+  their whole training file at the natural class ratio less a seeded fifth of its documents
+  (ChemProt: sentences, its JSONL has no document id; PHEE: PubMed abstracts), which
+  `bench.calibration_shift` holds apart as a test side of another origin than dev; their dev
+  figures are on the whole dev file (2,427 and 961 records; before: 1,000 and 500 sampled). ChemProt's
+  full depth is 0.489 macro-F1 on the whole dev file with 3,324 training pairs (0.530 on 1,000
+  sampled dev pairs with all 4,169 before). The medical abstracts row was trained while other jobs
+  shared the 2 cores: its samples/s are not comparable with the other rows.
+- **DDI on every training pair (in progress).** The recipe now trains on all 21,179 pairs of the
+  80% training documents at the natural ratio (18,092 negatives, 5.9 per positive), 1 epoch,
+  checkpointing every 100 steps; on 2 shared cores it ran at about 2-15 pairs/s, so it did not
+  finish within the session that started it and resumes with the same command. Until it does, the
+  DDI section below is the earlier 3,000-pair, 1:1-negatives recipe (dev 10% by document, 1,500
+  pairs sampled): its full-depth micro-F1 over positive relations (0.44) is far below the published
+  anchor (PubMedBERT 82.4 on the DDI test set) and says nothing about the backbone's ceiling.
 - **PneumoniaMNIST**: every head scores about 0.96, so the fastest setting within 1 point exits
   every image at layer 1.
 """
