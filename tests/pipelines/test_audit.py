@@ -88,7 +88,8 @@ def test_audit_leaves_predictions_byte_identical_and_agrees_with_a_full_depth_ru
     assert all(full[r]["label"] in {x["label"] for x in s1["audit_per_label"]} for r in chosen)
 
     # the compute share is the measured one: full-depth MACs of the audited records that exited early
-    audit_macs = sum(full[r]["macs"] for r in chosen if preds[r]["exit_layer"] < preds[r]["num_layers"])
+    # the audited records ride on from their exit: the audit costs the layers after it, not a second run
+    audit_macs = sum(full[r]["macs"] - preds[r]["macs"] for r in chosen)
     assert s1["audit_macs"] == audit_macs > 0
     assert s1["audit_compute_share"] == pytest.approx(audit_macs / (s1["macs"] + audit_macs))
     (s_off,) = read_outputs(tmp_path / "off", "exit_stats")
