@@ -52,7 +52,7 @@ def _group_phee(row: dict) -> str:
 def held_apart_split(source: Path, out_dir: Path, group_of) -> tuple[Path, Path]:
     """Write ``train_part.jsonl`` and ``held_apart.jsonl``: the lines of ``source`` split by
     document, a keyed hash of (seed, document) as `epee train --dev-fraction` splits."""
-    import hashlib
+    from epee.data.splits import split_bucket
 
     out_dir.mkdir(parents=True, exist_ok=True)
     train_part, held = out_dir / "train_part.jsonl", out_dir / "held_apart.jsonl"
@@ -60,9 +60,7 @@ def held_apart_split(source: Path, out_dir: Path, group_of) -> tuple[Path, Path]
     for line in source.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        key = f"{SPLIT_SEED}:{group_of(json.loads(line))}".encode()
-        bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-        (apart if bucket < HELD_APART else kept).append(line)
+        (apart if split_bucket(group_of(json.loads(line)), SPLIT_SEED) < HELD_APART else kept).append(line)
     train_part.write_text("\n".join(kept) + "\n", encoding="utf-8")
     held.write_text("\n".join(apart) + "\n", encoding="utf-8")
     return train_part, held

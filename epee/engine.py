@@ -397,7 +397,7 @@ class EarlyExitEngine:
     def _emit(self, step: LayerStep, rows: _Rows, signal: ExitSignal, reasons: torch.Tensor, exited: torch.Tensor,
               results: list[ExitPrediction | None], stats: EngineStats | None) -> None:
         """Record the exited rows' predictions, with the MACs ``step`` reports for them (``stats``
-        None: an audit's full-depth reference, whose MACs are those run after its prediction)."""
+        None: an audit's full-depth reference, not counted in the run's stats)."""
         index = rows.index[exited].tolist()
         lengths_t = rows.mask[exited].sum(dim=1) if rows.mask is not None else torch.full((len(index),), rows.hidden.shape[1])
         lengths = lengths_t.tolist()

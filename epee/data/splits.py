@@ -15,10 +15,14 @@ def split_examples(examples: Sequence[Example], dev_fraction: float, seed: int) 
         raise ValueError(f"dev_fraction ({dev_fraction}) must lie in (0, 1)")
     train, dev = [], []
     for ex in examples:
-        key = f"{seed}:{ex.group or ex.id}".encode()
-        bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-        (dev if bucket < dev_fraction else train).append(ex)
+        (dev if split_bucket(ex.group or ex.id, seed) < dev_fraction else train).append(ex)
     return train, dev
+
+
+def split_bucket(document: str, seed: int) -> float:
+    """Where ``document`` falls in [0, 1) for a split with ``seed``: a keyed hash, the same every run."""
+    key = f"{seed}:{document}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 
 def subsample(
