@@ -174,8 +174,26 @@ def _save_checkpoint(path: Path, model: EarlyExitModel, opt: torch.optim.Optimiz
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {**state, "param_groups": opt_state["param_groups"]}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+    # The previous checkpoint is moved aside, not removed, before the new one takes its name: a kill at any point
+    # leaves a complete checkpoint at `path` or at `path.old` (`_resumable_checkpoint` picks it up).
+    old = _previous(path)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def _resumable_checkpoint(path: Path) -> Path | None:
+    """The complete checkpoint to resume from: `path`, or the previous one a kill mid-save left at `path.old`."""
+    for candidate in (path, _previous(path)):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
 
 
 def _load_checkpoint(path: Path, model: EarlyExitModel, opt: torch.optim.Optimizer) -> dict:
@@ -259,11 +277,12 @@ def train(
     start_epoch, start_batch, global_step, running = 0, 0, 0, 0.0
     ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
     fingerprint = {"n_train": len(train_samples), "config": asdict(config), "num_layers": model.num_layers}
-    if ckpt and (ckpt / "state.json").is_file():
-        state = _load_checkpoint(ckpt, model, opt)
+    resume_from = _resumable_checkpoint(ckpt) if ckpt else None
+    if resume_from:
+        state = _load_checkpoint(resume_from, model, opt)
         if state.get("fingerprint") != fingerprint:
             raise ValueError(
-                f"checkpoint in {ckpt} was made with other data or settings; remove it or use another output"
+                f"checkpoint in {resume_from} was made with other data or settings; remove it or use another output"
             )
         start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["global_step"]
         running = state.get("running_loss", 0.0)

@@ -216,6 +216,43 @@ def test_resume_after_interruption_equals_uninterrupted_run(tokenizer, tmp_path)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
+def test_kill_while_saving_a_checkpoint_resumes_from_the_previous_one(tokenizer, tmp_path, monkeypatch):
+    """A kill after the old checkpoint was moved aside and before the new one took its name leaves only
+    `checkpoint.old` and a half-written `checkpoint.tmp`: training resumes from the old one, as if uninterrupted."""
+    import epee.training as training
+
+    pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
+    tr_s, tr_t = encode(pre, synthetic(40, 3))
+    dv_s, dv_t = encode(pre, synthetic(8, 4))
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, checkpoint_every=3)
+    whole = tiny_text_model(tokenizer)
+    train(whole, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "a", progress=False)
+
+    real_replace, calls = training.os.replace, []
+
+    def killed_before_the_new_one_lands(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 3:  # saves: step 3 (one replace), step 6 (aside, then the kill before the new one lands)
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", killed_before_the_new_one_lands)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_text_model(tokenizer), tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "b",
+              progress=False)
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    ckpt = tmp_path / "b" / "checkpoint"
+    assert not ckpt.exists() and (ckpt.parent / "checkpoint.old" / "state.json").is_file()
+    assert (ckpt.parent / "checkpoint.tmp" / "state.json").is_file()  # complete but never committed: not used
+
+    resumed = tiny_text_model(tokenizer, seed=99)
+    history = train(resumed, tr_s, tr_t, dv_s, dv_t, accuracy, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    assert history.resumed_from_step == 3
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert ckpt.is_dir() and not (ckpt.parent / "checkpoint.old").exists()
+
+
 def test_checkpoint_from_other_settings_is_refused(tokenizer, tmp_path):
     pre = TextPreprocessor(tokenizer, "sequence", ("a", "b"), TextSettings(max_length=32))
     s, t = encode(pre, synthetic(16, 5))
