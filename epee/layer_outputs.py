@@ -142,6 +142,16 @@ class _Trace:
 
 
 def _trace(outputs: LayerOutputs) -> _Trace:
+    """The policy-independent trace of ``outputs``, computed once per LayerOutputs (it is frozen:
+    a sweep, a bootstrap and an LTT test over hundreds of settings share one softmax pass)."""
+    cached = outputs.__dict__.get("_trace")
+    if cached is None:
+        cached = _compute_trace(outputs)
+        object.__setattr__(outputs, "_trace", cached)
+    return cached
+
+
+def _compute_trace(outputs: LayerOutputs) -> _Trace:
     n = outputs.num_samples
     signals, streaks = [], []
     streak = torch.zeros(n, dtype=torch.long)

@@ -14,6 +14,7 @@ relations, no spans) is 0.0 rather than NaN, so that a sweep can still rank its 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -136,17 +137,37 @@ def span_f1(gold_spans: Sequence[set[Span]], pred_spans: Sequence[set[Span]]) ->
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def _tags(ids: Sequence[int], label_names: Sequence[str]) -> list[str | None]:
-    """Tag ids to tag strings; negative ids (-100 from the data side, -1 from the engine) are None."""
-    out: list[str | None] = []
-    for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-        if i < 0:
-            out.append(None)
-        elif i >= len(label_names):
-            raise ValueError(f"tag id {i} outside the {len(label_names)} label names")
-        else:
-            out.append(label_names[i])
-    return out
+_OUTSIDE = -2  # a scored position the model left unscored: read as "O" (see _scored_pair)
+
+
+def _scored_pair(g_ids: Sequence[int], p_ids: Sequence[int], label_names: Sequence[str], n: int):
+    """(gold ids, prediction ids) of one sample over the same positions, the prediction made
+    comparable: -1 where gold is not scored; where gold is scored but the model left the position
+    unscored (-1), "O" (no entity predicted there, and a wrong token unless gold is "O")."""
+    g = np.asarray(g_ids, dtype=np.int64).reshape(-1)
+    p = np.asarray(p_ids, dtype=np.int64).reshape(-1)
+    if g.shape != p.shape:
+        raise ValueError(f"sample {n}: gold has {g.size} tags but pred has {p.size}")
+    outside = label_names.index("O") if "O" in label_names else _OUTSIDE
+    return g, np.where(g < 0, -1, np.where(p < 0, outside, p))
+
+
+def id_spans(ids: Sequence[int], label_names: Sequence[str]) -> frozenset[Span]:
+    """:func:`bio_spans` of tag ids (below 0: not scored, :data:`_OUTSIDE`: "O"), memoised on the
+    ids: a sweep over hundreds of settings meets each record's few distinct predictions (one per
+    exit layer at most) again and again."""
+    return _id_spans(tuple(np.asarray(ids, dtype=np.int64).reshape(-1).tolist()), tuple(label_names))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _id_spans(ids: tuple[int, ...], label_names: tuple[str, ...]) -> frozenset[Span]:
+    return frozenset(bio_spans([("O" if i == _OUTSIDE else None) if i < 0 else _tag(i, label_names) for i in ids]))
+
+
+def _tag(i: int, label_names: Sequence[str]) -> str:
+    if i >= len(label_names):
+        raise ValueError(f"tag id {i} outside the {len(label_names)} label names")
+    return label_names[i]
 
 
 def _token_scores(
@@ -157,18 +178,11 @@ def _token_scores(
     gold_spans, pred_spans = [], []
     correct = scored = 0
     for n, (g_ids, p_ids) in enumerate(zip(gold, pred)):
-        g_tags, p_tags = _tags(g_ids, label_names), _tags(p_ids, label_names)
-        if len(g_tags) != len(p_tags):
-            raise ValueError(f"sample {n}: gold has {len(g_tags)} tags but pred has {len(p_tags)}")
-        # Gold decides which positions count. A scored gold position the model left unscored
-        # (-1) counts as "O": no entity predicted there, and a wrong token.
-        p_tags = [None if g is None else ("O" if p is None else p) for g, p in zip(g_tags, p_tags)]
-        gold_spans.append(bio_spans(g_tags))
-        pred_spans.append(bio_spans(p_tags))
-        for g, p in zip(g_tags, p_tags):
-            if g is not None:
-                scored += 1
-                correct += g == p
+        g, p = _scored_pair(g_ids, p_ids, label_names, n)
+        gold_spans.append(id_spans(g, label_names))
+        pred_spans.append(id_spans(p, label_names))
+        scored += int((g >= 0).sum())
+        correct += int(((g >= 0) & (g == p)).sum())
     spans = span_f1(gold_spans, pred_spans)
     return {
         "span_f1": spans["f1"],
@@ -204,6 +218,74 @@ def task_scores(
             return scores
         scores["micro_f1_positive"] = micro_f1_positive(gold, pred, list(label_names).index(negative_label))
     return scores
+
+
+class CountedScore:
+    """A primary metric as a sum over records: ``counts(gold, pred)`` gives each record's
+    sufficient statistics (an (N, k) array), ``from_counts(totals)`` the score of any multiset of
+    records from the sum of their rows (``totals``: (..., k), so a whole bootstrap is one matrix
+    product). ``from_counts(counts(gold, pred).sum(0))`` equals :func:`task_scores`' value.
+
+    Every metric here is such a sum: accuracy (correct, 1); micro F1 over the positive classes
+    (true positives, predicted positives, gold positives); macro F1 over the classes present
+    (per class: true positives, gold count, predicted count; 2tp + fp + fn = gold + predicted);
+    span F1 (matched spans, predicted spans, gold spans).
+    """
+
+    def __init__(self, task: str, metric: str, label_names: Sequence[str], negative_label: str | None = None):
+        if metric not in TASK_METRICS.get(task, ()) or metric in ("span_precision", "span_recall", "token_accuracy"):
+            raise ValueError(f"no counted form of {metric!r} for task {task!r}")
+        self.task, self.metric, self.label_names = task, metric, list(label_names)
+        self.negative = self.label_names.index(negative_label) if metric == "micro_f1_positive" else None
+
+    def counts(self, gold: Sequence, pred: Sequence) -> np.ndarray:
+        if self.task == "token":
+            return self._span_counts(gold, pred)
+        g, p = _as_labels(gold, pred)
+        c = len(self.label_names)
+        for name, values in (("gold", g), ("pred", p)):
+            bad = values[(values < 0) | (values >= c)]
+            if bad.size:
+                raise ValueError(f"{name} label {int(bad[0])} outside [0, {c})")
+        if self.metric == "accuracy":
+            return np.stack([(g == p), np.ones_like(g, dtype=bool)], axis=1).astype(np.float64)
+        if self.metric == "micro_f1_positive":
+            pos_g, pos_p = g != self.negative, p != self.negative
+            return np.stack([(g == p) & pos_g, pos_p, pos_g], axis=1).astype(np.float64)
+        eye = np.eye(c, dtype=np.float64)  # macro_f1
+        return np.concatenate([eye[g] * (g == p)[:, None], eye[g], eye[p]], axis=1)
+
+    def _span_counts(self, gold: Sequence, pred: Sequence) -> np.ndarray:
+        if len(gold) != len(pred):
+            raise ValueError(f"gold has {len(gold)} samples but pred has {len(pred)}")
+        rows = np.zeros((len(gold), 3), dtype=np.float64)
+        for n, (g_ids, p_ids) in enumerate(zip(gold, pred)):
+            g, p = _scored_pair(g_ids, p_ids, self.label_names, n)
+            g_spans, p_spans = id_spans(g, self.label_names), id_spans(p, self.label_names)
+            rows[n] = (len(g_spans & p_spans), len(p_spans), len(g_spans))
+        return rows
+
+    def from_counts(self, totals: np.ndarray) -> np.ndarray | float:
+        t = np.asarray(totals, dtype=np.float64)
+        if self.metric == "accuracy":
+            out = _ratio(t[..., 0], t[..., 1])
+        elif self.metric == "macro_f1":
+            c = len(self.label_names)
+            tp, gold, pred = t[..., :c], t[..., c : 2 * c], t[..., 2 * c :]
+            present = (gold + pred) > 0
+            f1 = _ratio(2 * tp, gold + pred)
+            out = _ratio(np.where(present, f1, 0.0).sum(-1), present.sum(-1))
+        else:  # micro_f1_positive, span_f1: 2 tp / (predicted + gold), 0 when tp is 0
+            tp, predicted, gold = t[..., 0], t[..., 1], t[..., 2]
+            out = np.where(tp > 0, _ratio(2 * tp, predicted + gold), 0.0)
+            if self.metric == "micro_f1_positive":  # undefined precision or recall is 0 (micro_f1_positive)
+                out = np.where((predicted > 0) & (gold > 0), out, 0.0)
+        return float(out) if np.ndim(out) == 0 else out
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
 def primary_metric(task: str, negative_label: str | None) -> str:

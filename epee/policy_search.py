@@ -192,6 +192,9 @@ def choose_robust(
     returned. If none does, the candidate with the smallest drop quantile is.
 
     ``score_fn(gold, predictions)`` scores any subset; ``gold`` is in the same order as ``outputs``.
+    A ``score_fn`` with ``counts`` and ``from_counts`` (:class:`epee.metrics.CountedScore`, as
+    :func:`epee.workflows.data.score_function` gives) is resampled from per-record statistics:
+    the same drops, without rescoring every resample.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence ({confidence}) must be in (0, 1)")
@@ -211,8 +214,19 @@ def choose_robust(
     full_preds = _predictions_at(trace, outputs, torch.full((n,), num_layers, dtype=torch.long))
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, n, size=n) for _ in range(resamples)]
-    gold_draws = [[gold[i] for i in d] for d in draws]
-    full_scores = np.array([score_fn(g, [full_preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
+    counted = hasattr(score_fn, "counts") and hasattr(score_fn, "from_counts")
+    if counted:  # a resample's score is its records' summed statistics: one (R, N) x (N, k) product
+        weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+
+        def resampled(preds: list) -> np.ndarray:
+            return np.asarray(score_fn.from_counts(weights @ score_fn.counts(gold, preds)), dtype=np.float64)
+    else:
+        gold_draws = [[gold[i] for i in d] for d in draws]
+
+        def resampled(preds: list) -> np.ndarray:
+            return np.array([score_fn(g, [preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
+
+    full_scores = resampled(full_preds)
     floor = full_point.score - tolerance - 1e-12
     candidates = sorted((p for p in pool if p.score >= floor), key=_speed_first)
     tested: dict[bytes, tuple[float, float]] = {}
@@ -222,8 +236,7 @@ def choose_robust(
         exit_layers = _exit_layers(trace, ExitPolicy(p.policy_config(), num_layers))
         key = exit_layers.numpy().tobytes()
         if key not in tested:
-            preds = _predictions_at(trace, outputs, exit_layers)
-            drops = full_scores - np.array([score_fn(g, [preds[i] for i in d]) for g, d in zip(gold_draws, draws)])
+            drops = full_scores - resampled(_predictions_at(trace, outputs, exit_layers))
             tested[key] = (float(np.quantile(drops, confidence)), float(drops.mean()))
         return tested[key]
 
@@ -264,9 +277,9 @@ def record_predictions(outputs: LayerOutputs, exit_layers: torch.Tensor, owners:
 
 def span_sets(predictions: list, label_names: Sequence[str]) -> list[set]:
     """Per record, the set of BIO spans its tag ids decode to (:func:`epee.metrics.bio_spans`)."""
-    from .metrics import _tags, bio_spans
+    from .metrics import id_spans
 
-    return [bio_spans(_tags(tags, label_names)) for tags in predictions]
+    return [id_spans(tags, label_names) for tags in predictions]
 
 
 def ltt_order(learn_losses: np.ndarray, mean_exit_layers: Sequence[float]) -> list[int]:

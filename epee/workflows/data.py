@@ -189,8 +189,13 @@ def encode_windows(preprocessor, examples: Sequence[Example], data_task: str) ->
 
 
 def score_function(data_task: str, label_names: Sequence[str], negative_label: str | None) -> tuple[str, Callable]:
-    """(metric name, fn(gold, predictions) -> float) for the task's primary metric."""
-    from ..metrics import primary_metric
+    """(metric name, fn(gold, predictions) -> float) for the task's primary metric.
+
+    ``fn.counts(gold, predictions)`` and ``fn.from_counts(totals)`` give the same score as a sum
+    over records (:class:`epee.metrics.CountedScore`), which :func:`epee.policy_search.choose_robust`
+    resamples by weighting rows instead of rescoring every resample.
+    """
+    from ..metrics import CountedScore, primary_metric
 
     metric_task = model_task(data_task)
     metric = primary_metric(metric_task, negative_label)
@@ -198,17 +203,34 @@ def score_function(data_task: str, label_names: Sequence[str], negative_label: s
     def fn(gold: list, pred: list) -> float:
         return all_scores(metric_task, gold, pred, label_names, negative_label)[metric]
 
+    try:
+        counted = CountedScore(metric_task, metric, label_names, negative_label)
+    except ValueError:  # a negative label the head does not have: task_scores warns; no counted form
+        return metric, fn
+
+    def counts(gold: list, pred: list):  # per-record statistics of the same score (a bootstrap sums rows)
+        if metric_task == "token":
+            gold, pred = _scored_positions(gold, pred)
+        return counted.counts(gold, pred)
+
+    fn.counts, fn.from_counts = counts, counted.from_counts
     return metric, fn
+
+
+def _scored_positions(gold: list, pred: list) -> tuple[list, list]:
+    """Token gold and predictions with positions without gold (special tokens) marked -1 in both."""
+    from ..encoding import IGNORE
+
+    pred = [[-1 if g == IGNORE else p for g, p in zip(gs, ps)] for gs, ps in zip(gold, pred)]
+    return [[-1 if g == IGNORE else g for g in gs] for gs in gold], pred
 
 
 def all_scores(metric_task: str, gold: list, pred: list, label_names, negative_label) -> dict[str, float]:
     """Every metric of the task; token positions without gold (special tokens) are not scored."""
-    from ..encoding import IGNORE
     from ..metrics import task_scores
 
     if metric_task == "token":
-        pred = [[-1 if g == IGNORE else p for g, p in zip(gs, ps)] for gs, ps in zip(gold, pred)]
-        gold = [[-1 if g == IGNORE else g for g in gs] for gs in gold]
+        gold, pred = _scored_positions(gold, pred)
     return task_scores(metric_task, gold, pred, label_names, negative_label)
 
 

@@ -397,3 +397,31 @@ def test_layer_outputs_in_bfloat16_are_float32_probabilities_close_to_float32():
         torch.testing.assert_close(pb, pa, atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="precision"):
         collect_layer_outputs(model, samples, precision="half")
+
+
+@pytest.mark.parametrize("data_task, labels, negative", [
+    ("sequence", ("a", "b", "c"), None), ("relation", ("none", "x", "y"), "none"), ("relation", ("x", "y", "z"), None),
+])
+def test_robust_choice_from_counts_equals_rescoring_every_resample(data_task, labels, negative):
+    """score_function's counted form resamples by weighting records; the choice and its drop
+    statistics are those of rescoring every resample with the plain function."""
+    from epee.workflows.data import score_function
+
+    g = torch.Generator().manual_seed(5)
+    n, layers = 120, 4
+    probs = [torch.softmax(torch.randn(n, 3, generator=g) * (1 + k), dim=1) for k in range(layers)]
+    outputs = LayerOutputs(probs=probs)
+    gold = torch.randint(0, 3, (n,), generator=g).tolist()
+    _, fn = score_function(data_task, labels, negative)
+    assert hasattr(fn, "counts")
+    points = sweep(outputs, lambda pred: fn(gold, pred), layers)
+
+    def plain(gold_, pred_):
+        return fn(gold_, pred_)
+
+    for tolerance in (0.0, 0.02, 0.08):
+        fast = choose_robust(outputs, points, gold, fn, tolerance, resamples=100, seed=2)
+        slow = choose_robust(outputs, points, gold, plain, tolerance, resamples=100, seed=2)
+        assert fast.point == slow.point and fast.candidates_tested == slow.candidates_tested
+        assert fast.drop_quantile == pytest.approx(slow.drop_quantile, abs=1e-12)
+        assert fast.mean_drop == pytest.approx(slow.mean_drop, abs=1e-12)

@@ -167,3 +167,49 @@ class TestPrimaryMetric:
     def test_unknown_task(self):
         with pytest.raises(ValueError, match="must be one of"):
             primary_metric("ner", None)
+
+
+class TestCountedScore:
+    """The per-record form of each primary metric gives task_scores' value on any multiset of records."""
+
+    BIO = ["O", "B-A", "I-A", "B-B.x", "I-B.x"]
+
+    def random_case(self, metric, rng, n=60):
+        if metric == "span_f1":
+            gold, pred = [], []
+            for _ in range(n):
+                t = int(rng.integers(1, 9))
+                g = rng.integers(0, len(self.BIO), size=t)
+                g[rng.random(t) < 0.2] = -1  # unscored positions
+                p = rng.integers(0, len(self.BIO), size=t)
+                p[rng.random(t) < 0.1] = -1
+                gold.append(g.tolist()), pred.append(p.tolist())
+            return "token", self.BIO, None, gold, pred
+        names = ["neg", "a", "b", "c", "d"]
+        gold = rng.integers(0, 5, size=n)
+        pred = np.where(rng.random(n) < 0.6, gold, rng.integers(0, 4, size=n))  # class 4 never predicted
+        task = "relation" if metric == "micro_f1_positive" else "sequence"
+        return task, names, "neg" if metric == "micro_f1_positive" else None, gold.tolist(), pred.tolist()
+
+    @pytest.mark.parametrize("metric", ["accuracy", "macro_f1", "micro_f1_positive", "span_f1"])
+    def test_equals_task_scores_on_resamples(self, metric):
+        from epee.metrics import CountedScore
+
+        rng = np.random.default_rng(7)
+        for _ in range(20):
+            task, names, negative, gold, pred = self.random_case(metric, rng)
+            counted = CountedScore(task, metric, names, negative)
+            rows = counted.counts(gold, pred)
+            draws = [rng.integers(0, len(gold), size=len(gold)) for _ in range(15)]
+            draws += [np.array([0]), np.array([], dtype=np.int64)]  # one record; none at all (undefined: 0.0)
+            weights = np.stack([np.bincount(d, minlength=len(gold)) for d in draws]).astype(float)
+            fast = counted.from_counts(weights @ rows)
+            for d, value in zip(draws, fast):
+                slow = task_scores(task, [gold[i] for i in d], [pred[i] for i in d], names, negative)[metric]
+                assert value == pytest.approx(slow, abs=1e-12)
+
+    def test_metric_without_a_counted_form_is_refused(self):
+        from epee.metrics import CountedScore
+
+        with pytest.raises(ValueError, match="no counted form"):
+            CountedScore("token", "token_accuracy", self.BIO)
