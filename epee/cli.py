@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--epsilon", type=float, default=0.02, help="share of records allowed to disagree with full depth")
     u.add_argument("--delta", type=float, default=0.1, help="chance allowed that the true disagreement exceeds --epsilon")
     u.add_argument("--seed", type=int, default=13, help="key of the sample")
+    u.add_argument("--s3-endpoint-url", "--s3_endpoint_url", dest="s3_endpoint_url", metavar="URL",
+                   help="s3:// archives on an S3-compatible store (MinIO, Ceph); credentials and region come from "
+                        "boto3's usual settings (AWS_* environment variables, ~/.aws)")
     c.add_argument("--min-exit-layer", type=int, default=1)
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-examples", type=int)

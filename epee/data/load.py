@@ -26,16 +26,19 @@ def load_npz_images(uri: str, split: str | None = None) -> list[Example]:
     ]
 
 
-def load_image_table(uri: str, path_field: str, label_field: str) -> list[Example]:
+def load_image_table(uri: str, path_field: str, label_field: str, data: bytes | None = None) -> list[Example]:
+    """A table of image paths (relative to the table) and, optionally, labels; an empty or
+    missing label is None (labelled uses check for it: epee.workflows.data.load)."""
     from ..images import load_image_file
 
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     out = []
-    for n, row in enumerate(read_records(uri), start=1):
+    for n, row in enumerate(read_records(uri, data), start=1):
         where = f"{uri}: row {n}"
         rel = str(_field(row, path_field, where))
         full = rel if ("://" in rel or os.path.isabs(rel)) else f"{base}/{rel}"
-        out.append(Example(id=rel, image=load_image_file(full), label=str(_field(row, label_field, where))))
+        label = row.get(label_field)
+        out.append(Example(id=rel, image=load_image_file(full), label=None if label in (None, "") else str(label)))
     return out
 
 
@@ -51,17 +54,20 @@ def load_examples(
     split: str | None = None,
     label_map: dict[str, str] | None = None,
     negative_label: str = "negative",
+    data: bytes | None = None,
 ) -> list[Example]:
-    """Read ``uri`` as examples of ``task`` ("sequence", "relation", "token" or "image")."""
+    """Read ``uri`` as examples of ``task`` ("sequence", "relation", "token" or "image");
+    ``data``: a table's bytes, already read (``uri`` then only names it and anchors relative
+    image paths)."""
     if task == "relation" and os.path.isdir(uri):
         examples = load_ddi(uri, negative_label=negative_label)
     elif task == "image" and _suffix(uri) == ".npz":
         examples = load_npz_images(uri, split)
     elif task == "image":
-        examples = load_image_table(uri, image_field, label_field)
+        examples = load_image_table(uri, image_field, label_field, data)
     else:
         examples = []
-        for n, row in enumerate(read_records(uri), start=1):
+        for n, row in enumerate(read_records(uri, data), start=1):
             where = f"{uri}: row {n}"
             ex_id = str(row[id_field]) if id_field and row.get(id_field) not in (None, "") else f"row-{n}"
             if task == "sequence":

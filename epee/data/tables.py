@@ -11,12 +11,18 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-def open_uri(uri: str, mode: str = "rb") -> IO[Any]:
-    """Open a local path or an ``s3://`` / ``gs://`` URI (smart-open)."""
+def open_uri(uri: str, mode: str = "rb", s3_client_kwargs: dict[str, Any] | None = None) -> IO[Any]:
+    """Open a local path or an ``s3://`` / ``gs://`` URI (smart-open); ``s3_client_kwargs`` are
+    boto3 client arguments for s3:// (``endpoint_url``, ...; boto3's own settings otherwise)."""
     if "://" in uri:
         from smart_open import open as smart_open
 
-        return smart_open(uri, mode)
+        params = {}
+        if s3_client_kwargs and uri.startswith("s3://"):
+            import boto3
+
+            params = {"client": boto3.client("s3", **s3_client_kwargs)}
+        return smart_open(uri, mode, transport_params=params)
     return open(uri, mode)
 
 
@@ -28,12 +34,17 @@ def _suffix(uri: str) -> str:
     return Path(name).suffix
 
 
-def read_records(uri: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL, CSV or Parquet file as dicts."""
+def read_records(uri: str, data: bytes | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL, CSV or Parquet file as dicts; ``data``: the file's bytes, already read
+    (``uri`` then only names it)."""
     ext = _suffix(uri)
+
+    def opened():
+        return io.BytesIO(data) if data is not None else open_uri(uri, "rb")
+
     if ext in (".jsonl", ".ndjson", ".json"):
         rows = []
-        with open_uri(uri, "rb") as fh:
+        with opened() as fh:
             for n, raw in enumerate(fh, start=1):
                 if not raw.strip():
                     continue
@@ -43,13 +54,13 @@ def read_records(uri: str) -> list[dict[str, Any]]:
                     raise ValueError(f"{uri}: line {n} is not valid JSON ({type(exc).__name__})") from None
         return rows
     if ext == ".csv":
-        with open_uri(uri, "rb") as fh:
+        with opened() as fh:
             text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
             return list(csv.DictReader(text))
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
-        with open_uri(uri, "rb") as fh:
+        with opened() as fh:
             return pq.read_table(fh).to_pylist()
     raise ValueError(f"{uri}: unsupported file type {ext!r}; use .jsonl, .csv or .parquet")
 

@@ -132,8 +132,9 @@ def read_dicom(
         raise DicomRejected("nesting_too_deep", "sequences are nested deeper than the parser can follow") from None
 
 
-def load_image_file(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one image file as an array, choosing the reader by content.
+def load_image_file(path: str | os.PathLike[str] | bytes, name: str = "") -> np.ndarray:
+    """Read one image file (a local path, or its bytes and ``name`` for the suffix) as an array,
+    choosing the reader by content.
 
     * "DICM" at byte 128 (PS3.10 7.1), or a ``.dcm`` suffix: :func:`read_dicom`, middle frame.
     * the PNG signature: :func:`read_png`.
@@ -145,17 +146,21 @@ def load_image_file(path: str | os.PathLike[str]) -> np.ndarray:
     ValueError
         ``"unsupported image file type"`` for anything else, and whatever the reader raises.
     """
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(DICOM_PREFIX_OFFSET + 4)
-    suffix = path.suffix.lower()
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        data, suffix = bytes(path), Path(name).suffix.lower()
+        head = data[: DICOM_PREFIX_OFFSET + 4]
+    else:
+        path = Path(path)
+        with open(path, "rb") as f:
+            head = f.read(DICOM_PREFIX_OFFSET + 4)
+        data, suffix = path, path.suffix.lower()
     if head[DICOM_PREFIX_OFFSET:] == b"DICM" or suffix == ".dcm":
-        return read_dicom(path, frame_policy="middle")
+        return read_dicom(data, frame_policy="middle")
     if head.startswith(PNG_SIGNATURE):
-        return read_png(path)
+        return read_png(data)
     if head.startswith(NPY_MAGIC) or suffix == ".npy":
         try:
-            arr = np.load(path, allow_pickle=False)
+            arr = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"cannot read .npy image: {exc}") from exc
         if not isinstance(arr, np.ndarray):

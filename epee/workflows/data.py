@@ -110,6 +110,11 @@ def load(uri: str, task: str, fields: dict[str, Any], negative_label: str | None
         image_field=fields["image_field"], split=fields.get("npz_split"), label_map=label_map,
         negative_label=negative_label or "negative",
     )
+    if task in ("sequence", "image"):
+        unlabelled = [ex.id for ex in examples if ex.label is None]
+        if unlabelled:
+            raise ValueError(f"{uri}: {len(unlabelled)} record(s) have no {fields['label_field']!r} value "
+                             f"(first: id {unlabelled[0]}); labelled data needs one per record")
     if part != "all":
         if not fields.get("dev_fraction"):
             raise ValueError(f"part {part!r} needs a dev_fraction (--dev-fraction)")
@@ -252,29 +257,33 @@ def dev_set(model_dir: str, spec: DataSpec = DataSpec(), allow_pickle_weights: b
 
 # -- unlabelled records of the target archive (`epee calibrate --unlabeled`) -----------------------
 UNLABELED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".npy")  # image tasks: one record per file, as the DICOM pipeline reads
 
 
-def expand_pattern(pattern: str) -> list[str]:
+def expand_pattern(pattern: str, task: str | None = None, s3_client_kwargs: dict[str, Any] | None = None) -> list[str]:
     """The files a pattern names, sorted: a file, a glob (``notes/*.jsonl``) or a directory (its
-    files of the readable types); local, ``s3://`` or ``gs://`` (fsspec)."""
+    files of the readable types: tables and ``.txt``, and for image tasks image files);
+    local, ``s3://`` or ``gs://``."""
     import glob
     import os
 
     if "://" in pattern:
-        files = _remote_files(pattern)
+        files = _remote_files(pattern, s3_client_kwargs)
     elif os.path.isdir(pattern):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names)
     else:
         files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    files = [f for f in files if f.lower().endswith(UNLABELED_SUFFIXES)] if len(files) > 1 else files
+    readable = UNLABELED_SUFFIXES + (IMAGE_SUFFIXES if task == "image" else ())
+    files = [f for f in files if f.lower().endswith(readable)] if len(files) > 1 else files
     if not files:
-        raise ValueError(f"--unlabeled {pattern!r} matches no file (.jsonl, .csv, .parquet or .txt)")
+        raise ValueError(f"--unlabeled {pattern!r} matches no file ({', '.join(readable)})")
     return files
 
 
-def _remote_files(pattern: str) -> list[str]:
+def _remote_files(pattern: str, s3_client_kwargs: dict[str, Any] | None = None) -> list[str]:
     """The objects of an ``s3://`` or ``gs://`` pattern: a glob over keys, or every key under a
-    prefix ending in ``/``, or the one object named (boto3, google-cloud-storage)."""
+    prefix ending in ``/``, or the one object named (boto3 with ``s3_client_kwargs``,
+    google-cloud-storage)."""
     import fnmatch
     import glob
 
@@ -286,7 +295,8 @@ def _remote_files(pattern: str) -> list[str]:
     if scheme == "s3":
         import boto3
 
-        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        client = boto3.client("s3", **(s3_client_kwargs or {}))
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
     elif scheme == "gs":
         from google.cloud import storage
@@ -298,44 +308,60 @@ def _remote_files(pattern: str) -> list[str]:
     return sorted(f"{scheme}://{bucket}/{k}" for k in wanted if not k.endswith("/"))
 
 
-def _file_sha256(uri: str) -> str:
-    import hashlib
-
+def _read_bytes(uri: str, s3_client_kwargs: dict[str, Any] | None = None) -> bytes:
     from ..data import open_uri
 
-    digest = hashlib.sha256()
-    with open_uri(uri, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with open_uri(uri, "rb", s3_client_kwargs) as fh:
+        return fh.read()
 
 
-def read_unlabeled(pattern: str, task: str, fields: dict[str, Any]) -> tuple[list[Example], list[dict[str, Any]]]:
-    """(examples, files): every record of the files ``pattern`` names, labels optional, read by
-    :func:`epee.data.load_examples` (a ``.txt`` file: one record per non-empty line); ``files``
-    has each file's uri, sha256 and record count. Without an id field, ids are row numbers,
-    prefixed by the file's name when several files match."""
-    from ..data import load_examples, open_uri
+@dataclass(frozen=True)
+class UnlabeledRead:
+    """What :func:`read_unlabeled` read: the records, each file's uri, SHA-256 and record count,
+    and the image files that could not be read (counted, never shown: they may carry PHI)."""
 
-    files = expand_pattern(pattern)
+    examples: list[Example]
+    files: list[dict[str, Any]]
+    unreadable: int = 0
+
+
+def read_unlabeled(pattern: str, task: str, fields: dict[str, Any],
+                   s3_client_kwargs: dict[str, Any] | None = None) -> UnlabeledRead:
+    """Every record of the files ``pattern`` names, labels optional, each file read once (its
+    SHA-256 is of the bytes parsed): tables by :func:`epee.data.load_examples`, a ``.txt`` file
+    one record per non-empty line, and for image tasks an image file (DICOM, PNG, .npy) one
+    record whose id is its uri. Without an id field, table ids are row numbers, prefixed by the
+    file's name when several files match."""
+    import hashlib
+
+    from ..data import load_examples
+    from ..images import load_image_file
+
+    files = expand_pattern(pattern, task, s3_client_kwargs)
     examples: list[Example] = []
-    record = []
+    record, unreadable = [], 0
     for uri in files:
-        if uri.lower().endswith(".txt"):
-            with open_uri(uri, "rb") as fh:
-                lines = [raw.decode("utf-8").rstrip("\r\n") for raw in fh]
+        data = _read_bytes(uri, s3_client_kwargs)
+        lower = uri.lower()
+        if task == "image" and (lower.endswith(IMAGE_SUFFIXES) or not lower.endswith(UNLABELED_SUFFIXES)):
+            try:
+                rows = [Example(id=uri, image=load_image_file(data, uri.rsplit("/", 1)[-1]))]
+            except Exception:  # noqa: BLE001 - the pipeline would dead-letter it; calibration counts it
+                rows, unreadable = [], unreadable + 1
+        elif lower.endswith(".txt"):
+            lines = [raw.decode("utf-8").rstrip("\r") for raw in data.split(b"\n")]
             rows = [Example(id=f"row-{n}", text=line, spans=() if task == "token" else None)
                     for n, line in enumerate(lines, start=1) if line.strip()]
         else:
             rows = load_examples(uri, task, text_field=fields["text_field"], label_field=fields["label_field"],
                                  id_field=fields["id_field"], image_field=fields["image_field"],
-                                 split=fields.get("npz_split"))
-        if len(files) > 1 and not fields.get("id_field"):
+                                 split=fields.get("npz_split"), data=data)
+        if len(files) > 1 and not fields.get("id_field") and not (rows and rows[0].id == uri):
             name = uri.rsplit("/", 1)[-1]
             rows = [Example(**{**ex.__dict__, "id": f"{name}:{ex.id}"}) for ex in rows]
         examples += rows
-        record.append({"uri": uri, "sha256": _file_sha256(uri), "records": len(rows)})
-    return examples, record
+        record.append({"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "records": len(rows)})
+    return UnlabeledRead(examples, record, unreadable)
 
 
 def record_key(record_id: str, seed: int) -> str:
@@ -352,10 +378,22 @@ def keyed_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example
     return [examples[i] for i in keyed[:n]]
 
 
+def _content_sha256(ex: Example) -> str:
+    """SHA-256 of what the model reads of a record: its text, or its image's dtype, shape and pixels."""
+    import hashlib
+
+    import numpy as np
+
+    if ex.image is not None:
+        image = np.ascontiguousarray(ex.image)
+        return hashlib.sha256(f"{image.dtype.str}{image.shape}".encode() + image.tobytes()).hexdigest()
+    return hashlib.sha256((ex.text or "").encode()).hexdigest()
+
+
 def sample_manifest(examples: Sequence[Example], files: list[dict[str, Any]]) -> dict[str, Any]:
     """SHA-256 manifest of a sample: over its sorted ``id<TAB>sha256(text)`` lines, and the files read."""
     import hashlib
 
-    lines = sorted(f"{ex.id}\t{hashlib.sha256((ex.text or '').encode()).hexdigest()}\n" for ex in examples)
+    lines = sorted(f"{ex.id}\t{_content_sha256(ex)}\n" for ex in examples)
     return {"records": len(lines), "records_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
             "files": files}

@@ -108,6 +108,7 @@ class CalibrationSpec:
     epsilon: float = 0.02  # disagreement with full depth allowed (a fraction of records)
     delta: float = 0.1  # chance allowed that the chosen setting's true disagreement exceeds ε
     seed: int = 13  # key of the sample (and of its learn/test halves)
+    s3_endpoint_url: str | None = None  # s3:// archives on an S3-compatible store (MinIO, Ceph); else boto3's settings
 
     def __post_init__(self) -> None:
         _one_of("CalibrationSpec", "rule", self.rule, CALIBRATION_RULES)

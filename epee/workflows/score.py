@@ -199,7 +199,11 @@ def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRe
     model = bundle.model
     training = bundle.sections.get("training", {}).get("data", {})
     fields = spec.data.fields.resolve(training.get("fields"))
-    every, files = read_unlabeled(spec.unlabeled, bundle.data_task, fields)
+    read = read_unlabeled(spec.unlabeled, bundle.data_task, fields,
+                          {"endpoint_url": spec.s3_endpoint_url} if spec.s3_endpoint_url else None)
+    every, files = read.examples, read.files
+    if read.unreadable:
+        log.warning("--unlabeled: %d image file(s) could not be read and are not in the sample", read.unreadable)
     sample = keyed_sample(every, spec.sample, spec.seed)
     encoded = encode_windows(bundle.preprocessor, sample, bundle.data_task)
     if not encoded.examples:
@@ -215,7 +219,7 @@ def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRe
     record = {
         "procedure": choice.result.procedure, "epsilon": spec.epsilon, "delta": spec.delta,
         "sample_size": encoded.examples, "sample_requested": spec.sample, "records_available": len(every),
-        "skipped_unencodable": encoded.skipped, "seed": spec.seed,
+        "skipped_unencodable": encoded.skipped, "skipped_unreadable": read.unreadable, "seed": spec.seed,
         **({"windows": len(encoded.samples)} if len(encoded.samples) != encoded.examples else {}),
         "source": spec.unlabeled, "manifest": sample_manifest(kept, files), "precision": spec.precision,
         "risk": "span-level disagreement with full depth" if outputs.is_token else "disagreement with full depth",
