@@ -224,14 +224,16 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             picked = set(chosen)
             flags = [i in picked for i, p in enumerate(batch) for _ in p.samples]
         result = model.engine.run(flat, audit=flags)  # the worker's one engine, with its policy
-        out, per_record, pos = [], [], 0
+        out, per_record, starts, pos = [], [], [], 0
         for record in batch:
             preds = result.predictions[pos : pos + len(record.samples)]
+            starts.append(pos)
             pos += len(record.samples)
             per_record.append(preds)
             out.append(self._combine(record, preds, model.bundle))
         if chosen:
-            out = self._audit(batch, chosen, per_record, result.audit, out, model)
+            out = self._audit(batch, chosen, per_record, [result.audit[s : s + len(batch[i].samples)]
+                                                          for i, s in enumerate(starts)], out, model)
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
         Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
         Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
@@ -246,19 +248,16 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
         return out
 
     def _audit(self, batch: Sequence[PreparedInput], chosen: list[int], per_record: list[list[ExitPrediction]],
-               full: list, out: list[PredictionRecord], model: LoadedModel) -> list[PredictionRecord]:
+               full: list[list], out: list[PredictionRecord], model: LoadedModel) -> list[PredictionRecord]:
         """The batch's audited records (:func:`transforms.audit.is_audited`), which the engine carried
-        on to the last layer after their exit without changing their prediction (``full``: per
-        window, its last-layer prediction, None for a window that ran there itself); each comes back
-        as an :class:`AuditedPrediction` with the same row. Audit MACs: the layers run after the exit."""
-        starts, pos = [], 0
-        for record in batch:
-            starts.append(pos)
-            pos += len(record.samples)
+        on to the last layer after their exit without changing their prediction (``full[i]``: per
+        window of record i, its last-layer prediction, None for a window that ran there itself);
+        each comes back as an :class:`AuditedPrediction` with the same row. Audit MACs: the layers
+        run after the exit."""
         out = list(out)
         agreeing = continued = 0
         for i in chosen:
-            reference = full[starts[i] : starts[i] + len(batch[i].samples)]
+            reference = full[i]
             ref, macs = out[i], 0
             if any(r is not None for r in reference):
                 preds = [r if r is not None else p for r, p in zip(reference, per_record[i])]
