@@ -133,9 +133,14 @@ class Scorer:
         else:
             a, b = preds, full
         full_score, score = float(self.fn(gold, full)), float(self.fn(gold, preds))
-        return {"full_score": full_score, "score": score, "drop_points": 100.0 * (full_score - score),
-                "mean_exit_layer": float(layers.double().mean()),
-                "disagreement": float(np.mean([x != y for x, y in zip(a, b)])) if a else 0.0}
+        differ = int(sum(x != y for x, y in zip(a, b)))
+        out = {"full_score": full_score, "score": score, "drop_points": 100.0 * (full_score - score),
+               "mean_exit_layer": float(layers.double().mean()),
+               "disagreement": differ / len(a) if a else 0.0}
+        if self.task == "relation" and self.negative in self.label_names:  # what the label-free rule certifies
+            found = sum(f != self.label_names.index(self.negative) for f in full)
+            out["disagreement_per_found_relation"] = differ / found if found else 0.0
+        return out
 
 
 def window_gold(side: Side) -> list:
@@ -174,15 +179,17 @@ def unlabelled_rule(scorer: Scorer, test: Side, spec, seeds: int) -> dict:
         seed = spec.seed + s
         cal_idx, eval_idx = keyed_half(test, seed, spec.sample)
         cal, held = subset(test, cal_idx, "calibrate"), subset(test, eval_idx, "measure")
-        choice, _ = unlabeled_ltt(cal.outputs, cal.encoded, cal.ids, scorer.label_names, spec.epsilon, spec.delta, seed)
+        choice, _, _ = unlabeled_ltt(cal.outputs, cal.encoded, cal.ids, scorer.label_names, spec.epsilon, spec.delta,
+                                     seed, negative_label=scorer.negative)
         policy = _policy_of(choice.point, 1)
         m = scorer.measure(held, None if policy.kind == "none" else policy)
         runs.append({"seed": seed, "calibration_records": len(cal_idx), "measured_records": len(eval_idx),
                      "policy": {"kind": policy.kind, "entropy_threshold": policy.entropy_threshold,
                                 "patience": policy.patience}, **m})
-    dis = np.array([r["disagreement"] for r in runs])
+    dis = np.array([r.get("disagreement_per_found_relation", r["disagreement"]) for r in runs])
     drops = np.array([r["drop_points"] for r in runs])
-    return {"resamples": runs, "epsilon": spec.epsilon, "delta": spec.delta,
+    per = "relation found at full depth" if "disagreement_per_found_relation" in runs[0] else "record"
+    return {"resamples": runs, "epsilon": spec.epsilon, "delta": spec.delta, "disagreement_per": per,
             "share_disagreement_within_epsilon": float(np.mean(dis <= spec.epsilon + 1e-12)),
             "mean_disagreement": float(dis.mean()), "mean_drop_points": float(drops.mean()),
             "worst_drop_points": float(drops.max()),
@@ -279,7 +286,8 @@ def render(results: dict, spec, seeds: int) -> str:
                 if rule == "ltt-unlabelled":
                     drop = f"{x['mean_drop_points']:+.2f} mean, {x['worst_drop_points']:+.2f} worst"
                     within = f"{100 * x['share_drop_within_tolerance']:.0f}% of resamples"
-                    dis = (f"{100 * x['mean_disagreement']:.2f}% mean; ≤ ε in "
+                    per = " of relations found" if x.get("disagreement_per", "record") != "record" else ""
+                    dis = (f"{100 * x['mean_disagreement']:.2f}%{per} mean; ≤ ε in "
                            f"{100 * x['share_disagreement_within_epsilon']:.0f}%")
                     tgt = ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'NO'}" for k, v in t.items())
                 else:

@@ -42,6 +42,26 @@ def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
     return binomial_cdf(losses, n, epsilon)
 
 
+def share_lower_bound(k: int, n: int, delta: float) -> float:
+    """The one-sided Clopper-Pearson lower bound of a share after ``k`` hits in ``n``: the
+    smallest p with P[Binom(n, p) >= k] >= δ, so the true share is at least it with probability
+    >= 1 - δ (0.0 when k is 0)."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k ({k}) <= n ({n}) and n >= 1")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta ({delta}) must lie in (0, 1)")
+    if k == 0:
+        return 0.0
+    lo, hi = 0.0, k / n  # P[X >= k] = 1 - cdf(k - 1) rises with p; bisect where it crosses δ
+    for _ in range(50):  # 2^-50 of the share: far below any δ's effect
+        mid = (lo + hi) / 2
+        if 1.0 - binomial_cdf(k - 1, n, mid) >= delta:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P[Binom(n, p) <= k], 0 < p < 1: scipy's ``binom.cdf`` where installed, else the same sum in
     log space (exact up to float rounding)."""

@@ -121,3 +121,58 @@ def test_choose_ltt_tests_on_the_records_outside_the_learn_part():
     run = simulate(outputs, ExitPolicy(choice.point.policy_config(), 3))
     assert choice.result.chosen.risk == pytest.approx(float((run.exit_layers[100:] < 3).float().mean()))
     assert choice.result.chosen.p_value <= 0.1 and choice.result.chosen.risk <= 0.3
+
+
+def test_share_lower_bound_covers_the_true_share_with_the_stated_probability():
+    """Clopper-Pearson is exact-conservative: over many seeds the bound exceeds the true share in
+    at most δ of them (and is not trivially 0: it sits close below the observed share)."""
+    from epee.ltt import share_lower_bound
+
+    rng = np.random.default_rng(3)
+    for p, n in ((0.15, 400), (0.02, 1500), (0.5, 60)):
+        ks = rng.binomial(n, p, size=600)
+        bounds = np.array([share_lower_bound(int(k), n, 0.05) for k in ks])
+        assert np.mean(bounds > p) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 600)
+        assert np.median(bounds) > 0.6 * p
+    assert share_lower_bound(0, 10, 0.1) == 0.0
+    assert share_lower_bound(10, 10, 0.1) == pytest.approx(0.1 ** (1 / 10), abs=1e-9)  # P[X >= 10] = p^10 = δ
+    with pytest.raises(ValueError, match="delta"):
+        share_lower_bound(1, 10, 1.5)
+
+
+def test_label_free_rule_bounds_disagreement_per_relation_found_not_per_pair():
+    """DDI-like: 10% of pairs are relations at full depth and layer 1, confident everywhere, flips
+    30% of them to negative. That is 3% of all pairs (inside ε = 0.05 per pair) but 30% of the
+    relations found: the per-pair rule exits at layer 1; with the negative label the rule tests ε
+    as a share of relations found and stays at full depth."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from epee.layer_outputs import LayerOutputs
+    from epee.workflows.score import unlabeled_ltt
+
+    n = 4000
+    rng = np.random.default_rng(0)
+    positive = rng.random(n) < 0.10
+    flipped = positive & (rng.random(n) < 0.30)
+    last = np.where(positive, 1, 0)
+    first = np.where(flipped, 0, last)
+    probs = [torch.tensor(np.eye(2)[labels] * 0.98 + 0.01, dtype=torch.float32) for labels in (first, last)]
+    outputs = LayerOutputs(probs=probs)
+    encoded = SimpleNamespace(owners=list(range(n)))
+    ids = [f"pair-{i}" for i in range(n)]
+    names = ("negative", "effect")
+    per_pair, _, risk = unlabeled_ltt(outputs, encoded, ids, names, 0.05, 0.1, seed=1)
+    assert risk["per"] == "record" and per_pair.point.mean_exit_layer == 1.0
+    per_relation, _, risk = unlabeled_ltt(outputs, encoded, ids, names, 0.05, 0.1, seed=1, negative_label="negative")
+    assert risk["per"] == "relation found at full depth" and per_relation.point.kind == "none"
+    assert 0.0 < risk["positive_share_lower_bound"] < risk["positive_share"] < 0.12
+    assert risk["tested_at_epsilon"] == pytest.approx(0.05 * risk["positive_share_lower_bound"])
+    assert risk["tested_at_delta"] == pytest.approx(0.05)
+    # rare flips (1% of relations) are certified at layer 1 by the per-relation rule too
+    rare = positive & (rng.random(n) < 0.01)
+    outputs = LayerOutputs(probs=[torch.tensor(np.eye(2)[np.where(rare, 0, last)] * 0.98 + 0.01, dtype=torch.float32),
+                                  probs[1]])
+    certified, _, _ = unlabeled_ltt(outputs, encoded, ids, names, 0.05, 0.1, seed=1, negative_label="negative")
+    assert certified.point.mean_exit_layer == 1.0
