@@ -158,7 +158,7 @@ def labelled_rules(bundle, scorer: Scorer, cal: Side, spec) -> dict:
     tolerance = spec.tolerance / 100.0
     robust = choose_robust(cal.outputs, points, gold, scorer.fn, tolerance, kind="epee",
                            confidence=spec.confidence, resamples=spec.resamples)
-    ltt = _ltt_labelled(cal.outputs, points, cal.encoded, bundle, tolerance, round(1.0 - spec.confidence, 12), spec.seed)
+    ltt, _ = _ltt_labelled(cal.outputs, points, cal.encoded, bundle, tolerance, round(1.0 - spec.confidence, 12), spec.seed)
     return {"bootstrap": _policy_of(robust.point, 1), "ltt-labelled": _policy_of(ltt.point, 1)}
 
 

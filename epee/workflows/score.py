@@ -71,9 +71,10 @@ def calibrate(model_dir: str, spec: CalibrationSpec = CalibrationSpec(), example
     full = next(p for p in points if p.kind == "none")
     tolerance = spec.tolerance / 100.0
     if spec.rule == "ltt":
-        choice = _ltt_labelled(outputs, points, encoded, bundle, tolerance, round(1.0 - spec.confidence, 12), spec.seed)
+        choice, risk = _ltt_labelled(outputs, points, encoded, bundle, tolerance, round(1.0 - spec.confidence, 12),
+                                     spec.seed)
         chosen = choice.point
-        selection = {"rule": "ltt", **_ltt_selection(choice)}
+        selection = {"rule": "ltt", **_ltt_selection(choice), "risk": risk}
     elif spec.confidence:
         robust = choose_robust(outputs, points, gold, fn, tolerance, kind="epee", confidence=spec.confidence,
                                resamples=spec.resamples)
@@ -167,25 +168,50 @@ def _ltt_selection(choice) -> dict:
 
 
 def _ltt_labelled(outputs, points, encoded, bundle, epsilon: float, delta: float, seed: int):
-    """`--rule ltt` on labelled data: a record's loss is a correct answer at full depth lost at
-    the exit; its rate bounds the accuracy drop (the drop is that rate minus the rate of
-    answers gained), so certifying it at ε bounds the drop at ε."""
+    """(LttChoice, risk): `--rule ltt` on labelled data.
+
+    A record's loss is a correct answer at full depth lost at the exit; its rate bounds the
+    accuracy drop (the drop is that rate minus the rate of answers gained), so certifying it at
+    ε bounds the drop at ε. Relation extraction with a negative class is scored by micro-F1 over
+    the positive relations, which a per-pair rate does not bound: there a loss is a true relation
+    lost or a wrong relation gained at the exit, and since F1 = 2TP / (predicted + gold) loses at
+    most (2·lost + gained) / gold, the loss rate is tested at ε/2 times a Clopper-Pearson lower
+    bound (δ/2) of the share of gold relations, at δ/2."""
     import numpy as np
 
     from ..encoding import IGNORE
+    from ..ltt import share_lower_bound
     from ..policy_search import choose_ltt, span_sets
 
-    label_names = bundle.model.config.label_names
+    config = bundle.model.config
+    label_names = config.label_names
     gold = encoded.gold
     if outputs.is_token:
         gold = span_sets([[-1 if g == IGNORE else g for g in tags] for tags in gold], label_names)
     ids = [str(i) for i in range(encoded.examples)]  # labelled dev sets: the record's position keys the split
+    learn = _learn_mask(ids, seed)
+    risk = {"kind": "correct full-depth answers lost at the exit", "per": "record", "epsilon": epsilon, "delta": delta}
+    negative = (list(label_names).index(config.negative_label)
+                if not outputs.is_token and config.negative_label in label_names else None)
 
-    def lost(preds, full):
-        return np.array([f == g and p != g for p, f, g in zip(preds, full, gold)], dtype=np.int8)
+    if negative is None:
+        def lost(preds, full):
+            return np.array([f == g and p != g for p, f, g in zip(preds, full, gold)], dtype=np.int8)
+        eps, test_delta = epsilon, delta
+    else:
+        def lost(preds, full):
+            return np.array([p != f and ((f == g != negative) or (p != negative and p != g))
+                             for p, f, g in zip(preds, full, gold)], dtype=np.int8)
+        tested = np.asarray(gold)[~learn]
+        found = int((tested != negative).sum())
+        low = share_lower_bound(found, len(tested), delta / 2) if len(tested) else 0.0
+        eps, test_delta = max(epsilon / 2 * low, 1e-12), delta / 2
+        risk.update(kind="true relations lost or wrong relations gained at the exit", per="gold relation",
+                    positive_share=found / max(1, len(tested)), positive_share_lower_bound=low,
+                    tested_at_epsilon=eps, tested_at_delta=test_delta)
 
     losses = _prediction_losses(outputs, encoded, label_names, lost)
-    return choose_ltt(outputs, points, losses, _learn_mask(ids, seed), epsilon, delta)
+    return choose_ltt(outputs, points, losses, learn, eps, test_delta), risk
 
 
 def _calibrate_unlabeled(model_dir: str, spec: CalibrationSpec) -> CalibrationRecord:

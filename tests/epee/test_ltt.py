@@ -176,3 +176,35 @@ def test_label_free_rule_bounds_disagreement_per_relation_found_not_per_pair():
                                   probs[1]])
     certified, _, _ = unlabeled_ltt(outputs, encoded, ids, names, 0.05, 0.1, seed=1, negative_label="negative")
     assert certified.point.mean_exit_layer == 1.0
+
+
+def test_labelled_rule_for_relations_bounds_the_micro_f1_loss_not_a_per_pair_rate():
+    """Gold: 10% relations, right at full depth; layer 1 loses 30% of them (3% of pairs, inside
+    ε = 0.05 per pair, but 9 points of micro-F1 and more): the labelled LTT rule stays at full
+    depth for a relation model with a negative class, and exits at layer 1 without one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from epee.layer_outputs import LayerOutputs
+    from epee.policy_search import sweep
+    from epee.workflows.score import _ltt_labelled
+
+    n = 4000
+    rng = np.random.default_rng(2)
+    gold = np.where(rng.random(n) < 0.10, 1, 0)
+    first = np.where((gold == 1) & (rng.random(n) < 0.30), 0, gold)
+    outputs = LayerOutputs(probs=[torch.tensor(np.eye(2)[labels] * 0.98 + 0.01, dtype=torch.float32)
+                                  for labels in (first, gold)])
+    encoded = SimpleNamespace(owners=list(range(n)), gold=gold.tolist(), examples=n)
+    points = sweep(outputs, lambda preds: 0.0, 2)
+
+    def bundle(negative):
+        return SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(label_names=("negative", "effect"),
+                                                                            negative_label=negative)))
+
+    per_pair, risk = _ltt_labelled(outputs, points, encoded, bundle(None), 0.05, 0.1, seed=0)
+    assert risk["per"] == "record" and per_pair.point.mean_exit_layer == 1.0
+    per_relation, risk = _ltt_labelled(outputs, points, encoded, bundle("negative"), 0.05, 0.1, seed=0)
+    assert risk["per"] == "gold relation" and per_relation.point.kind == "none"
+    assert risk["tested_at_epsilon"] == pytest.approx(0.025 * risk["positive_share_lower_bound"])
