@@ -206,3 +206,17 @@ def debug_log(path):
         root.setLevel(old_level)
         logging.captureWarnings(False)
         handler.close()
+
+
+@pytest.fixture(scope="session")
+def dask_address(tmp_path_factory):
+    """The address of a real multi-process Dask cluster (tests/dask_cluster.py): run_tests.sh's, or
+    one started for this session."""
+    address = os.environ.get("EPEE_DASK_ADDRESS")
+    if address:
+        yield address
+        return
+    from tests.dask_cluster import cluster
+
+    with cluster(tmp_path_factory.mktemp("dask-cluster")) as address:
+        yield address
