@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -206,6 +207,26 @@ def torch_threads(asked: int, options: PipelineOptions) -> int:
     return max(1, cores // workers) if workers > 1 else 0
 
 
+def check_runner(options: PipelineOptions) -> None:
+    """Resolve ``--runner`` (``DaskRunner``/``dask``, and Beam's own Dask runner class, run ours:
+    transforms/runners) and refuse at start-up what the runner cannot do, with one line each."""
+    from transforms.runners import is_dask, resolve_runner
+
+    standard = options.view_as(StandardOptions)
+    standard.runner = resolve_runner(standard.runner)
+    name = str(standard.runner or "")
+    if is_dask(name) and standard.streaming:
+        raise StartupError("--streaming: the DaskRunner is batch-only (Beam's Dask runner has no unbounded sources, "
+                           "windows over time or state). Run streaming on a streaming runner (DataflowRunner, "
+                           "FlinkRunner) or run nightly batches on Dask")
+    if name.rsplit(".", 1)[-1].lower().removesuffix("runner") == "dataflow":
+        try:
+            importlib.import_module("apache_beam.runners.dataflow.internal.apiclient")  # needs apache-beam[gcp]
+        except ImportError:
+            raise StartupError("--runner DataflowRunner needs Beam's Google Cloud extra on the launcher: "
+                               "pip install 'apache-beam[gcp]==2.77.0' (the version in requirements.txt)") from None
+
+
 def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     """Run one pipeline to completion; returns a summary (also printed by the launcher)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -214,6 +235,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
         return {}
     options = PipelineOptions(argv)
     opts = options.view_as(EpeeOptions)
+    check_runner(options)
     # validate() and summarize() use Beam's file systems outside the pipeline, which only sets
     # them up in its constructor: without this, s3:// has no client (and would see a previous run's options).
     FileSystems.set_options(options)

@@ -142,6 +142,32 @@ def is_direct_runner(options: PipelineOptions) -> bool:
     return name.rsplit(".", 1)[-1].lower().removesuffix("runner") in ("direct", "switchingdirect", "bundlebaseddirect")
 
 
+def is_local_job_service(options: PipelineOptions, timeout_s: float = 10.0) -> bool:
+    """PortableRunner whose job service is Beam's own Python one (``--job_endpoint embed``, or an
+    address whose service describes no runner options: Flink's and Spark's job servers list
+    theirs; Beam's LocalJobServicer runs the FnApiRunner, batch semantics, and lists none).
+    An unreachable endpoint is not judged here: the runner reports it."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner is not None else ""
+    if name.rsplit(".", 1)[-1].lower().removesuffix("runner") != "portable":
+        return False
+    endpoint = options.view_as(PortableOptions).job_endpoint
+    if not endpoint or endpoint == "embed":
+        return endpoint == "embed"
+    import grpc
+    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(endpoint) as channel:
+            described = beam_job_api_pb2_grpc.JobServiceStub(channel).DescribePipelineOptions(
+                beam_job_api_pb2.DescribePipelineOptionsRequest(), timeout=timeout_s, wait_for_ready=True)
+    except grpc.RpcError:
+        return False
+    return not described.options
+
+
 def file_dofn(reader: beam.PTransform) -> beam.DoFn:
     """The per-file DoFn of a batch reader (ReadNotes.parse or ReadDicom.decode), configured as in batch mode."""
     return reader.decode if isinstance(reader, ReadDicom) else reader.parse
@@ -156,8 +182,9 @@ def run_streaming(options: PipelineOptions, reader: beam.PTransform, inference: 
     """
     opts = options.view_as(EpeeOptions)
     config = StreamingConfig.from_options(opts)
-    if config.stop_after is None and is_direct_runner(options):
-        raise StartupError("--streaming on the DirectRunner needs --stop_after: it writes the windows only once the "
+    if config.stop_after is None and (is_direct_runner(options) or is_local_job_service(options)):
+        where = "the DirectRunner" if is_direct_runner(options) else "Beam's local job service"
+        raise StartupError(f"--streaming on {where} needs --stop_after: it writes the windows only once the "
                            "watch has stopped (its FnApiRunner runs a grouping step after its input is complete). "
                            "To watch until cancelled, use a streaming runner (--runner DataflowRunner, FlinkRunner)")
     run_id = stats_fn.run_id

@@ -10,10 +10,12 @@ process (:meth:`EarlyExitModelHandler.load_model`) and shared across its threads
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -117,6 +119,25 @@ class LoadedModel:
         return self.bundle.model_id
 
 
+# What this worker process has done (model loads, records predicted), for runners that collect no
+# Beam metrics (Beam's DaskRunner): read on each worker with dask's ``client.run(worker_tally)``.
+_TALLY: collections.Counter = collections.Counter()
+_TALLY_LOCK = threading.Lock()
+
+
+def _tally(**counts: int) -> None:
+    with _TALLY_LOCK:
+        _TALLY.update(counts)
+
+
+def worker_tally() -> dict[str, int]:
+    """Model loads and records predicted in this process so far, and its PyTorch threads."""
+    import torch
+
+    with _TALLY_LOCK:
+        return {**_TALLY, "torch_threads": torch.get_num_threads()}
+
+
 class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, LoadedModel]):
     """``job``: the run (id, model directory, storage options); ``engine``: how the engine runs
     (validated when it was built, at start-up); ``worker``: per-process settings; ``policy``:
@@ -173,6 +194,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
         bundle = load_model_dir(self.job.model_uri, device=device, s3_client_kwargs=self.job.storage_options,
                                 allow_pickle=self.worker.allow_pickle_weights, shared=True)
         log.info("loaded model %s (%d layers) in %.1fs", bundle.model_id, bundle.model.num_layers, time.perf_counter() - started)
+        _tally(model_loads=1)
         sparse = sparse_kernels(bundle.model, bundle.sections.get("sparsity"), device)  # before the engine counts weights
         if isinstance(sparse, str):
             log.info("2:4-sparse model runs with dense kernels: %s", sparse)
@@ -236,6 +258,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
                                                           for i, s in enumerate(starts)], out, model)
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
         Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
+        _tally(records=len(batch))
         Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
         for layer, count in enumerate(result.stats.exits_per_layer, start=1):
             if count:

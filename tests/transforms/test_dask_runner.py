@@ -211,3 +211,40 @@ def test_short_names_resolve_to_our_runner():
     for name in ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner"):
         assert resolve_runner(name) == ours and is_dask(name)
     assert resolve_runner("DirectRunner") == "DirectRunner" and not is_dask("DirectRunner") and not is_dask(None)
+
+
+class CountTeardowns(CountSetups):
+    def teardown(self):
+        Record(self.directory + "-teardown").process("teardown")
+
+
+def test_a_long_lived_cluster_tears_down_older_runs_dofns(dask_address, tmp_path):
+    """Night after night on one cluster: each worker keeps the DoFns of its latest two runs, and
+    tears down older ones (their models) when a newer run's bundles arrive."""
+    for night in range(4):
+        d = str(tmp_path / f"night{night}")
+        run_on(EpeeDaskRunner, dask_address,
+               lambda p: p | beam.Create(range(8)) | beam.ParDo(CountTeardowns(d)), "--dask_npartitions", "4")
+    set_up = [night for night in range(4) if recorded(tmp_path / f"night{night}")]
+    torn_down = [night for night in range(4) if recorded(tmp_path / f"night{night}-teardown")]
+    assert set_up == [0, 1, 2, 3]
+    assert torn_down and set(torn_down) <= {0, 1} and 0 in torn_down
+
+
+class Pass(Record):
+    def process(self, x):
+        super().process(x)
+        yield x
+
+
+def test_a_step_feeding_a_side_input_and_several_sinks_runs_once(dask_address, tmp_path):
+    """Each element goes through each step once, however many consumers, side inputs and sinks
+    read its output (a model must not run twice)."""
+
+    def build(p):
+        xs = p | beam.Create(range(6)) | beam.Reshuffle() | beam.ParDo(Pass(str(tmp_path / "pass")))
+        xs | "Side" >> beam.Map(lambda x, table: x, beam.pvalue.AsList(xs))
+        xs | "Count" >> beam.combiners.Count.Globally() | beam.ParDo(Record(str(tmp_path / "count")))
+
+    run_on(EpeeDaskRunner, dask_address, build)
+    assert values(tmp_path / "pass") == list(range(6)) and values(tmp_path / "count") == [6]

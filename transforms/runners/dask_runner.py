@@ -18,7 +18,9 @@ defects; each is fixed here by a small override, named after it:
    elements over them by a hash of each, in a task shuffle.
 5. ``dofn_set_up_per_bundle``: each bundle created, set up and tore down its DoFn, so a model was
    loaded once per bundle. Here a worker process keeps its set-up DoFns (one per concurrent
-   bundle) for the run, as the other runners do; ``teardown`` is left to process exit, which
+   bundle) for the run, as the other runners do, and tears down those of older runs when a
+   newer one's bundles arrive (it keeps the latest two: a cluster that serves night after night
+   does not accumulate models); the latest runs' ``teardown`` is left to process exit, which
    Beam allows.
 
 What cannot be supported is refused when the run starts, with one line saying so: streaming
@@ -110,6 +112,7 @@ def _overrides() -> list[PTransformOverride]:
 class _ParDoSpec:
     """Everything a bundle needs, pickled once at graph construction (the DoFn as Beam pickles it)."""
 
+    run: str  # unique per run: a worker keeps the set-up DoFns of its latest runs only
     key: str  # unique per ParDo per run: the worker's cache key for its set-up DoFns
     label: str
     fn: bytes
@@ -120,15 +123,29 @@ class _ParDoSpec:
 
 
 _POOLS: dict[str, list] = collections.defaultdict(list)  # spec key -> set-up DoFns not in use (this process)
+_RUNS: collections.OrderedDict = collections.OrderedDict()  # run -> its spec keys, oldest first
 _POOLS_LOCK = threading.Lock()
+KEEP_RUNS = 2  # a long-lived cluster serves night after night: older runs' DoFns (their models) are torn down
 
 
 def _take_dofn(spec: _ParDoSpec):
     """A DoFn of ``spec`` set up in this process, not used by another bundle right now (defect 5)."""
+    retired = []
     with _POOLS_LOCK:
+        _RUNS.setdefault(spec.run, set()).add(spec.key)
+        _RUNS.move_to_end(spec.run)
+        while len(_RUNS) > KEEP_RUNS:
+            _, keys = _RUNS.popitem(last=False)
+            retired += [fn for key in keys for fn in _POOLS.pop(key, [])]
         pool = _POOLS[spec.key]
-        if pool:
-            return pool.pop()
+        fn = pool.pop() if pool else None
+    for old in retired:
+        try:
+            old.teardown()
+        except Exception:  # noqa: BLE001 - a finished run's clean-up must not fail this one
+            log.warning("teardown of a finished run's %s failed", type(old).__name__, exc_info=True)
+    if fn is not None:
+        return fn
     fn = pickler.loads(spec.fn)
     fn.setup()
     return fn
@@ -226,6 +243,10 @@ def _concat(parts) -> list:
     return [x for p in parts for x in p]
 
 
+def _total(counts) -> int:
+    return sum(counts)
+
+
 def _count(part) -> int:
     return sum(1 for _ in part)
 
@@ -291,10 +312,11 @@ class _BagVisitor(PipelineVisitor):
         sides, side_items = [], []
         for si in side_inputs:
             sides.append((type(si), si._view_options()))
-            side_items.append(self.bags[si.pvalue].reduction(list, _concat))
+            # not optimised on its own: a fused copy of the steps before it would run them a second time
+            side_items.append(self.bags[si.pvalue].reduction(list, _concat).to_delayed(optimize_graph=False))
         window_fn = main.windowing.windowfn if hasattr(main, "windowing") else GlobalWindows()
         spec = _ParDoSpec(
-            key=f"{self.run_id}/{node.full_label}", label=node.full_label, fn=pickler.dumps(transform.fn),
+            run=self.run_id, key=f"{self.run_id}/{node.full_label}", label=node.full_label, fn=pickler.dumps(transform.fn),
             args=tuple(a for a in args if not isinstance(a, pvalue.AsSideInput)),
             kwargs={k: v for k, v in kwargs.items() if not isinstance(v, pvalue.AsSideInput)},
             window_fn=pickler.dumps(window_fn), sides=tuple(sides))
@@ -372,5 +394,10 @@ class EpeeDaskRunner(DaskRunner):
         sinks = visitor.sinks()
         log.info("DaskRunner: %d sink(s) over %d partitions on %s (pid %d)", len(sinks), npartitions,
                  client.scheduler.address if client.scheduler else "?", os.getpid())
-        futures = client.compute([bag.reduction(_count, sum) for bag in sinks])
-        return DaskRunnerResult(client, futures)
+        # one collection over every sink: computed as separate collections, dask optimised each
+        # graph on its own and ran the steps they share once per sink (a model ran twice)
+        import dask
+
+        total = dask.delayed(_total, pure=False)([bag.reduction(_count, sum).to_delayed(optimize_graph=False)
+                                                  for bag in sinks])
+        return DaskRunnerResult(client, [client.compute(total)])
