@@ -222,6 +222,14 @@ class _WriteShard(beam.DoFn):
         shard, paths = keyed
         paths = sorted(p for p in paths if p is not None)  # a fixed order: ties merge the same way every run
         path = f"{self.directory}/{self.kind}-{shard:05d}-of-{self.num_shards:05d}.parquet"
+        left = [p for p in paths if FileSystems.exists(p)]
+        if len(left) < len(paths) and FileSystems.exists(path):
+            # a rerun of this step after it had finished writing (a runner lost its result with a
+            # worker, e.g. Dask): runs are deleted only once the shard is complete
+            if left:
+                FileSystems.delete(left)
+            yield path
+            return
         merged = heapq.merge(*(_run_rows(p, self.merge_batch) for p in paths), key=row_sort_key)
         with FileSystems.create(path) as fh:
             with pq.ParquetWriter(fh, self.schema) as writer:

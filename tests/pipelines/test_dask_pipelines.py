@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,54 @@ def test_an_unreachable_scheduler_is_a_start_up_error_of_one_line(models, tmp_pa
                       "--dask_connection_timeout", "2"])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(models, tmp_path):
+    """SIGKILL one worker process once the first rows reach staging (the sorted writers' spilled
+    runs): the run completes (dask reruns the lost tasks on the other worker and on the one its
+    nanny restarts) with exactly the DirectRunner's rows; were it to fail instead, the previous
+    run's outputs must stay current and untouched."""
+    import os
+    import signal
+    import threading
+
+    from tests.dask_cluster import cluster, worker_pids
+
+    n_in = note_files(tmp_path / "in", files=16)
+    common = ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--id_field", "id",
+              "--run_id", RUN_ID]
+    run("notes", [*common, "--output", str(tmp_path / "direct")])
+    out = tmp_path / "dask"
+    with cluster(tmp_path / "cluster") as address:
+        dask = [*common, "--runner", "DaskRunner", "--dask_client_address", address, "--torch_threads", "1"]
+        run("notes", [*dask, "--output", str(out)])  # the previous night's run
+        previous = (out / "manifest.json").read_bytes()
+        victim = sorted(worker_pids(address).values())[0]
+        killed = threading.Event()
+        done = threading.Event()
+
+        def kill_at_first_staged_rows():
+            while not done.is_set():
+                if any(out.glob("runs/*/_runs-*/*.parquet")):
+                    os.kill(victim, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=kill_at_first_staged_rows, daemon=True)
+        watcher.start()
+        try:
+            summary = run("notes", [*dask, "--output", str(out), "--max_batch_size", "2"])
+        except Exception:  # noqa: BLE001 - the clean failure: the previous run stays current
+            done.set()
+            assert killed.is_set()
+            assert (out / "manifest.json").read_bytes() == previous
+            raise AssertionError("the run failed after a worker was killed (previous outputs kept)")  # noqa: B904
+        finally:
+            done.set()
+            watcher.join()
+    assert killed.is_set(), "the worker was not killed mid-run"
+    assert summary["records"] == n_in
+    for kind in ("predictions", "dead_letters", "inputs"):
+        assert_same(rows(tmp_path / "direct", kind), rows(out, kind))
+    assert (out / "manifest.json").read_bytes() != previous

@@ -98,3 +98,31 @@ def test_sorted_shards_empty_input_writes_every_shard(tmp_path):
     files = sorted(tmp_path.glob("dead_letters-*.parquet"))
     assert len(files) == 2 and all(pq.read_table(f).num_rows == 0 for f in files)
     assert pq.read_table(files[0]).schema.names == PREDICTION_SCHEMA.names
+
+
+def test_a_shard_write_rerun_after_it_finished_keeps_the_shard(tmp_path):
+    """A runner that lost the step's result with a worker (Dask) runs it again: the runs it
+    merged are gone or going, the shard it wrote stays and is its output; an unfinished shard
+    (its runs all there) is written again."""
+    from transforms.writers import WriteSortedShards, _WriteShard
+
+    rows = [prediction(i).to_row() for i in (3, 1, 2)]
+    with test_pipeline.TestPipeline(runner="BundleBasedDirectRunner") as p:
+        p | beam.Create(rows) | WriteSortedShards(str(tmp_path), "predictions", PREDICTION_SCHEMA, run_rows=1)
+    (shard,) = tmp_path.glob("predictions-*.parquet")
+    want = shard.read_bytes()
+    gone = [str(tmp_path / "_runs-predictions" / f"00000-{i}.parquet") for i in range(3)]
+    write = _WriteShard(str(tmp_path), "predictions", PREDICTION_SCHEMA, 1, 2)
+    assert list(write.process((0, gone))) == [str(shard)] and shard.read_bytes() == want
+    # killed between deleting runs: the one left is removed, the shard kept
+    (tmp_path / "_runs-predictions").mkdir(exist_ok=True)
+    pq.write_table(pq.read_table(shard).slice(0, 1), gone[1])
+    assert list(write.process((0, gone))) == [str(shard)] and shard.read_bytes() == want
+    assert not (tmp_path / "_runs-predictions" / "00000-1.parquet").exists()
+    # killed while writing: every run still there, the shard is written again from them
+    runs = [str(tmp_path / "_runs-predictions" / f"00000-r{i}.parquet") for i in range(3)]
+    table = pq.read_table(shard)
+    for i, path in enumerate(runs):
+        pq.write_table(table.slice(i, 1), path)
+    shard.write_bytes(b"partial")
+    assert list(write.process((0, runs))) == [str(shard)] and shard.read_bytes() == want

@@ -52,6 +52,7 @@ from apache_beam.pipeline import AppliedPTransform, PipelineVisitor, PTransformO
 from apache_beam.runners.common import Receiver
 from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner, DaskRunnerResult
 from apache_beam.runners.dask.overrides import _Create, _Flatten, dask_overrides
+from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms import userstate
 from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.transforms.window import GlobalWindows
@@ -379,6 +380,18 @@ def _threads(client) -> int:
         return 1
 
 
+class _Result(DaskRunnerResult):
+    """Beam's result, closing the run's client once the run is over (left open, it outlived the
+    job and logged connection errors when the cluster went away)."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            return super().wait_until_finish(duration)
+        finally:
+            if self._state in (PipelineState.DONE, PipelineState.FAILED):
+                self.client.close()
+
+
 class EpeeDaskRunner(DaskRunner):
     """Beam's DaskRunner with defects 1-5 (module docstring) mended; same options."""
 
@@ -400,4 +413,4 @@ class EpeeDaskRunner(DaskRunner):
 
         total = dask.delayed(_total, pure=False)([bag.reduction(_count, sum).to_delayed(optimize_graph=False)
                                                   for bag in sinks])
-        return DaskRunnerResult(client, [client.compute(total)])
+        return _Result(client, [client.compute(total)])
