@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The nightly job.
 #   ./run_pipeline.sh                      set up .venv (first run), then run the built-in sample job
+#   ./run_pipeline.sh --runner DaskRunner --dask_client_address tcp://127.0.0.1:8786   the same on a Dask cluster
 #   ./run_pipeline.sh --pipeline notes|relations|events|dicom --input PATTERN --model DIR --output PREFIX [Beam options]
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ "$#" -eq 0 ]; then
-  exec .venv/bin/python -m pipelines.sample_job
+if [ "$#" -eq 0 ] || [ "$1" != "--pipeline" ]; then
+  # the sample job; any arguments are its own (--workdir, --notes) or Beam options (--runner DaskRunner ...)
+  exec .venv/bin/python -m pipelines.sample_job "$@"
 fi
-if [ "$1" != "--pipeline" ] || [ "$#" -lt 2 ]; then
+if [ "$#" -lt 2 ]; then
   echo "usage: $0 [--pipeline notes|relations|events|dicom --input PATTERN --model DIR --output PREFIX [Beam options]]" >&2
   exit 2
 fi

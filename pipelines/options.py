@@ -167,8 +167,15 @@ def help_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Early-exit inference pipeline. Besides the options below it takes every Beam option, "
-                    "e.g. --runner DirectRunner|DataflowRunner|FlinkRunner|PortableRunner, --direct_num_workers N, "
-                    "--direct_running_mode in_memory|multi_threading|multi_processing, --setup_file ./setup.py.",
+                    "e.g. --runner DirectRunner|DaskRunner|DataflowRunner|FlinkRunner|PortableRunner, "
+                    "--direct_num_workers N, --direct_running_mode in_memory|multi_threading|multi_processing, "
+                    "--setup_file ./setup.py.",
     )
     EpeeOptions._add_argparse_args(parser)
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    DaskOptions._add_argparse_args(parser.add_argument_group(
+        "Dask runner (--runner DaskRunner: batch only; our fixed subclass of Beam's, transforms/runners)",
+        "a scheduler started by scripts/dask_cluster.sh, dask-jobqueue (Slurm/PBS) or dask-kubernetes; "
+        "without --dask_client_address a LocalCluster in this process"))
     return parser

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="out/sample", help="where sample inputs and outputs go")
     p.add_argument("--notes", type=int, default=600, help="generated notes")
-    args = p.parse_args(argv)
+    args, beam_args = p.parse_known_args(argv)  # the rest are Beam options: --runner DaskRunner --dask_client_address ...
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("apache_beam", "transformers", "epee.cli", "epee.training", "epee.calibration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -167,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("dicom", work / "input" / "dicom" / "*", image_model, n_dicom, []),
     ):
         out = work / "output" / name
-        s = run(name, ["--input", str(pattern), "--model", str(model), "--output", str(out), *extra])
+        s = run(name, ["--input", str(pattern), "--model", str(model), "--output", str(out), *extra, *beam_args])
         s["records_in"] = n_in
         summaries[name] = s
     log.info("")
-    log.info("epee-beam sample job finished (DirectRunner). Outputs:")
+    runner = next((a.split("=", 1)[1] if "=" in a else beam_args[i + 1] for i, a in enumerate(beam_args)
+                   if a.split("=", 1)[0] == "--runner" and ("=" in a or i + 1 < len(beam_args))), "DirectRunner")
+    log.info("epee-beam sample job finished (%s). Outputs:", runner)
     for name, s in summaries.items():
         log.info("  %-6s %s/manifest.json names the run: %s/{predictions,dead_letters,exit_stats,inputs}-*.parquet, "
                  "report.html", name, os.path.abspath(s["output"]), os.path.abspath(s["run_dir"]))

