@@ -293,6 +293,58 @@ def test_portable_runner_loopback(models, tmp_path):
     assert summary["predictions"] == 8 and summary["records"] == 13
 
 
+def test_portable_runner_external_worker_pool_gives_identical_parquet(models, tmp_path):
+    """What a Flink job server runs: the portable protocol with EXTERNAL SDK workers from our pool
+    (transforms/runners/worker_pool.py: loopback only, workers started with this interpreter)."""
+    import subprocess
+    import sys
+
+    from apache_beam.runners.portability import local_job_service
+
+    mixed_notes(tmp_path / "in")
+    common = ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--id_field", "id",
+              "--run_id", "20261204T000000Z"]
+    run("notes", [*common, "--output", str(tmp_path / "direct")])
+    pool = subprocess.Popen([sys.executable, "-m", "transforms.runners.worker_pool", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    server = local_job_service.LocalJobServicer()
+    port = server.start_grpc_server(0)
+    try:
+        address = pool.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:")  # not every interface
+        summary = run("notes", [*common, "--output", str(tmp_path / "external"), "--runner", "PortableRunner",
+                                "--job_endpoint", f"localhost:{port}", "--environment_type", "EXTERNAL",
+                                "--environment_config", address])
+    finally:
+        server.stop()
+        pool.terminate()
+        pool.wait(timeout=30)
+    assert summary["predictions"] == 8 and summary["records"] == 13
+    for kind in ("predictions", "dead_letters", "inputs"):
+        want = sorted(p.name for p in (tmp_path / "direct").glob(f"runs/*/{kind}-*.parquet"))
+        got = sorted(p.name for p in (tmp_path / "external").glob(f"runs/*/{kind}-*.parquet"))
+        assert want == got and want
+        for name in want:
+            (a,) = (tmp_path / "direct").glob(f"runs/*/{name}")
+            (b,) = (tmp_path / "external").glob(f"runs/*/{name}")
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_streaming_without_stop_after_is_refused_on_beams_local_job_service(models, tmp_path):
+    from apache_beam.runners.portability import local_job_service
+
+    (tmp_path / "in").mkdir()
+    server = local_job_service.LocalJobServicer()
+    port = server.start_grpc_server(0)
+    try:
+        with pytest.raises(StartupError, match="Beam's local job service needs --stop_after"):
+            run("notes", ["--input", str(tmp_path / "in" / "*"), "--model", models["sequence"], "--output",
+                          str(tmp_path / "o"), "--runner", "PortableRunner", "--job_endpoint", f"localhost:{port}",
+                          "--streaming"])
+    finally:
+        server.stop()
+
+
 def test_startup_errors_are_clear(models, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("x")
