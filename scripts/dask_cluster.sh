@@ -66,6 +66,12 @@ start() {
     alive "$DIR/scheduler.pid" || { echo "the Dask scheduler exited: see $DIR/scheduler.log" >&2; tail -5 "$DIR/scheduler.log" >&2; exit 1; }
     sleep 0.2
   done
+  # Dask's nanny gives each worker MALLOC_TRIM_THRESHOLD_=65536 and one OpenMP thread: the first
+  # made the model's steps 1.5x slower here (freed tensors go back to the OS and fault in again;
+  # our handler trims the heap itself, --heap_trim_seconds), the second leaves cores idle with
+  # fewer workers than cores. Each worker gets its share of the cores (--torch_threads overrides).
+  local threads=$(( $(nproc) / n )); [ "$threads" -ge 1 ] || threads=1
+  export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{'MALLOC_TRIM_THRESHOLD_': None, 'OMP_NUM_THREADS': $threads, 'MKL_NUM_THREADS': $threads, 'OPENBLAS_NUM_THREADS': $threads}"
   local i
   for i in $(seq "$n"); do
     setsid "$PY" -m distributed.cli.dask_worker --scheduler-file "$DIR/scheduler.json" --host 127.0.0.1 \

@@ -14,8 +14,8 @@ defects; each is fixed here by a small override, named after it:
    is a sink, and all of them are computed together, sharing the graph.
 4. ``reshuffle_is_a_no_op``: ``Reshuffle`` did nothing, so the elements of a small ``Create``
    (a list of files) stayed in one partition on one worker. Here it widens the bag to
-   ``--dask_npartitions`` partitions (default: 2 per worker thread) and redistributes the
-   elements over them by a hash of each, in a task shuffle.
+   ``--dask_npartitions`` partitions (default: 2 per worker thread, at least MIN_PARTITIONS) and
+   redistributes the elements over them by a hash of each, in a task shuffle.
 5. ``dofn_set_up_per_bundle``: each bundle created, set up and tore down its DoFn, so a model was
    loaded once per bundle. Here a worker process keeps its set-up DoFns (one per concurrent
    bundle) for the run, as the other runners do, and tears down those of older runs when a
@@ -40,6 +40,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import threading
 import typing as t
 import uuid
@@ -61,6 +62,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
+# A dask bag holds each partition's elements in memory between steps (a partition is one bundle):
+# more partitions, less held at once; the night's files spread over at least this many
+MIN_PARTITIONS = 16
 
 
 class DaskRunnerRefused(ValueError):
@@ -201,6 +205,21 @@ def _run_bundle(items, spec: _ParDoSpec, *side_values) -> list:
     return out
 
 
+class _BundleRunner:
+    """``_run_bundle`` for one ParDo, named after its step: dask names its tasks ``<step>-<token>``,
+    so the dashboard and task streams say which Beam step a task ran."""
+
+    def __init__(self, spec: _ParDoSpec):
+        self.spec = spec
+        self.__name__ = re.sub(r"[^A-Za-z0-9_]+", "_", spec.label).strip("_")[-80:] or "ParDo"
+
+    def __call__(self, items, *side_values):
+        return _run_bundle(items, self.spec, *side_values)
+
+    def __dask_tokenize__(self):
+        return ("epee-bundle", self.spec.key)
+
+
 def _only(tag):
     def pick(pairs):
         return [wv for t_, wv in pairs if t_ == tag]
@@ -321,7 +340,7 @@ class _BagVisitor(PipelineVisitor):
             args=tuple(a for a in args if not isinstance(a, pvalue.AsSideInput)),
             kwargs={k: v for k, v in kwargs.items() if not isinstance(v, pvalue.AsSideInput)},
             window_fn=pickler.dumps(window_fn), sides=tuple(sides))
-        tagged = self.bags[main].map_partitions(_run_bundle, spec, *side_items)
+        tagged = self.bags[main].map_partitions(_BundleRunner(spec), *side_items)
         for pc in outputs.values():  # the main output's tag is None, as its receiver's
             self.bags[pc] = tagged.map_partitions(_only(pc.tag))
 
@@ -400,7 +419,7 @@ class EpeeDaskRunner(DaskRunner):
         client = connect(options)
         bag_kwargs = DaskOptions._extract_bag_kwargs(
             options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True))
-        npartitions = bag_kwargs.get("npartitions") or 2 * _threads(client)
+        npartitions = bag_kwargs.get("npartitions") or max(MIN_PARTITIONS, 2 * _threads(client))
         pipeline.replace_all(_overrides())
         visitor = _BagVisitor(npartitions, uuid.uuid4().hex)
         pipeline.visit(visitor)
