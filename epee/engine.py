@@ -321,6 +321,10 @@ class EarlyExitEngine:
                 self._run_window(samples, order[start : start + window], policy, stats, results, flags, audited)
         return RunResult(predictions=results, stats=stats, audit=audited)  # type: ignore[arg-type]
 
+    def stream(self, policy: ExitPolicy | None = None) -> EngineStream:
+        """A stream over this engine: continuous batching across calls (:class:`EngineStream`)."""
+        return EngineStream(self, policy)
+
     @property
     def macs(self) -> MacCounter:
         """The MAC counter this engine's layer steps report with (non-zeros counted at construction)."""
@@ -338,42 +342,54 @@ class EarlyExitEngine:
     ) -> None:
         """Run one window of samples layer by layer: the rows that exit leave, the rest regroup."""
         level = self._embed(samples, order, audit)
-        last = self.model.num_layers - 1
         for layer, step in enumerate(self.plan.steps(policy)):
             survivors: list[_Rows] = []
             for rows in _rebatch(level, self.config.batch_size):  # rows at this depth regroup here
-                _count_call(stats, layer, rows, step)
-                logits, state = step.first(rows.hidden, rows.mask, rows.entity_positions)
-                signal = exit_signal(logits, rows.token_mask)
-                streak = update_streak(signal.prediction, rows.previous, rows.streak)
-                reasons = policy.decide(layer + 1, signal, streak, rows.index)
-                rows = replace(rows, hidden=state.carry, streak=streak, previous=signal.prediction)
-                exited = reasons != CONTINUE
-                if rows.audit is not None:  # audited rows: emitted once, where the policy exits; leave at the last layer
-                    emitted = exited & (rows.audit != 2)
-                    if layer == last and bool((rows.audit == 2).any()):
-                        self._emit(step, rows, signal, reasons, rows.audit == 2, audited, None)
-                    if layer < last:
-                        exited = exited & (rows.audit == 0)
-                        rows = replace(rows, audit=torch.where(emitted, torch.full_like(rows.audit, 2), rows.audit))
-                else:
-                    emitted = exited
-                n_emit = int(emitted.sum())
-                if n_emit:  # these rows' predictions: this layer's head
-                    stats.exits_per_layer[layer] += n_emit
-                    self._emit(step, rows, signal, reasons, emitted, results, stats)
-                n_exit = int(exited.sum())  # these rows leave the model here
-                if n_exit < rows.size:  # the others finish the layer and go on
-                    going_on = rows if n_exit == 0 else rows.take(~exited)
-                    keep = None if n_exit == 0 else ~exited
-                    hidden = step.rest(state, going_on.hidden, going_on.mask, keep)
-                    survivors.append(replace(going_on, hidden=hidden))
+                going_on = self._step(layer, step, rows, policy, stats, results, audited)
+                if going_on is not None:
+                    survivors.append(going_on)
             level = survivors
             if not level:
                 break
 
-    def _embed(self, samples: Sequence[EncodedSample], order: list[int], audit: torch.Tensor | None = None) -> list[_Rows]:
-        """The window's samples, in ``order``, embedded in micro-batches of ``batch_size``."""
+    def _step(self, layer: int, step: LayerStep, rows: _Rows, policy: ExitPolicy, stats: EngineStats,
+              results, audited) -> "_Rows | None":
+        """One layer call on one batch of rows at the same depth: every row runs layer ``layer`` and
+        its exit head, the rows whose policy exits are emitted into ``results`` (indexed by
+        ``rows.index``), and the rows that go on come back with the layer finished (None: none)."""
+        last = self.model.num_layers - 1
+        _count_call(stats, layer, rows, step)
+        logits, state = step.first(rows.hidden, rows.mask, rows.entity_positions)
+        signal = exit_signal(logits, rows.token_mask)
+        streak = update_streak(signal.prediction, rows.previous, rows.streak)
+        reasons = policy.decide(layer + 1, signal, streak, rows.index)
+        rows = replace(rows, hidden=state.carry, streak=streak, previous=signal.prediction)
+        exited = reasons != CONTINUE
+        if rows.audit is not None:  # audited rows: emitted once, where the policy exits; leave at the last layer
+            emitted = exited & (rows.audit != 2)
+            if layer == last and bool((rows.audit == 2).any()):
+                self._emit(step, rows, signal, reasons, rows.audit == 2, audited, None)
+            if layer < last:
+                exited = exited & (rows.audit == 0)
+                rows = replace(rows, audit=torch.where(emitted, torch.full_like(rows.audit, 2), rows.audit))
+        else:
+            emitted = exited
+        n_emit = int(emitted.sum())
+        if n_emit:  # these rows' predictions: this layer's head
+            stats.exits_per_layer[layer] += n_emit
+            self._emit(step, rows, signal, reasons, emitted, results, stats)
+        n_exit = int(exited.sum())  # these rows leave the model here
+        if n_exit == rows.size:
+            return None
+        going_on = rows if n_exit == 0 else rows.take(~exited)  # the others finish the layer and go on
+        keep = None if n_exit == 0 else ~exited
+        hidden = step.rest(state, going_on.hidden, going_on.mask, keep)
+        return replace(going_on, hidden=hidden)
+
+    def _embed(self, samples: Sequence[EncodedSample], order: list[int], audit: torch.Tensor | None = None,
+               ids: Sequence[int] | None = None) -> list[_Rows]:
+        """The window's samples, in ``order``, embedded in micro-batches of ``batch_size``; each row's
+        ``index`` is its position in ``samples``, or ``ids[position]``."""
         model, bsz = self.model, self.config.batch_size
         level: list[_Rows] = []
         for start in range(0, len(order), bsz):
@@ -384,7 +400,8 @@ class EarlyExitEngine:
                 _Rows(
                     hidden=model.embed(batch),  # (N, T, H)
                     mask=batch.attention_mask,
-                    index=torch.tensor(chunk, dtype=torch.long, device=self.device),
+                    index=torch.tensor(chunk if ids is None else [ids[i] for i in chunk], dtype=torch.long,
+                                       device=self.device),
                     streak=torch.zeros(n, dtype=torch.long, device=self.device),
                     previous=None,
                     entity_positions=batch.entity_positions,
@@ -419,6 +436,145 @@ class EarlyExitEngine:
                 entropy=entropy[j], token_labels=tuple(labels[j][:k]) if token else None,
                 macs=costs[j].actual, dense_exit_macs=costs[j].dense_at_exit, dense_full_macs=costs[j].dense_full,
             )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A sample a :class:`EngineStream` has finished: its ticket from ``submit``, its prediction,
+    and, for an audited sample that exited early, its prediction at the last layer."""
+
+    ticket: int
+    prediction: ExitPrediction
+    audit: ExitPrediction | None = None
+
+
+class EngineStream:
+    """The engine over many calls: continuous batching across the batches a caller submits.
+
+    :meth:`EarlyExitEngine.run` regroups survivors by depth inside one call, so at the end of
+    every call its deep layers run on part-filled batches. A stream keeps the rows that have not
+    exited between calls, one queue per layer: samples submitted later enter layer 1 while
+    earlier ones wait at layer d, and :meth:`advance` runs only full batches (the deepest layer
+    that has one first, so old samples finish first and few rows wait). :meth:`flush` drains
+    every queue layer by layer, part-filled batches included: the caller's end of a bundle, so
+    nothing waits longer than that. Each row runs the same layer step, exit head and policy as
+    in ``run`` (one exit loop, :meth:`EarlyExitEngine._step`); only its batch partners differ,
+    and predictions are batch-invariant. Between calls at most ``batch_size - 1`` rows wait at
+    each layer.
+
+    Tickets number the submitted samples from 0 in submission order (a :class:`ScheduledExit`
+    policy indexes its schedule by them). ``stats`` counts the stream's whole life.
+    """
+
+    def __init__(self, engine: "EarlyExitEngine", policy: ExitPolicy | None = None) -> None:
+        self.engine = engine
+        self.policy = policy or engine.policy
+        self.steps = list(engine.plan.steps(self.policy))
+        layers = engine.model.num_layers
+        self.stats = EngineStats(num_layers=layers, batch_size=engine.config.batch_size)
+        self._queues: list[list[_Rows]] = [[] for _ in range(layers)]  # rows waiting to run layer d
+        self._done: dict[int, ExitPrediction] = {}
+        self._audited: dict[int, ExitPrediction] = {}
+        self._in_flight: set[int] = set()
+        self._audit_pending: set[int] = set()  # audited tickets emitted early, still riding on
+        self._next = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Samples submitted and not yet returned by ``advance`` or ``flush``."""
+        return len(self._in_flight)
+
+    @property
+    def waiting_rows(self) -> list[int]:
+        """Rows queued before each layer."""
+        return [sum(r.size for r in q) for q in self._queues]
+
+    def submit(self, samples: Sequence[EncodedSample], audit: Sequence[bool] | None = None) -> list[int]:
+        """Embed ``samples`` (sorted by length, in micro-batches) into layer 1's queue; their tickets."""
+        if audit is not None and len(audit) != len(samples):
+            raise ValueError(f"audit has {len(audit)} flags for {len(samples)} samples")
+        tickets = list(range(self._next, self._next + len(samples)))
+        if not samples:
+            return tickets
+        self._next += len(samples)
+        flags = None if audit is None or not any(audit) else torch.tensor([bool(a) for a in audit], dtype=torch.int8)
+        order = list(range(len(samples)))
+        if self.engine.config.sort_by_length:
+            order.sort(key=lambda i: samples[i].length)
+        with self.engine.runtime.context():
+            self._queues[0].extend(self.engine._embed(samples, order, flags, ids=tickets))
+        self.stats.samples += len(samples)
+        self._in_flight.update(tickets)
+        if flags is not None:
+            self._audit_pending.update(t for t, a in zip(tickets, audit) if a)
+        return tickets
+
+    def advance(self) -> list[Finished]:
+        """Run every full batch there is, deepest layer first; the samples that finished."""
+        bsz = self.engine.config.batch_size
+        with self.engine.runtime.context():
+            while True:
+                sizes = self.waiting_rows
+                layer = next((d for d in reversed(range(len(sizes))) if sizes[d] >= bsz), None)
+                if layer is None:
+                    break
+                batch, self._queues[layer] = _take(self._queues[layer], bsz)
+                self._run(layer, batch)
+        return self._collect()
+
+    def flush(self) -> list[Finished]:
+        """Run everything still queued, part-filled batches included; every sample in flight."""
+        bsz = self.engine.config.batch_size
+        with self.engine.runtime.context():
+            for layer in range(len(self._queues)):
+                queued, self._queues[layer] = self._queues[layer], []
+                for rows in _rebatch(queued, bsz):
+                    self._run(layer, rows)
+        return self._collect()
+
+    def reset(self) -> list[int]:
+        """Drop everything in flight (after a failed layer call); the tickets dropped."""
+        dropped = sorted(self._in_flight)
+        self._queues = [[] for _ in self._queues]
+        self._done.clear()
+        self._audited.clear()
+        self._in_flight.clear()
+        self._audit_pending.clear()
+        return dropped
+
+    def _run(self, layer: int, rows: _Rows) -> None:
+        going_on = self.engine._step(layer, self.steps[layer], rows, self.policy, self.stats, self._done, self._audited)
+        if going_on is not None:
+            self._queues[layer + 1].append(going_on)
+
+    def _collect(self) -> list[Finished]:
+        """Samples whose prediction is in and, if audited, whose last layer ran too."""
+        out = []
+        for ticket in sorted(self._done):
+            riding = ticket in self._audit_pending
+            if riding and ticket not in self._audited and self._done[ticket].exit_layer < self.engine.model.num_layers:
+                continue  # emitted early, still riding on to its full-depth reference
+            pred = self._done.pop(ticket)
+            ref = self._audited.pop(ticket, None)
+            self._audit_pending.discard(ticket)
+            self._in_flight.discard(ticket)
+            out.append(Finished(ticket, pred, ref))
+        return out
+
+
+def _take(queue: list[_Rows], n: int) -> tuple[_Rows, list[_Rows]]:
+    """The first ``n`` rows of a queue (first in, first out) as one batch, and what is left."""
+    parts, count, rest = [], 0, list(queue)
+    while count < n and rest:
+        g = rest[0]
+        k = min(n - count, g.size)
+        parts.append(g.slice(0, k))
+        count += k
+        if k == g.size:
+            rest.pop(0)
+        else:
+            rest[0] = g.slice(k, g.size)
+    return _Rows.cat(parts).trimmed(), rest
 
 
 def _count_call(stats: EngineStats, layer: int, rows: _Rows, step: LayerStep) -> None:

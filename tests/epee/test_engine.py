@@ -349,3 +349,90 @@ def test_audited_samples_ride_on_to_the_last_layer_without_changing_their_predic
     assert audited.stats.rows_computed - plain.stats.rows_computed == skipped
     with pytest.raises(ValueError, match="flags"):
         EarlyExitEngine(model, cfg).run(samples, audit=flags[:-1])
+
+
+def _stream_all(engine, samples, chunks, audit=None, policy=None):
+    """Submit ``samples`` in chunks of the given sizes, advancing after each; flush at the end.
+    The predictions and audit references in input order, and the stream."""
+    stream = engine.stream(policy)
+    got, refs, pos = {}, {}, 0
+    for size in chunks:
+        part = samples[pos:pos + size]
+        flags = None if audit is None else audit[pos:pos + size]
+        stream.submit(part, audit=flags)
+        pos += len(part)
+        for f in stream.advance():
+            got[f.ticket], refs[f.ticket] = f.prediction, f.audit
+        assert all(w < engine.config.batch_size for w in stream.waiting_rows), "advance leaves only part batches"
+    assert pos == len(samples)
+    for f in stream.flush():
+        got[f.ticket], refs[f.ticket] = f.prediction, f.audit
+    assert stream.in_flight == 0 and stream.waiting_rows == [0] * engine.model.num_layers
+    assert sorted(got) == list(range(len(samples))), "every sample comes back exactly once"
+    return [got[i] for i in range(len(samples))], [refs[i] for i in range(len(samples))], stream
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS)
+def test_stream_across_calls_gives_the_same_predictions(family, task):
+    """Continuous batching over many submits: each sample's prediction and exit are what one
+    ``run`` over all of them gives, whatever the chunking."""
+    samples = make_samples(family, task, n=40)
+    model = epee_model(family, task, samples)
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=4))
+    expected = engine.run(samples).predictions
+    assert len({p.exit_layer for p in expected}) > 1, "test needs samples exiting at different layers"
+    for chunks in ([40], [1] * 40, [3, 7, 1, 13, 16], [9, 9, 9, 9, 4]):
+        got, refs, _ = _stream_all(engine, samples, chunks)
+        assert_same_predictions(got, expected)
+        assert all(r is None for r in refs)
+
+
+def test_stream_keeps_every_layer_call_full_across_calls():
+    """Rows that have not exited wait between calls, so with new samples arriving every layer
+    call but the flush's is full, where per-call regrouping leaves part batches at every call's
+    end; the same rows are computed either way."""
+    layers, bsz, n, chunk = 4, 8, 96, 12
+    model = tiny_model("bert", "sequence", layers=layers)
+    samples = make_samples("bert", "sequence", n=n)
+    schedule = torch.tensor([1 + (i * 7) % layers for i in range(n)])
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=bsz, sort_by_length=False))
+    per_call = [engine.run(samples[s:s + chunk], ScheduledExit(schedule[s:s + chunk], layers)).stats
+                for s in range(0, n, chunk)]
+    got, _, stream = _stream_all(engine, samples, [chunk] * (n // chunk), policy=ScheduledExit(schedule, layers))
+    assert [p.exit_layer for p in got] == schedule.tolist()
+    stats = stream.stats
+    assert stats.rows_per_layer == [sum(s.rows_per_layer[i] for s in per_call) for i in range(layers)]
+    full_calls = [stats.rows_per_layer[i] // bsz for i in range(layers)]
+    assert all(stats.calls_per_layer[i] - full_calls[i] <= 1 for i in range(layers)), "one part batch per layer at most"
+    per_call_fill = sum(sum(s.rows_per_layer) for s in per_call) / (sum(s.layer_calls for s in per_call) * bsz)
+    assert stats.mean_batch_fill > 0.9 > per_call_fill
+
+
+@pytest.mark.parametrize("family, task", FAMILY_TASKS[:2])
+def test_stream_audit_references_match_a_run(family, task):
+    """Audited samples ride on to the last layer across calls too; each comes back once, with
+    its full-depth reference, only when that has run."""
+    samples = make_samples(family, task, n=30)
+    model = epee_model(family, task, samples)
+    engine = EarlyExitEngine(model, EngineConfig(batch_size=4))
+    flags = [i % 3 != 1 for i in range(len(samples))]
+    expected = engine.run(samples, audit=flags)
+    got, refs, _ = _stream_all(engine, samples, [5, 11, 2, 12], audit=flags)
+    assert_same_predictions(got, expected.predictions)
+    assert any(r is not None for r in refs), "test needs audited samples that exit early"
+    for ref, exp in zip(refs, expected.audit):
+        assert (ref is None) == (exp is None)
+        if ref is not None:
+            assert (ref.exit_layer, ref.label, ref.token_labels) == (exp.exit_layer, exp.label, exp.token_labels)
+
+
+def test_stream_reset_drops_what_is_in_flight():
+    model = tiny_model("bert", "sequence")
+    samples = make_samples("bert", "sequence", n=10)
+    stream = EarlyExitEngine(model, EngineConfig(batch_size=4)).stream()
+    tickets = stream.submit(samples)
+    assert tickets == list(range(10)) and stream.in_flight == 10
+    assert stream.reset() == tickets and stream.in_flight == 0 and stream.flush() == []
+    assert stream.submit(samples[:2]) == [10, 11]
+    with pytest.raises(ValueError, match="flags"):
+        stream.submit(samples[:2], audit=[True])
