@@ -22,6 +22,7 @@ from transforms.inference import EarlyExitInference
 from transforms.job import EarlyExitJob
 from transforms.privacy import KeySource, PathWriter, PseudonymKeyError
 from transforms.readers import ReadDicom, ReadNotes
+from transforms.runners import pipeline_runner
 from transforms.writers import ExitStatsFn, WriteOutputs
 
 from . import outputs
@@ -278,7 +279,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
     # the run's final directory: nothing reads it until a manifest names it (pipelines/outputs.py)
     run_dir = outputs.new_run_dir(opts.output, run_id)
     try:
-        with beam.Pipeline(options=options) as p:
+        with beam.Pipeline(runner=pipeline_runner(options), options=options) as p:
             p | "Job" >> EarlyExitJob(reader, inference, WriteOutputs(run_dir, stats_fn, opts.num_shards, key_source),
                                       read_label=type(reader).__name__)
         pipeline_done = time.time()

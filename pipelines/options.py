@@ -89,6 +89,12 @@ class EpeeOptions(PipelineOptions):
                             "the DirectRunner in multi_processing mode, PyTorch's own default (every core) elsewhere. "
                             "Where a machine runs several worker processes (Dataflow starts one per core), "
                             "cores / processes keeps them from contending for the same cores")
+        g.add_argument("--regroup", default="bundle", choices=["bundle", "batch"],
+                       help="where records that have not exited regroup into full layer batches: bundle "
+                            "(default): across every batch of a bundle, new records entering layer 1 while "
+                            "earlier ones continue deeper, flushed at the bundle's end (continuous batching); "
+                            "batch: inside each RunInference batch, Beam's RunInference transform (the deep "
+                            "layers of every batch run part-filled)")
         g.add_argument("--large_model", action="store_true",
                        help="share one model copy across worker processes (Beam's multi-process sharing)")
         g.add_argument("--exit_policy", default="stored", choices=["stored", "none", "entropy", "patience", "epee"],
@@ -153,7 +159,7 @@ def run_configs(opts: "EpeeOptions", run_id: str, storage_options: dict[str, Any
         job=JobContext(run_id=run_id, model_uri=opts.model, storage_options=storage_options, key_source=key_source),
         engine=engine,
         worker=WorkerConfig(torch_threads=torch_threads, heap_trim_seconds=opts.heap_trim_seconds,
-                            allow_pickle_weights=bool(opts.allow_pickle_weights)),
+                            allow_pickle_weights=bool(opts.allow_pickle_weights), regroup=opts.regroup),
         prepare=PrepareConfig(window_overlap=opts.window_overlap, max_windows=opts.max_windows),
         audit=AuditConfig(fraction=opts.audit_fraction, min_agreement=opts.min_agreement),
     )

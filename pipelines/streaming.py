@@ -44,6 +44,7 @@ from transforms.context import AuditConfig
 from transforms.inference import EarlyExitInference
 from transforms.job import EarlyExitJob
 from transforms.readers import DEAD, INPUTS, NAMESPACE, ReadDicom
+from transforms.runners import pipeline_runner
 from transforms.writers import OUTPUT_SCHEMAS, ExitStatsFn, WriteWindowedOutputs
 
 from .common import StartupError, summarize
@@ -196,7 +197,7 @@ def run_streaming(options: PipelineOptions, reader: beam.PTransform, inference: 
              config.window_seconds, f"stopping after {config.stop_after}s" if config.stop_after else "until cancelled")
     read_file = file_dofn(reader)
     key_source = getattr(read_file, "key_source", None)  # --pseudonymize_ids, as the reader has it
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=pipeline_runner(options), options=options) as p:
         p | "Job" >> EarlyExitJob(ReadWatched(opts.input, config, start, read_file), inference,
                                   WriteWindowedOutputs(output, stats_fn, temp_directory, key_source))
     remove_temp_directory(temp_directory)

@@ -30,6 +30,9 @@ class JobContext:
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
 
 
+REGROUP = ("bundle", "batch")  # WorkerConfig.regroup
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """How each worker process runs the model, besides the engine's own config."""
@@ -41,8 +44,13 @@ class WorkerConfig:
     heap_trim_seconds: float = 2.0
     # pickle weights (pytorch_model.bin) only when the user asked; see epee.weights
     allow_pickle_weights: bool = False
+    # where survivors regroup: "bundle", across every batch of a bundle (continuous batching,
+    # transforms.inference.RegroupedInference); "batch", inside each RunInference batch (Beam's RunInference)
+    regroup: str = "bundle"
 
     def __post_init__(self) -> None:
+        if self.regroup not in REGROUP:
+            raise ValueError(f"--regroup must be one of {', '.join(REGROUP)}, got {self.regroup!r}")
         if isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 0:
             raise ValueError(f"--torch_threads must be >= 0 (0: PyTorch's default, every core), got {self.torch_threads}")
         if not (math.isfinite(self.heap_trim_seconds) and self.heap_trim_seconds >= 0):

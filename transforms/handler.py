@@ -239,8 +239,7 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
     ) -> Iterable[PredictionRecord]:
         started = time.perf_counter()
         flat = [s for p in batch for s in p.samples]
-        chosen = [] if not model.audited else [
-            i for i, r in enumerate(batch) if is_audited(r.record_id, self.audit.fraction, model.audit_key)]
+        chosen = [i for i, r in enumerate(batch) if self.is_audited(r, model)]
         flags = None
         if chosen:  # audited records ride on to the last layer after their exit (epee.engine)
             picked = set(chosen)
@@ -256,19 +255,39 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
         if chosen:
             out = self._audit(batch, chosen, per_record, [result.audit[s : s + len(batch[i].samples)]
                                                           for i, s in enumerate(starts)], out, model)
+        self._count(started, len(batch), len(flat), result.stats.exits_per_layer, result.stats.rows_per_layer,
+                    result.stats.calls_per_layer)
+        del result, flat
+        return out
+
+    def _count(self, started: float, records: int, windows: int, exits_per_layer: Sequence[int],
+               rows_per_layer: Sequence[int] = (), calls_per_layer: Sequence[int] = ()) -> None:
+        """Metrics of one call (records and windows predicted, exits per layer; rows and layer calls
+        per layer, whose ratio over batch_size is the batch fill), and the heap trim."""
         Metrics.distribution(NAMESPACE, "inference_batch_latency_micro_secs").update(int((time.perf_counter() - started) * 1e6))
-        Metrics.counter(NAMESPACE, "elements_processed").inc(len(batch))
-        _tally(records=len(batch))
-        Metrics.counter(NAMESPACE, "windows_processed").inc(len(flat))
-        for layer, count in enumerate(result.stats.exits_per_layer, start=1):
+        if records:
+            Metrics.counter(NAMESPACE, "elements_processed").inc(records)
+            _tally(records=records)
+        if windows:
+            Metrics.counter(NAMESPACE, "windows_processed").inc(windows)
+        for layer, count in enumerate(exits_per_layer, start=1):
             if count:
                 Metrics.counter(NAMESPACE, f"exits_layer_{layer:02d}").inc(count)
-        del result, flat
+        for layer, (rows, calls) in enumerate(zip(rows_per_layer, calls_per_layer), start=1):
+            if calls:
+                Metrics.counter(NAMESPACE, f"layer_rows_{layer:02d}").inc(rows)
+                Metrics.counter(NAMESPACE, f"layer_calls_{layer:02d}").inc(calls)
         if self._trimmer is None:
             self._trimmer = HeapTrimmer(self.worker.heap_trim_seconds)
         if self._trimmer.maybe_trim():
             Metrics.counter(NAMESPACE, "heap_trims").inc()
-        return out
+
+    def is_audited(self, record: PreparedInput, model: LoadedModel) -> bool:
+        return model.audited and is_audited(record.record_id, self.audit.fraction, model.audit_key)
+
+    def record_stream(self, model: LoadedModel) -> "RecordStream":
+        """Continuous batching across calls for this worker's model (:class:`RecordStream`)."""
+        return RecordStream(self, model)
 
     def _audit(self, batch: Sequence[PreparedInput], chosen: list[int], per_record: list[list[ExitPrediction]],
                full: list[list], out: list[PredictionRecord], model: LoadedModel) -> list[PredictionRecord]:
@@ -337,6 +356,91 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
             rel = dict(entity1_start=s1, entity1_end=e1, entity2_start=s2, entity2_end=e2)
         return PredictionRecord(label=names[label], score=float(probs[label]), probabilities=[float(x) for x in probs],
                                 entropy=entropy if math.isfinite(entropy) else 0.0, **rel, **common)
+
+
+@dataclass
+class _InFlight:
+    """A record whose windows are in the engine stream: what comes back per window."""
+
+    record: PreparedInput
+    meta: Any
+    audited: bool
+    preds: list
+    refs: list
+    missing: int
+
+
+class RecordStream:
+    """Prepared records through one :class:`~epee.engine.EngineStream` (continuous batching):
+    a record's windows go in together and the record comes back, folded into one
+    :class:`PredictionRecord` (audited: :class:`AuditedPrediction`) as ``run_inference`` makes
+    it, once its last window has finished, from whichever later call that is. ``meta`` travels
+    with each record untouched (the DoFn's window and timestamp)."""
+
+    def __init__(self, handler: EarlyExitModelHandler, model: LoadedModel) -> None:
+        self.handler, self.model = handler, model
+        self.engine = model.engine.stream()
+        self._records: dict[int, _InFlight] = {}
+        self._tickets: dict[int, tuple[int, int]] = {}  # ticket -> (record slot, window position)
+        self._slot = 0
+        self._counted = ([0] * model.model.num_layers, [0] * model.model.num_layers)  # layer rows, calls in metrics
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._records)
+
+    def submit(self, items: Sequence[tuple[PreparedInput, Any]]) -> list[tuple[Any, PredictionRecord]]:
+        """Add records and run every full layer batch there is; the records that finished."""
+        started = time.perf_counter()
+        flat, flags, where = [], [], []
+        for record, meta in items:
+            audited = self.handler.is_audited(record, self.model)
+            n = len(record.samples)
+            self._records[self._slot] = _InFlight(record, meta, audited, [None] * n, [None] * n, n)
+            for j, sample in enumerate(record.samples):
+                flat.append(sample)
+                flags.append(audited)
+                where.append((self._slot, j))
+            self._slot += 1
+        tickets = self.engine.submit(flat, audit=flags if any(flags) else None)
+        self._tickets.update(zip(tickets, where))
+        return self._finish(self.engine.advance(), started)
+
+    def flush(self) -> list[tuple[Any, PredictionRecord]]:
+        """Run everything still in flight: every record submitted comes back."""
+        return self._finish(self.engine.flush(), time.perf_counter())
+
+    def reset(self) -> list[tuple[Any, PreparedInput]]:
+        """Drop every record in flight (after a failure); them and their meta."""
+        self.engine.reset()
+        dropped = [(r.meta, r.record) for r in self._records.values()]
+        self._records.clear()
+        self._tickets.clear()
+        return dropped
+
+    def _finish(self, finished, started: float) -> list[tuple[Any, PredictionRecord]]:
+        out, exits, windows = [], [0] * self.model.model.num_layers, 0
+        for f in finished:
+            slot, j = self._tickets.pop(f.ticket)
+            entry = self._records[slot]
+            entry.preds[j], entry.refs[j] = f.prediction, f.audit
+            entry.missing -= 1
+            exits[f.prediction.exit_layer - 1] += 1
+            windows += 1
+            if entry.missing:
+                continue
+            del self._records[slot]
+            h, record = self.handler, entry.record
+            result = h._combine(record, entry.preds, self.model.bundle)
+            if entry.audited:
+                result = h._audit([record], [0], [entry.preds], [entry.refs], [result], self.model)[0]
+            out.append((entry.meta, result))
+        stats, (rows, calls) = self.engine.stats, self._counted
+        new_rows = [a - b for a, b in zip(stats.rows_per_layer, rows)]
+        new_calls = [a - b for a, b in zip(stats.calls_per_layer, calls)]
+        self._counted = (list(stats.rows_per_layer), list(stats.calls_per_layer))
+        self.handler._count(started, len(out), windows, exits, new_rows, new_calls)
+        return out
 
 
 def same_prediction(a: PredictionRecord, b: PredictionRecord) -> bool:

