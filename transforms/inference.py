@@ -94,7 +94,8 @@ class RegroupedInference(beam.DoFn):
     its bundle and none is lost. Each record leaves with its own window, timestamp and pane
     (``WindowedValue``), whenever it finishes. The model is loaded once per worker process and
     shared by its threads (``beam.utils.shared``, as RunInference does); each DoFn instance has
-    its own stream. A failed model call turns every record in flight into a dead letter.
+    its own stream. When a model call fails, the records in flight run again one by one and only
+    those that fail alone become dead letters.
     """
 
     def __init__(self, handler: EarlyExitModelHandler) -> None:
@@ -133,19 +134,37 @@ class RegroupedInference(beam.DoFn):
     def _outputs(self, call, items=()) -> Iterator:
         try:
             done = call()
-        except Exception as exc:  # noqa: BLE001 - a failed model call costs the records in flight, not the job
+        except Exception:  # noqa: BLE001 - a failed model call costs the records that fail alone, not the job
             lost = self._stream.reset()
             submitted = {id(r) for _, r in lost}
             lost += [(meta, r) for r, meta in items if id(r) not in submitted]
-            Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(len(lost))
-            for (ts, window, pane), r in lost:
-                # only the exception's type: its text could quote model input
-                dead = DeadLetter(r.source_uri, r.record_id, "inference", "inference_error",
-                                  f"model inference failed for this batch ({type(exc).__name__})", self.handler.job.run_id)
-                yield beam.pvalue.TaggedOutput(DEAD, WindowedValue(dead, ts, (window,), pane))
+            yield from self._isolate(lost)
             return
         for (ts, window, pane), prediction in done:
             yield WindowedValue(prediction, ts, (window,), pane)
+
+    def _isolate(self, lost) -> Iterator:
+        """A layer call failed with records from many batches in flight, and which of them caused
+        it is unknown: each runs again on its own (predictions are batch-invariant, so a record
+        that succeeds alone gets the prediction it would have had), and only the records that
+        fail alone become dead letters, as with RunInference at batch size 1."""
+        Metrics.counter(NAMESPACE, "inference_failures_isolated").inc(len(lost))
+        failed = 0
+        for (ts, window, pane), r in lost:
+            try:
+                out = self.handler.run_inference([r], self._model)
+            except Exception as alone:  # noqa: BLE001
+                failed += 1
+                # only the exception's type: its text could quote model input
+                dead = DeadLetter(r.source_uri, r.record_id, "inference", "inference_error",
+                                  f"model inference failed for this record ({type(alone).__name__})",
+                                  self.handler.job.run_id)
+                yield beam.pvalue.TaggedOutput(DEAD, WindowedValue(dead, ts, (window,), pane))
+                continue
+            for prediction in out:
+                yield WindowedValue(prediction, ts, (window,), pane)
+        if failed:
+            Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(failed)
 
 
 class EarlyExitInference(beam.PTransform):

@@ -86,6 +86,18 @@ def _inject_faults(monkeypatch) -> None:
         return real_run(self, batch, model, inference_args)
 
     monkeypatch.setattr(EarlyExitModelHandler, "run_inference", run_inference)
+    # --regroup bundle (the default) feeds the model through a RecordStream, not run_inference
+    from transforms.handler import RecordStream
+
+    real_submit = RecordStream.submit
+
+    def submit(self, items):
+        for el, _ in items:
+            if INFERENCE_FAILS in el.record_id:
+                raise RuntimeError(f"model failed on {el.record_id} from {el.source_uri}")
+        return real_submit(self, items)
+
+    monkeypatch.setattr(RecordStream, "submit", submit)
     import transforms.dicom_reader
 
     real_init = transforms.dicom_reader.DecodeDicomFile.__init__

@@ -67,6 +67,27 @@ class FailingHandler(EarlyExitModelHandler):
         return loaded
 
 
+POISON = "poisonous"  # a word whose token makes PoisonHandler's model fail, whatever batch it is in
+
+
+class PoisonHandler(EarlyExitModelHandler):
+    """Its model fails on every call that embeds a record containing POISON."""
+
+    def load_model(self):
+        loaded = super().load_model()
+        model = loaded.model
+        poison = set(loaded.bundle.preprocessor.tokenizer(POISON, add_special_tokens=False)["input_ids"])
+        original = model.embed
+
+        def embed(batch):
+            if poison & set(batch.input_ids.flatten().tolist()):
+                raise RuntimeError(f"note text that must not reach a dead letter: {POISON}")
+            return original(batch)
+
+        model.embed = embed
+        return loaded
+
+
 _SINK: dict = {}  # what Keep saw; the DirectRunner runs the pipeline in this process (DoFns are pickled copies)
 
 
@@ -143,17 +164,32 @@ def test_records_keep_their_own_windows(notes_model):
     assert sorted(out["windows"]) == sorted((r.record_id, int(r.record_id[1:]) // 10 * 10) for r in records)
 
 
-def test_a_failed_model_call_turns_every_record_in_flight_into_a_dead_letter(notes_model):
-    """Nothing lost, nothing duplicated: records in = predictions + dead letters, and the dead
-    letters name the exception's type only."""
+def test_a_failed_layer_call_loses_no_record_that_succeeds_alone(notes_model):
+    """The third layer call fails once, with records in flight at several depths: they run again
+    one by one and every record is predicted as it would have been, nothing lost or twice."""
     records = notes(50, seed=5)
     out, counters = collect(records, handler(notes_model, "bundle", cls=FailingHandler))
-    predicted = [r[0] for r in out["rows"]]
+    reference, _ = collect(records, handler(notes_model, "bundle"))
+    assert out["dead"] == []
+    assert sorted(out["rows"]) == sorted(reference["rows"]) and len(out["rows"]) == len(records)
+    assert counters["inference_failures_isolated"] > 1
+
+
+def test_a_record_the_model_fails_on_is_the_only_dead_letter(notes_model):
+    """Records in = predictions + dead letters; the poisoned records, and only they, become dead
+    letters naming the exception's type only; the others get their predictions."""
+    records = notes(50, seed=5)
+    poisoned = {"n007", "n031"}
+    records = [InputRecord(r.record_id, r.source_uri, f"{r.text} {POISON}") if r.record_id in poisoned else r
+               for r in records]
+    out, counters = collect(records, handler(notes_model, "bundle", cls=PoisonHandler))
+    reference, _ = collect([r for r in records if r.record_id not in poisoned], handler(notes_model, "bundle"))
     dead = [d.record_id for d in out["dead"]]
-    assert dead and all(isinstance(d, DeadLetter) for d in out["dead"])
-    assert sorted(predicted + dead) == sorted(r.record_id for r in records)
+    assert sorted(dead) == sorted(poisoned)
+    assert sorted(out["rows"]) == sorted(reference["rows"])
     assert {(d.stage, d.error_type) for d in out["dead"]} == {("inference", "inference_error")}
-    assert all("RuntimeError" in d.message and "note text" not in d.message for d in out["dead"])
+    assert all("RuntimeError" in d.message and "note text" not in d.message and POISON not in d.message
+               for d in out["dead"])
     assert counters["dead_letters_inference_error"] == len(dead)
 
 
