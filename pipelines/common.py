@@ -284,6 +284,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                                       read_label=type(reader).__name__)
         pipeline_done = time.time()
         summary = summarize(opts.output, run_id, time.time() - started, run_dir, configs.audit)
+        summary["batch_fill_per_layer"] = batch_fill(p.result, configs.engine.batch_size, doc["_num_layers"])
         inputs = outputs.inputs_summary(run_dir)
         manifest = {
             "run_id": run_id, "pipeline": pipeline, "task": task, "status": "succeeded",
@@ -298,6 +299,7 @@ def run(pipeline: str, argv: Sequence[str] | None = None) -> dict:
                        "dead_letters": summary["dead_letters"], "dead_letters_by_reason": summary["dead_letters_by_reason"]},
             "pseudonymized_ids": bool(opts.pseudonymize_ids),
             "audit": summary["audit"], "audit_agreement": summary["audit_agreement"],
+            "batch_fill_per_layer": summary["batch_fill_per_layer"],
             "timings": {"started_at": outputs.now_iso(started), "finished_at": outputs.now_iso(),
                         "pipeline_seconds": round(pipeline_done - started, 3), "wall_seconds": round(time.time() - started, 3)},
         }
@@ -340,6 +342,30 @@ def audit_outcome(directory: str, audit: AuditConfig) -> tuple[str, dict | None]
     if len(statuses) > 1:
         figures.update(windows=len(statuses), windows_failed=statuses.count("failed"))
     return status, figures
+
+
+def batch_fill(result, batch_size: int, num_layers: int) -> list[float | None] | None:
+    """Rows per layer call over the engine's batch size at each layer, from the run's Beam counters
+    (``layer_rows_NN``, ``layer_calls_NN``): 1.0 when every call at that depth ran full; None for a
+    layer no row reached, and None overall on a runner that collects no metrics (Beam's DaskRunner)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from transforms.handler import NAMESPACE
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001 - a runner without metrics: the figures are left out, the run is not
+        return None
+    values: dict[str, int] = {}
+    for c in counters:
+        values[c.key.metric.name] = values.get(c.key.metric.name, 0) + int(c.committed or 0)
+    if not any(name.startswith("layer_calls_") for name in values):
+        return None
+    out: list[float | None] = []
+    for d in range(1, num_layers + 1):
+        rows, calls = values.get(f"layer_rows_{d:02d}", 0), values.get(f"layer_calls_{d:02d}", 0)
+        out.append(round(rows / (calls * batch_size), 4) if calls else None)
+    return out
 
 
 def summarize(output: str, run_id: str, wall: float, run_dir: str | None = None, audit: AuditConfig | None = None) -> dict:

@@ -58,6 +58,10 @@ def test_notes_records_in_equal_predictions_plus_dead_letters(models, tmp_path):
     assert s["macs"] == sum(p["macs"] for p in preds) and s["dense_full_macs"] == sum(p["dense_full_macs"] for p in preds)
     assert s["macs_saved"] == pytest.approx(1 - s["macs"] / s["dense_full_macs"])
     assert s["macs_saved_by_sparsity"] == 0.0  # a dense model
+    # batch fill per layer from the run's counters, in the summary and the manifest
+    fill = summary["batch_fill_per_layer"]
+    assert len(fill) == 3 and fill[0] is not None and all(f is None or 0 < f <= 1 for f in fill)
+    assert json.loads((out / "manifest.json").read_text())["batch_fill_per_layer"] == fill
 
 
 def test_direct_runner_never_offers_our_pipelines_to_prism(models, tmp_path):

@@ -172,6 +172,26 @@ def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, mon
     assert not any("emulated" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True),
+                                             ("fpu amx_int8 amx_tile", True), ("fpu fma avx f16c avx2", False),
+                                             ("", None)])
+def test_int8_dot_product_support_is_read_from_cpu_flags(flags, expected):
+    from epee.engine import cpu_has_int8_dot_product
+
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n"
+    assert cpu_has_int8_dot_product(cpuinfo) is expected
+
+
+@pytest.mark.parametrize("fast, warned", [(False, True), (True, False), (None, False)])
+def test_int8_on_a_cpu_without_int8_dot_products_warns_at_load(notes_model, monkeypatch, caplog, fast, warned):
+    import epee.engine
+
+    monkeypatch.setattr(epee.engine, "cpu_has_int8_dot_product", lambda cpuinfo=None: fast)
+    caplog.set_level("WARNING", logger="transforms.handler")
+    handler(notes_model, EngineConfig(precision="int8")).load_model()
+    assert any("slow path" in r.getMessage() for r in caplog.records) is warned
+
+
 def test_int8_with_a_policy_not_calibrated_in_int8_warns_at_load(notes_model, tmp_path, caplog):
     import shutil
 

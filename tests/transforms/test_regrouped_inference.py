@@ -185,7 +185,7 @@ def test_a_record_the_model_fails_on_is_the_only_dead_letter(notes_model):
     out, counters = collect(records, handler(notes_model, "bundle", cls=PoisonHandler))
     reference, _ = collect([r for r in records if r.record_id not in poisoned], handler(notes_model, "bundle"))
     dead = [d.record_id for d in out["dead"]]
-    assert sorted(dead) == sorted(poisoned)
+    assert sorted(dead) == sorted(poisoned) and all(isinstance(d, DeadLetter) for d in out["dead"])
     assert sorted(out["rows"]) == sorted(reference["rows"])
     assert {(d.stage, d.error_type) for d in out["dead"]} == {("inference", "inference_error")}
     assert all("RuntimeError" in d.message and "note text" not in d.message and POISON not in d.message
