@@ -240,7 +240,6 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
             probs = run_ort(sess, batches, n)
             labels = [int(i) for i in probs.argmax(-1)]
             rate = median_rate(lambda: run_ort(sess, batches, n), n, repeats, key)
-            del sess
             systems[key] = {"records_per_s": rate, "score": fn(gold, labels), "mean_exit_layer": float(L),
                             "labels_equal_engine_fp32_full": sum(a == b for a, b in zip(labels, full_labels)) / n}
             if key == "ort_fp32_full" and full_probs.shape[-1] == probs.shape[-1]:
