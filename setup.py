@@ -40,5 +40,7 @@ setup(
         "dask": ["dask>=2026.8,<2026.9", "distributed>=2026.8,<2026.9"],
         # --runner DataflowRunner: the launcher needs Beam's Google Cloud client libraries
         "gcp": ["apache-beam[gcp]>=2.77,<2.78"],
+        # bench.onnx_peer only (ONNX Runtime as the peer): never needed to run a pipeline
+        "bench": ["onnxruntime>=1.24,<1.25", "onnx>=1.20,<1.21", "onnxscript>=0.7,<0.8"],
     },
 )

@@ -19,7 +19,8 @@ def setup_requirements() -> list[Requirement]:
 
 def pins() -> dict[str, str]:
     out = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    lines = (ROOT / "requirements.txt").read_text().splitlines() + (ROOT / "requirements-bench.txt").read_text().splitlines()
+    for line in lines:
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
@@ -42,3 +43,4 @@ def test_setup_ranges_hold_the_pinned_versions():
     assert checked >= 15
     runtime = {canonicalize_name(r.name) for r in setup_requirements()}
     assert {"apache-beam", "dask", "distributed", "transformers", "pyarrow"} <= runtime
+    assert {"onnxruntime", "onnx"} <= runtime  # the benchmark extra, pinned in requirements-bench.txt
