@@ -385,6 +385,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
         lines += ["Follow-up analyses of these figures (test-sample noise, a self-distillation experiment, memory "
                   "probes, bfloat16): [analyses.md](analyses.md).", ""]
     lines += scaling_section(path.parent / "scaling.json")
+    if (path.parent / "peer.md").is_file():
+        lines += ["ONNX Runtime as the peer (fp32 with its transformer optimiser, int8), continuous batching across "
+                  "RunInference batches and short runs against Beam stock: [peer.md](peer.md).", ""]
     lines += ["## GPU", "", "Not measured: no GPU machine was lent to the session that produced these figures "
               "(`bench.engine --device cuda` and `bench.pipeline` are the commands to run on one).", ""]
     path.write_text("\n".join(lines) + "\n")
