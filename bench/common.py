@@ -40,8 +40,8 @@ def stock_pipeline():
 
     That is where Beam's DirectRunner runs them offline, but only after offering them to Prism, which
     tries to download its binary from GitHub (a network call at run time; offline it fails, and leaves
-    an empty /tmp/beam-temp* directory behind). Our pipelines never reach Prism: their RunInference uses
-    exception handling, which the DirectRunner keeps off Prism
+    an empty /tmp/beam-temp* directory behind). Our pipelines never reach Prism: they run on
+    ``transforms.runners.direct.EpeeDirectRunner``, which never offers a pipeline to it
     (tests/pipelines/test_pipelines.py::test_direct_runner_never_offers_our_pipelines_to_prism).
     """
     import apache_beam as beam
