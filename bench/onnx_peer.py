@@ -184,6 +184,36 @@ def per_layer(model_dir: str, work: Path, threads: int, batch_size: int, seq: in
             "ort_over_torch": t_ort / t_torch, "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+def ort_systems(model_dir: str, samples, gold, score, full_labels, threads: int, batch_size: int = 32,
+                repeats: int = 5, full_probs=None) -> dict:
+    """ORT fp32 (optimised) and int8 at full depth on pre-encoded ``samples``: per system its
+    records/s (median of ``repeats``), task score (``score(gold, labels)``) and the share of labels
+    equal to ``full_labels`` (our engine at full depth). Used by ``bench.run_all --ort`` too."""
+    import numpy as np
+
+    from epee.modeldir import load_model_dir
+
+    model = load_model_dir(model_dir).model
+    n, systems = len(samples), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with_types = samples[0].token_type_ids is not None
+        raw = export(model_dir, work, with_types)
+        opt = optimise(raw, int(model.adapter.config.num_attention_heads), model.adapter.hidden_size)
+        q = quantise(opt)
+        batches = ort_batches(samples, batch_size, with_types, model.adapter.pad_token_id)
+        for key, path in (("ort_fp32_full", opt), ("ort_int8_full", q)):
+            sess = session(path, threads)
+            probs = run_ort(sess, batches, n)
+            labels = [int(i) for i in probs.argmax(-1)]
+            rate = median_rate(lambda: run_ort(sess, batches, n), n, repeats, key)
+            systems[key] = {"records_per_s": rate, "score": score(gold, labels), "mean_exit_layer": float(model.num_layers),
+                            "labels_equal_engine_fp32_full": sum(a == b for a, b in zip(labels, full_labels)) / n}
+            if key == "ort_fp32_full" and full_probs is not None and full_probs.shape[-1] == probs.shape[-1]:
+                systems[key]["max_abs_prob_diff"] = float(np.abs(full_probs - probs).max())
+    return systems
+
+
 def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads: int, layer_check: bool,
             int8_records: int = 48) -> dict:
     import numpy as np
@@ -231,26 +261,12 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
             if key == "engine_fp32_full":
                 full_labels = labels
                 full_probs = np.stack([np.asarray(p.probs) for p in res.predictions])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        with_types = samples[0].token_type_ids is not None
-        raw = export(model_dir, work, with_types)
-        opt = optimise(raw, int(model.adapter.config.num_attention_heads), model.adapter.hidden_size)
-        q = quantise(opt)
-        pad = model.adapter.pad_token_id
-        batches = ort_batches(samples, batch_size, with_types, pad)
-        for key, path in (("ort_fp32_full", opt), ("ort_int8_full", q)):
-            sess = session(path, threads)
-            probs = run_ort(sess, batches, n)
-            labels = [int(i) for i in probs.argmax(-1)]
-            rate = median_rate(lambda: run_ort(sess, batches, n), n, repeats, key)
-            systems[key] = {"records_per_s": rate, "score": fn(gold, labels), "mean_exit_layer": float(L),
-                            "labels_equal_engine_fp32_full": sum(a == b for a, b in zip(labels, full_labels)) / n}
-            if key == "ort_fp32_full" and full_probs.shape[-1] == probs.shape[-1]:
-                systems[key]["max_abs_prob_diff"] = float(np.abs(full_probs - probs).max())
-        if layer_check:
+    systems.update(ort_systems(model_dir, samples, gold, fn, full_labels, threads, batch_size, repeats,
+                               full_probs=full_probs))
+    if layer_check:
+        with tempfile.TemporaryDirectory() as tmp:
             try:
-                result["per_layer"] = per_layer(model_dir, work, threads, 32, 128, repeats * 4)
+                result["per_layer"] = per_layer(model_dir, Path(tmp), threads, 32, 128, repeats * 4)
             except Exception as exc:  # noqa: BLE001 - the full-depth figures stand without it
                 result["per_layer"] = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
     base = systems["ort_fp32_full"]["records_per_s"]

@@ -97,7 +97,7 @@ def text_steady_inputs(model_dir: str, work: Path, max_test: int, repeat: int) -
 
 def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance: float, stock_batch_size: int,
                  steady_records: int = 0, confidence: float = 0.9, precision: str = "float32",
-                 pipeline_batch_size: int = 0, decode_processes: int = 2) -> dict:
+                 pipeline_batch_size: int = 0, decode_processes: int = 2, ort: bool = False) -> dict:
     from epee.calibration import choose, choose_robust, collect_layer_outputs, simulate, sweep
     from epee.workflows import score_function
     from epee.config import EngineConfig, ExitPolicyConfig
@@ -158,6 +158,14 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     result["systems"]["reference_bs1"] = n_ref / (time.perf_counter() - t0)
     result["systems"]["engine_epee"] = result["policies"]["epee"]["engine_records_per_s"]
     result["systems"]["engine_full"] = result["policies"]["none"]["engine_records_per_s"]
+    if ort and bundle.data_task == "sequence":  # the peer a CPU user would pick: ONNX Runtime (bench.onnx_peer)
+        from bench.onnx_peer import ort_systems
+
+        full_labels = [pr.label for pr in engine.run(t_samples, ExitPolicy(chosen["none"], L)).predictions]
+        peer = ort_systems(model_dir, t_samples, t_gold, fn, full_labels, torch.get_num_threads())
+        result["ort"] = peer
+        for key, v in peer.items():
+            result["systems"][key] = v["records_per_s"]
 
     input_glob, gold_index = write_inputs(bundle, test, work / name / "input")
     is_dicom = bundle.data_task == "image"
@@ -349,6 +357,9 @@ def render(results: dict, meta: dict, path: Path) -> None:
         for k in ("pipeline_epee", "pipeline_full"):
             if f"{k}_score" in r and r[f"{k}_score"] is not None:
                 extra.append(f"{k} {r['metric']} from its Parquet output: {r[f'{k}_score']:.4f}")
+        if "ort" in r:
+            extra += [f"{k} {r['metric']} {v['score']:.4f} (labels equal to our full depth: "
+                      f"{100 * v['labels_equal_engine_fp32_full']:.1f}%)" for k, v in r["ort"].items()]
         if extra:
             lines += ["", "; ".join(extra) + "."]
         prof, ep = r.get("profile", {}), p["epee"].get("engine_profile")
@@ -474,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steady-records", type=int, default=2000,
                    help="also time the Beam systems on the test half repeated to at least this many records "
                         "(steady state; 0: not)")
+    p.add_argument("--ort", action="store_true",
+                   help="also run ONNX Runtime fp32 (transformer optimiser) and int8 at full depth on the text "
+                        "classification corpora (bench.onnx_peer; pip install -r requirements-bench.txt)")
     args = p.parse_args(argv)
     import logging
 
@@ -494,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         results[name] = bench_corpus(name, str(model_dir), work, args.max_test, args.tolerance, args.stock_batch_size,
                                      args.steady_records, args.confidence, args.precision, args.pipeline_batch_size,
-                                     args.decode_processes)
+                                     args.decode_processes, args.ort)
         results[name]["seconds"] = round(time.time() - t0, 1)
         from epee.config import EngineConfig
         from epee.kernels import resolve_linear_kernel
