@@ -84,8 +84,7 @@ def check_linear_kernel(kernel: str, device: str | torch.device, precision: str)
 def resolve_linear_kernel(kernel: str, device: str | torch.device, precision: str) -> str:
     """The kernel a run uses, ``"onednn"`` or ``"aten"``.
 
-    ``"auto"`` picks oneDNN on an x86-64 CPU with AVX-512 in float32 where the op exists (on an
-    x86-64 CPU whose flags cannot be read, too), else PyTorch's own;
+    ``"auto"`` picks oneDNN on an x86-64 CPU in float32 where the op exists, else PyTorch's own;
     ``"onednn"`` asked for where it cannot run is an error, not a silent fallback."""
     check_linear_kernel(kernel, device, precision)
     if kernel == "aten":
@@ -96,19 +95,7 @@ def resolve_linear_kernel(kernel: str, device: str | torch.device, precision: st
         return "onednn"
     on_cpu = torch.device(device).type == "cpu"
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if not (on_cpu and precision != "bfloat16" and x86 and onednn_linear_available()):
-        return "aten"
-    # oneDNN was ~20% faster in the engine on AVX-512 EPYCs and ~15% slower on an AVX2-only one
-    # (41.9 against 35.3 records/s, medical abstracts at full depth): it pays where AVX-512 is
-    return "aten" if cpu_has_avx512() is False else "onednn"
-
-
-def cpu_has_avx512(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU has AVX-512 (``avx512f``); None where /proc/cpuinfo cannot be read."""
-    from .engine import _cpu_flags
-
-    flags = _cpu_flags(cpuinfo)
-    return None if flags is None else "avx512f" in flags
+    return "onednn" if on_cpu and precision != "bfloat16" and x86 and onednn_linear_available() else "aten"
 
 
 # Row sizes per power of two that oneDNN is called with (see the module docstring). 8: at most
