@@ -215,7 +215,6 @@ class EarlyExitModelHandler(ModelHandler[PreparedInput, PredictionRecord, Loaded
                 log.warning("--precision int8 with an exit policy calibrated in %s: int8 can change what the early "
                             "exit heads predict; calibrate this model in int8 (epee calibrate --precision int8) and "
                             "check it (epee evaluate --precision int8)", calibrated_in or "an unrecorded precision")
-        if cfg.precision == "int8":
             from epee.engine import cpu_has_int8_dot_product
 
             if cpu_has_int8_dot_product() is False:

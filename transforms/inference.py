@@ -78,8 +78,14 @@ def failed_batch_to_dead_letters(failed, run_id: str) -> Iterator[DeadLetter]:
     exc_type = failure[0] if isinstance(failure, tuple) and failure and isinstance(failure[0], type) else type(failure)
     Metrics.counter(NAMESPACE, "dead_letters_inference_error").inc(len(batch))
     for record in batch:
-        yield DeadLetter(record.source_uri, record.record_id, "inference", "inference_error",
-                         f"model inference failed for this batch ({exc_type.__name__})", run_id)
+        yield inference_dead_letter(record, exc_type, "batch", run_id)
+
+
+def inference_dead_letter(record: PreparedInput, exc_type: type, what: str, run_id: str) -> DeadLetter:
+    """The dead letter of a record the model failed on (``what``: "batch" or "record"). Only the
+    exception's type is named: its text could quote model input."""
+    return DeadLetter(record.source_uri, record.record_id, "inference", "inference_error",
+                      f"model inference failed for this {what} ({exc_type.__name__})", run_id)
 
 
 class RegroupedInference(beam.DoFn):
@@ -155,10 +161,7 @@ class RegroupedInference(beam.DoFn):
                 out = self.handler.run_inference([r], self._model)
             except Exception as alone:  # noqa: BLE001
                 failed += 1
-                # only the exception's type: its text could quote model input
-                dead = DeadLetter(r.source_uri, r.record_id, "inference", "inference_error",
-                                  f"model inference failed for this record ({type(alone).__name__})",
-                                  self.handler.job.run_id)
+                dead = inference_dead_letter(r, type(alone), "record", self.handler.job.run_id)
                 yield beam.pvalue.TaggedOutput(DEAD, WindowedValue(dead, ts, (window,), pane))
                 continue
             for prediction in out:

@@ -150,46 +150,33 @@ def test_handler_pickles_without_its_trimmer(notes_model):
         WorkerConfig(heap_trim_seconds=-2)
 
 
-@pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
-                                             ("fpu avx2 avx512f", False), ("", None)])
-def test_native_bf16_is_read_from_cpu_flags(flags, expected):
-    from epee.engine import cpu_has_native_bf16
-
-    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n"
-    assert cpu_has_native_bf16(cpuinfo) is expected
-
-
-@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
-def test_bfloat16_on_a_cpu_without_native_support_warns_at_load(notes_model, monkeypatch, caplog, native, warned):
+@pytest.mark.parametrize("probe, flags, expected", [
+    ("cpu_has_native_bf16", "fpu avx512f avx512_bf16 sse", True), ("cpu_has_native_bf16", "fpu amx_bf16 amx_tile", True),
+    ("cpu_has_native_bf16", "fpu avx2 avx512f", False), ("cpu_has_native_bf16", "", None),
+    ("cpu_has_int8_dot_product", "fpu avx2 avx512f avx512_vnni", True),
+    ("cpu_has_int8_dot_product", "fpu avx2 avx_vnni", True), ("cpu_has_int8_dot_product", "fpu amx_int8 amx_tile", True),
+    ("cpu_has_int8_dot_product", "fpu fma avx f16c avx2", False), ("cpu_has_int8_dot_product", "", None)])
+def test_cpu_support_is_read_from_cpu_flags(probe, flags, expected):
     import epee.engine
 
-    monkeypatch.setattr(epee.engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n"
+    assert getattr(epee.engine, probe)(cpuinfo) is expected
+
+
+@pytest.mark.parametrize("precision, probe, message", [("bfloat16", "cpu_has_native_bf16", "emulated"),
+                                                       ("int8", "cpu_has_int8_dot_product", "slow path")])
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False), (None, False)])
+def test_a_precision_this_cpu_runs_slowly_warns_at_load(notes_model, monkeypatch, caplog, precision, probe, message,
+                                                        native, warned):
+    import epee.engine
+
+    monkeypatch.setattr(epee.engine, probe, lambda cpuinfo=None: native)
     caplog.set_level("WARNING", logger="transforms.handler")
-    handler(notes_model, EngineConfig(precision="bfloat16")).load_model()
-    assert any("emulated" in r.getMessage() for r in caplog.records) is warned
+    handler(notes_model, EngineConfig(precision=precision)).load_model()
+    assert any(message in r.getMessage() for r in caplog.records) is warned
     caplog.clear()
     handler(notes_model).load_model()  # float32: nothing to say
-    assert not any("emulated" in r.getMessage() for r in caplog.records)
-
-
-@pytest.mark.parametrize("flags, expected", [("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True),
-                                             ("fpu amx_int8 amx_tile", True), ("fpu fma avx f16c avx2", False),
-                                             ("", None)])
-def test_int8_dot_product_support_is_read_from_cpu_flags(flags, expected):
-    from epee.engine import cpu_has_int8_dot_product
-
-    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "processor\t: 0\n"
-    assert cpu_has_int8_dot_product(cpuinfo) is expected
-
-
-@pytest.mark.parametrize("fast, warned", [(False, True), (True, False), (None, False)])
-def test_int8_on_a_cpu_without_int8_dot_products_warns_at_load(notes_model, monkeypatch, caplog, fast, warned):
-    import epee.engine
-
-    monkeypatch.setattr(epee.engine, "cpu_has_int8_dot_product", lambda cpuinfo=None: fast)
-    caplog.set_level("WARNING", logger="transforms.handler")
-    handler(notes_model, EngineConfig(precision="int8")).load_model()
-    assert any("slow path" in r.getMessage() for r in caplog.records) is warned
+    assert not any(message in r.getMessage() for r in caplog.records)
 
 
 def test_int8_with_a_policy_not_calibrated_in_int8_warns_at_load(notes_model, tmp_path, caplog):
