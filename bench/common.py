@@ -275,6 +275,14 @@ def run_stock(input_glob: str, model_dir: str, output: str, batch_size: int, is_
 
 
 # -- timing ----------------------------------------------------------------------------------------
+def write_result(result: dict, path: str | None = None) -> None:
+    """A benchmark's result as indented JSON on stdout, and in ``path`` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work, so a clock read after it measures the work (no-op on the CPU)."""
     if device is not None and torch.device(device).type == "cuda":

@@ -17,18 +17,15 @@ layer in PyTorch at the engine's batch shapes (issue 35 item 3: an ORT backend o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench.common import StockFullDepth, machine
+from bench.common import StockFullDepth, machine, timed, write_result
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -97,26 +94,17 @@ def session(path: Path, threads: int):
 
 
 def ort_batches(samples, batch_size: int, with_types: bool, pad_id: int):
-    """Length-sorted batches padded to their longest: (positions, feeds)."""
-    import numpy as np
+    """Length-sorted batches padded to their longest (``epee.inputs.collate``): (positions, feeds)."""
+    from epee.inputs import collate
 
     order = sorted(range(len(samples)), key=lambda i: int(samples[i].input_ids.numel()))
     out = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        t = max(int(samples[i].input_ids.numel()) for i in chunk)
-        ids = np.full((len(chunk), t), pad_id, dtype=np.int64)
-        mask = np.zeros((len(chunk), t), dtype=np.int64)
-        types = np.zeros((len(chunk), t), dtype=np.int64)
-        for r, i in enumerate(chunk):
-            n = int(samples[i].input_ids.numel())
-            ids[r, :n] = samples[i].input_ids.numpy()
-            mask[r, :n] = 1
-            if samples[i].token_type_ids is not None:
-                types[r, :n] = samples[i].token_type_ids.numpy()
-        feeds = {"input_ids": ids, "attention_mask": mask}
+        batch = collate([samples[i] for i in chunk], pad_token_id=pad_id)
+        feeds = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
         if with_types:
-            feeds["token_type_ids"] = types
+            feeds["token_type_ids"] = batch.token_type_ids.numpy()
         out.append((chunk, feeds))
     return out
 
@@ -132,27 +120,20 @@ def run_ort(sess, batches, n: int):
     return np.stack(probs)
 
 
-def median_rate(fn, n: int, repeats: int, what: str = "") -> float:
-    fn()  # warm-up: first shapes, allocator
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    rate = n / statistics.median(times)
+def median_rate(fn, n: int, repeats: int, what: str = "", warmup: int = 1) -> float:
+    """Records/s of ``fn`` over ``n`` records, the median of ``repeats`` timed calls after
+    ``warmup`` untimed ones (0 where the caller has just run it)."""
+    rate = n / timed(fn, repeat=repeats, warmup=warmup, reduce="median")
     if what:
         print(f"{what}: {rate:.1f} records/s", file=sys.stderr, flush=True)
     return rate
 
 
-def per_layer(model_dir: str, work: Path, threads: int, batch_size: int, seq: int, repeats: int) -> dict:
+def per_layer(adapter, work: Path, threads: int, batch_size: int, seq: int, repeats: int) -> dict:
     """One transformer layer (the first) in PyTorch against ONNX Runtime at the engine's batch
     shape: (batch_size, seq) rows, hidden states in, hidden states out."""
     import numpy as np
 
-    from epee.modeldir import load_model_dir
-
-    adapter = load_model_dir(model_dir).model.eval().adapter
     x = torch.randn(batch_size, seq, adapter.hidden_size)
     mask = torch.ones(batch_size, seq, dtype=torch.long)
     mask[: batch_size // 2, seq // 2 :] = 0  # some padded rows, as the engine's batches have
@@ -184,16 +165,13 @@ def per_layer(model_dir: str, work: Path, threads: int, batch_size: int, seq: in
             "ort_over_torch": t_ort / t_torch, "max_abs_diff": float(np.abs(ref - got).max())}
 
 
-def ort_systems(model_dir: str, samples, gold, score, full_labels, threads: int, batch_size: int = 32,
+def ort_systems(model_dir: str, model, samples, gold, score, full_labels, threads: int, batch_size: int = 32,
                 repeats: int = 5, full_probs=None) -> dict:
     """ORT fp32 (optimised) and int8 at full depth on pre-encoded ``samples``: per system its
     records/s (median of ``repeats``), task score (``score(gold, labels)``) and the share of labels
     equal to ``full_labels`` (our engine at full depth). Used by ``bench.run_all --ort`` too."""
     import numpy as np
 
-    from epee.modeldir import load_model_dir
-
-    model = load_model_dir(model_dir).model
     n, systems = len(samples), {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -206,7 +184,7 @@ def ort_systems(model_dir: str, samples, gold, score, full_labels, threads: int,
             sess = session(path, threads)
             probs = run_ort(sess, batches, n)
             labels = [int(i) for i in probs.argmax(-1)]
-            rate = median_rate(lambda: run_ort(sess, batches, n), n, repeats, key)
+            rate = median_rate(lambda: run_ort(sess, batches, n), n, repeats, key, warmup=0)  # just run
             systems[key] = {"records_per_s": rate, "score": score(gold, labels), "mean_exit_layer": float(model.num_layers),
                             "labels_equal_engine_fp32_full": sum(a == b for a, b in zip(labels, full_labels)) / n}
             if key == "ort_fp32_full" and full_probs is not None and full_probs.shape[-1] == probs.shape[-1]:
@@ -250,7 +228,8 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
             policy = ExitPolicy(cfg, L)
             res = engine.run(samples, policy) if m == n else None
             part = samples[:m]
-            rate = median_rate(lambda: engine.run(part, policy), m, repeats if m == n else 1, f"engine {precision} {kind}")
+            rate = median_rate(lambda: engine.run(part, policy), m, repeats if m == n else 1, f"engine {precision} {kind}",
+                               warmup=0 if res is not None else 1)  # the labelled run warmed it up
             key = f"engine_{'fp32' if precision == 'float32' else 'int8'}_{kind}"
             if res is None:
                 systems[key] = {"records_per_s": rate, "timed_records": m, "score": None, "mean_exit_layer": None}
@@ -261,12 +240,12 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
             if key == "engine_fp32_full":
                 full_labels = labels
                 full_probs = np.stack([np.asarray(p.probs) for p in res.predictions])
-    systems.update(ort_systems(model_dir, samples, gold, fn, full_labels, threads, batch_size, repeats,
+    systems.update(ort_systems(model_dir, model, samples, gold, fn, full_labels, threads, batch_size, repeats,
                                full_probs=full_probs))
     if layer_check:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                result["per_layer"] = per_layer(model_dir, Path(tmp), threads, 32, 128, repeats * 4)
+                result["per_layer"] = per_layer(model.adapter, Path(tmp), threads, 32, 128, repeats * 4)
             except Exception as exc:  # noqa: BLE001 - the full-depth figures stand without it
                 result["per_layer"] = {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
     base = systems["ort_fp32_full"]["records_per_s"]
@@ -292,10 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     result = measure(args.model, args.records, args.repeats, args.batch_size, args.threads, args.per_layer,
                      args.int8_records)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def inputs(model_dir: str, size: int, work: Path) -> str:
-    """``size`` records from the model's dev set (repeated with new ids) as JSON lines."""
-    from epee.workflows import dev_set
-
-    _, examples, _ = dev_set(model_dir)
+def inputs(examples, size: int, work: Path) -> str:
+    """``size`` records from ``examples`` (repeated with new ids) as JSON lines."""
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"notes_{size}.jsonl"
     with open(path, "w") as f:
@@ -50,7 +47,8 @@ def ours(model_dir: str, glob: str, out: Path, regroup: str, policy: list[str]) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.common import machine, run_stock
+    from bench.common import machine, run_stock, write_result
+    from epee.workflows import dev_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -60,10 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the result here too")
     args = ap.parse_args(argv)
     result = {"model": args.model, "machine": machine(), "sizes": {}}
+    _, examples, _ = dev_set(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for size in args.sizes:
-            glob = inputs(args.model, size, work / "in")
+            glob = inputs(examples, size, work / "in")
             row: dict = {}
             systems = {f"{kind}_{mode}": (mode, pol) for kind, pol in (("full", ["--exit_policy", "none"]), ("epee", []))
                        for mode in ("batch", "bundle")}
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{size} beam_stock_full: {row['beam_stock_full']['records_per_s']:.1f} records/s", file=sys.stderr,
                   flush=True)
             result["sizes"][str(size)] = row
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

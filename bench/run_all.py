@@ -136,8 +136,11 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
         policy = ExitPolicy(cfg, L)
         sim = simulate(t_outputs, policy)
         t0 = time.perf_counter()
-        stats = engine.run(t_samples, policy).stats
+        run = engine.run(t_samples, policy)
         secs = time.perf_counter() - t0
+        stats = run.stats
+        if kind == "none":  # what the ONNX Runtime peer's labels are checked against (--ort)
+            full_labels = [pr.label for pr in run.predictions]
         result["policies"][kind] = {"setting": cfg.to_dict(), "score": fn(t_gold, sim.predictions),
                                     "mean_exit_layer": sim.mean_exit_layer, "layer_speedup": L / sim.mean_exit_layer,
                                     "engine_records_per_s": len(t_samples) / secs}
@@ -161,8 +164,7 @@ def bench_corpus(name: str, model_dir: str, work: Path, max_test: int, tolerance
     if ort and bundle.data_task == "sequence":  # the peer a CPU user would pick: ONNX Runtime (bench.onnx_peer)
         from bench.onnx_peer import ort_systems
 
-        full_labels = [pr.label for pr in engine.run(t_samples, ExitPolicy(chosen["none"], L)).predictions]
-        peer = ort_systems(model_dir, t_samples, t_gold, fn, full_labels, torch.get_num_threads())
+        peer = ort_systems(model_dir, model, t_samples, t_gold, fn, full_labels, torch.get_num_threads())
         result["ort"] = peer
         for key, v in peer.items():
             result["systems"][key] = v["records_per_s"]
