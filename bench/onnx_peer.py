@@ -1,8 +1,8 @@
 """ONNX Runtime as the peer a performance-minded CPU user would pick: our model at full depth
 (backbone + last exit head) exported to ONNX, run by ORT with graph optimisation ALL after the
 ``onnxruntime.transformers`` BERT optimiser (fp32), and the same graph quantised by
-``onnxruntime.quantization.quantize_dynamic`` (int8), beside our engine in float32 and int8, full
-depth and EPEE, on the same records: records/s (median of ``--repeats``), the task score, and
+``onnxruntime.quantization.quantize_dynamic`` (int8), beside our engine in float32 and int8 (and
+bfloat16 on CPUs that compute it natively: avx512_bf16 or AMX), full depth and EPEE, on the same records: records/s (median of ``--repeats``), the task score, and
 whether ORT's labels equal our full-depth engine's.
 
     .venv/bin/pip install -e '.[bench]'      # onnxruntime, onnx, onnxscript: benchmark extras only
@@ -165,6 +165,9 @@ def per_layer(adapter, work: Path, threads: int, batch_size: int, seq: int, repe
             "ort_over_torch": t_ort / t_torch, "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+PRECISION_KEYS = {"float32": "fp32", "int8": "int8", "bfloat16": "bf16"}  # engine_<key>_<full|epee>
+
+
 def ort_systems(model_dir: str, model, samples, gold, score, full_labels, threads: int, batch_size: int = 32,
                 repeats: int = 5, full_probs=None) -> dict:
     """ORT fp32 (optimised) and int8 at full depth on pre-encoded ``samples``: per system its
@@ -216,11 +219,14 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
               "ort_batch_size": batch_size, "machine": machine(), "systems": {}}
     systems = result["systems"]
     full_labels = None
-    from epee.engine import cpu_has_int8_dot_product
+    from epee.engine import cpu_has_int8_dot_product, cpu_has_native_bf16
 
     fast_int8 = cpu_has_int8_dot_product() is not False
     result["cpu_int8_dot_product"] = fast_int8
-    for precision in ("float32", "int8"):
+    result["cpu_native_bf16"] = cpu_has_native_bf16()
+    # bfloat16 only where the CPU computes it natively (avx512_bf16, AMX): emulated, it is slower than float32
+    precisions = ("float32", "int8") + (("bfloat16",) if result["cpu_native_bf16"] else ())
+    for precision in precisions:
         engine = EarlyExitEngine(model, EngineConfig(precision=precision))
         # without VNNI/AMX torch._int_mm is ~30x slower than float32: time int8 on a slice only
         m = n if precision == "float32" or fast_int8 else min(n, int8_records)
@@ -230,7 +236,7 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
             part = samples[:m]
             rate = median_rate(lambda: engine.run(part, policy), m, repeats if m == n else 1, f"engine {precision} {kind}",
                                warmup=0 if res is not None else 1)  # the labelled run warmed it up
-            key = f"engine_{'fp32' if precision == 'float32' else 'int8'}_{kind}"
+            key = f"engine_{PRECISION_KEYS[precision]}_{kind}"
             if res is None:
                 systems[key] = {"records_per_s": rate, "timed_records": m, "score": None, "mean_exit_layer": None}
                 continue
@@ -254,6 +260,9 @@ def measure(model_dir: str, records: int, repeats: int, batch_size: int, threads
                         "engine_fp32_full_over_ort_fp32": systems["engine_fp32_full"]["records_per_s"] / base,
                         "engine_int8_epee_over_ort_int8": systems["engine_int8_epee"]["records_per_s"] / base8,
                         "engine_int8_full_over_ort_int8": systems["engine_int8_full"]["records_per_s"] / base8}
+    if "engine_bf16_epee" in systems:
+        result["ratios"]["engine_bf16_epee_over_ort_fp32"] = systems["engine_bf16_epee"]["records_per_s"] / base
+        result["ratios"]["engine_bf16_full_over_ort_fp32"] = systems["engine_bf16_full"]["records_per_s"] / base
     return result
 
 
